@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny configs and random native-transformers checkpoints built locally (no hub)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+KDA, MLA = "linear_attention", "full_attention"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_native_kwargs(layer_types: list[str] | None = None, **overrides) -> dict:
+    """Keyword arguments for transformers' native ``KimiLinearConfig`` at toy width."""
+    layer_types = layer_types or [KDA, KDA, KDA, MLA]
+    n = len(layer_types)
+    kwargs = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=n,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, num_local_experts=8, num_experts_per_tok=2, linear_head_dim=16, linear_num_heads=4,
+        layer_types=layer_types, mlp_layer_types=["dense"] + ["sparse"] * (n - 1),
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_native_model(layer_types: list[str] | None = None, seed: int = 0, **overrides):
+    """A random native ``transformers.KimiLinearForCausalLM`` (fp32, eval mode)."""
+    from transformers import KimiLinearConfig as NativeConfig
+    from transformers import KimiLinearForCausalLM as NativeModel
+
+    torch.manual_seed(seed)
+    model = NativeModel(NativeConfig(**tiny_native_kwargs(layer_types, **overrides))).eval()
+    with torch.no_grad():  # non-trivial A_log / dt_bias / norms so that parity tests see every parameter
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight")):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def to_released_dir(native_dir: Path, out_dir: Path) -> Path:
+    """Rewrite a native-saved directory into the released Moonshot layout (dense MLP as ``mlp.*``, config with
+    ``linear_attn_config`` and Moonshot's ``auto_map``)."""
+    from safetensors.torch import load_file, save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(native_dir / "model.safetensors"))
+    cfg = json.loads((native_dir / "config.json").read_text())
+    renamed = {}
+    for key, value in tensors.items():
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        if layer is not None and cfg["mlp_layer_types"][int(layer)] == "dense":
+            key = key.replace(".block_sparse_moe.", ".mlp.")
+        renamed[key] = value
+    save_file(renamed, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    n = cfg["num_hidden_layers"]
+    released = {k: v for k, v in cfg.items() if k not in ("layer_types", "mlp_layer_types", "linear_head_dim",
+                                                          "linear_num_heads", "linear_conv_kernel_dim", "qk_head_dim")}
+    released["linear_attn_config"] = {
+        "full_attn_layers": [i + 1 for i in range(n) if cfg["layer_types"][i] == MLA],
+        "kda_layers": [i + 1 for i in range(n) if cfg["layer_types"][i] == KDA],
+        "head_dim": cfg["linear_head_dim"], "num_heads": cfg["linear_num_heads"],
+        "short_conv_kernel_size": cfg["linear_conv_kernel_dim"],
+    }
+    released["first_k_dense_replace"] = cfg["mlp_layer_types"].index("sparse")
+    released["moe_layer_freq"] = 1
+    released["mla_use_nope"] = True
+    released["moe_router_activation_func"] = "sigmoid"
+    released["auto_map"] = {
+        "AutoConfig": "configuration_kimi.KimiLinearConfig",
+        "AutoModel": "modeling_kimi.KimiLinearModel",
+        "AutoModelForCausalLM": "modeling_kimi.KimiLinearForCausalLM",
+    }
+    (out_dir / "config.json").write_text(json.dumps(released, indent=2))
+    return out_dir
+
+
+@pytest.fixture
+def native_model():
+    return make_native_model()
+
+
+@pytest.fixture
+def native_dir(tmp_path: Path, native_model) -> Path:
+    path = tmp_path / "native"
+    native_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def released_dir(tmp_path: Path, native_dir: Path) -> Path:
+    return to_released_dir(native_dir, tmp_path / "released")
