@@ -88,3 +88,30 @@ def released_key_shapes(named_shapes: dict[str, tuple[int, ...]]) -> dict[str, t
     """Same renaming as :func:`released_state_dict` but on shapes only (works on the meta device)."""
     fake = {k: torch.empty(s, device="meta") for k, s in named_shapes.items()}
     return {k: tuple(v.shape) for k, v in released_state_dict(fake).items()}
+
+
+def state_dict_from_released(released: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Released names -> in-memory names (stacks the per-expert tensors; the inverse of
+    :func:`released_state_dict`). Keys of a native-saved directory (dense MLP under ``block_sparse_moe``) are
+    accepted too."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    pattern = re.compile(r"^(.*\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
+    dense = re.compile(r"^(.*)\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\.weight$")
+    for key, tensor in released.items():
+        match = pattern.match(key)
+        if match is not None:
+            prefix, e, w = match.groups()
+            experts.setdefault(prefix, {}).setdefault(int(e), {})[w] = tensor
+            continue
+        match = dense.match(key)
+        out[f"{match.group(1)}.mlp.{match.group(2)}.weight" if match else key] = tensor
+    for prefix, per_expert in experts.items():
+        ids = sorted(per_expert)
+        if ids != list(range(len(ids))):
+            raise ValueError(f"{prefix}: expert indices {ids[:5]}... are not 0..{len(ids) - 1}")
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([per_expert[e]["w1"], per_expert[e]["w3"]], 0) for e in ids]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([per_expert[e]["w2"] for e in ids])
+    return out

@@ -81,14 +81,18 @@ class KimiMLAAttention(nn.Module):
         ``q [B, nh, T, nope + rope]`` -> ``[B, nh, T, v]``.
         """
         w_k, w_v = self.absorbed_weights()
+        bsz, heads, seqlen, _ = q.shape
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], -1)
         q_lat = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_k), q_rope], -1)
+        # fold the heads into the query axis: one "head" of nh*T queries against the shared latent keys
+        q_lat = q_lat.reshape(bsz, 1, heads * seqlen, -1)
         keys = latent.unsqueeze(1)  # [B, 1, S, r + rope]
-        values = keys[..., : self.kv_lora_rank]
+        if attn_mask is not None and seqlen > 1:
+            attn_mask = attn_mask.unsqueeze(2).expand(-1, -1, heads, -1, -1).flatten(2, 3)
         out = F.scaled_dot_product_attention(
-            q_lat, keys, values, attn_mask=attn_mask, scale=self.scaling, enable_gqa=True
+            q_lat, keys, keys[..., : self.kv_lora_rank], attn_mask=attn_mask, scale=self.scaling
         )
-        return torch.einsum("bhtr,hvr->bhtv", out, w_v)
+        return torch.einsum("bhtr,hvr->bhtv", out.view(bsz, heads, seqlen, -1), w_v)
 
     def attend_expanded(
         self, q: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor | None, past: int

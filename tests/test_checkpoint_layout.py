@@ -126,3 +126,14 @@ def test_released_48b_inventory_on_meta_device():
         per_layer[layer] = per_layer.get(layer, 0) + 1
     assert sorted(set(per_layer.values())) == [5, 15]
     assert sum(1 for v in per_layer.values() if v == 15) == 20
+
+
+def test_released_state_dict_round_trip(released_dir):
+    from modeling_kimi_linear.checkpoint_layout import released_state_dict, state_dict_from_released
+
+    src = _tensors(released_dir)
+    ours = state_dict_from_released(src)
+    model = KimiLinearForCausalLM(KimiLinearConfig.from_pretrained(released_dir))
+    assert set(ours) == set(model.state_dict())
+    back = released_state_dict(ours)
+    assert set(back) == set(src) and all(torch.equal(back[k], src[k]) for k in src)
