@@ -49,17 +49,50 @@ def kda_fla(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, g, beta) + ((initial_state,) if initial_state is not None else ())
     )
-    fn = fused_recurrent_kda if (q.shape[1] <= 64 and not needs_grad) else chunk_kda
-    o, state = fn(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        g.contiguous(),
-        beta.contiguous(),
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=use_qk_l2norm,
-        cu_seqlens=cu_seqlens,
-    )
-    return o, state
+    if q.shape[1] <= 64 and not needs_grad:
+        return fused_recurrent_kda(
+            q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), scale=scale,
+            initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens,
+        )
+    if needs_grad or cu_seqlens is not None:
+        return chunk_kda(
+            q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), scale=scale,
+            initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens,
+        )
+    return _bucketed_chunk_kda(chunk_kda, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm)
+
+
+# Inference prefill runs fla's chunk kernel only at these lengths: Triton autotunes per input length, which stalls
+# seconds at every new prompt length. Shorter inputs are right-padded to the next bucket with neutral tokens
+# (g = 0: no decay, beta = 0: no write, k = 0), which leave the state untouched; longer inputs run in windows of the
+# largest bucket, carrying the state. After :func:`warmup_lengths` have run once, no new length triggers tuning.
+BUCKETS = (1024, 2048, 4096, 8192, 16384)
+
+
+def warmup_lengths() -> tuple[int, ...]:
+    """Prompt lengths that exercise every kernel shape the bucketed prefill uses (plus the recurrent kernel)."""
+    return (1, 65) + BUCKETS[1:]
+
+
+def _bucketed_chunk_kda(chunk_kda, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm):
+    seqlen = q.shape[1]
+    window = BUCKETS[-1]
+    outs = []
+    state = initial_state
+    for start in range(0, seqlen, window):
+        end = min(start + window, seqlen)
+        size = end - start
+        bucket = next(b for b in BUCKETS if b >= size)
+        pad = bucket - size
+        parts = [x[:, start:end] for x in (q, k, v, g, beta)]
+        if pad:
+            parts = [torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in parts]
+        last = end == seqlen
+        o, state = chunk_kda(
+            *(x.contiguous() for x in parts), scale=scale, initial_state=state,
+            output_final_state=output_final_state or not last, use_qk_l2norm_in_kernel=use_qk_l2norm,
+        )
+        outs.append(o[:, :size])
+    return torch.cat(outs, 1) if len(outs) > 1 else outs[0], state

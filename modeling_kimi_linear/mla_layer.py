@@ -24,6 +24,13 @@ QUERY_BLOCK = 2048  # query rows per SDPA call for long prefills
 KV_NORM_EPS = 1e-6  # the released code builds kv_a_layernorm with the class default, not rms_norm_eps
 
 
+def _scores_fp32(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q [B, M, D] @ k[B, S, D]^T`` with float32 output, without an fp32 copy of ``k`` on CUDA."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(q.float(), k.float().transpose(1, 2))
+
+
 class KimiMLAAttention(nn.Module):
     """MLA token mixer with released parameter names (``q_proj`` or ``q_a_proj``/``q_b_proj``,
     ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``)."""
@@ -84,39 +91,36 @@ class KimiMLAAttention(nn.Module):
         bsz, heads, seqlen, _ = q.shape
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], -1)
         q_lat = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_k), q_rope], -1)
-        # fold the heads into the query axis: one "head" of nh*T queries against the shared latent keys
-        q_lat = q_lat.reshape(bsz, 1, heads * seqlen, -1)
-        keys = latent.unsqueeze(1)  # [B, 1, S, r + rope]
-        if attn_mask is not None and seqlen > 1:
-            attn_mask = attn_mask.unsqueeze(2).expand(-1, -1, heads, -1, -1).flatten(2, 3)
-        out = F.scaled_dot_product_attention(
-            q_lat, keys, keys[..., : self.kv_lora_rank], attn_mask=attn_mask, scale=self.scaling
-        )
+        # fold the heads into the query axis: nh*T queries against the one shared latent key/value sequence.
+        # (SDPA has no fused kernel for 576-wide heads and its fallback is slow; one query row per head is two
+        # batched products and a softmax, with scores in fp32.)
+        q_lat = q_lat.reshape(bsz, heads * seqlen, -1)
+        scores = _scores_fp32(q_lat, latent) * self.scaling  # [B, nh*T, S]
+        if attn_mask is not None:
+            mask = attn_mask[:, 0]  # [B or 1, T, S]
+            if seqlen > 1:
+                mask = mask.unsqueeze(1).expand(-1, heads, -1, -1).flatten(1, 2)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1).to(latent.dtype)
+        out = torch.bmm(probs, latent[..., : self.kv_lora_rank])  # [B, nh*T, r]
         return torch.einsum("bhtr,hvr->bhtv", out.view(bsz, heads, seqlen, -1), w_v)
 
-    def attend_expanded(
-        self, q: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor | None, past: int
-    ) -> torch.Tensor:
+    def attend_expanded(self, q: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention with per-head keys/values expanded from the latent (prefill); long prompts go in query
         blocks of :data:`QUERY_BLOCK` so the score matrix stays bounded. ``q [B, nh, T, qk]`` -> ``[B, nh, T, v]``."""
         k, v = self.expand(latent)
         seqlen = q.shape[2]
+        if attn_mask is None:  # plain causal attention: fused SDPA kernels never build the score matrix
+            return F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, scale=self.scaling)
         if seqlen <= QUERY_BLOCK:
-            causal = attn_mask is None and seqlen > 1
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scaling)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scaling)
+        # an explicit mask (padding, packing, or a cache) rules out the fused kernels: bound the score matrix
         outs = []
         for start in range(0, seqlen, QUERY_BLOCK):
-            end = min(start + QUERY_BLOCK, seqlen)
-            if attn_mask is None:
-                q_pos = torch.arange(past + start, past + end, device=q.device)
-                block_mask = torch.arange(past + end, device=q.device)[None, :] <= q_pos[:, None]
-                keys, vals = k[:, :, : past + end], v[:, :, : past + end]
-            else:
-                block_mask = attn_mask[..., start:end, :]
-                keys, vals = k, v
+            block = attn_mask[..., start : start + QUERY_BLOCK, :]
             outs.append(
                 F.scaled_dot_product_attention(
-                    q[:, :, start:end], keys, vals, attn_mask=block_mask, scale=self.scaling
+                    q[:, :, start : start + QUERY_BLOCK], k, v, attn_mask=block, scale=self.scaling
                 )
             )
         return torch.cat(outs, 2)
@@ -142,5 +146,5 @@ class KimiMLAAttention(nn.Module):
         if past and seqlen <= ABSORB_MAX_QUERY:
             out = self.attend_latent(q, latent, attn_mask)
         else:
-            out = self.attend_expanded(q, latent, attn_mask, past)
+            out = self.attend_expanded(q, latent, attn_mask)
         return self.o_proj(out.transpose(1, 2).flatten(2))

@@ -305,6 +305,17 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    @torch.no_grad()
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run each prefill length the GPU kernels are tuned for once (and a decode step), so that no later prompt
+        length stalls on kernel compilation or autotuning. Cheap; a no-op in effect on CPU."""
+        from .kda_fla import warmup_lengths
+
+        for length in warmup_lengths():
+            ids = torch.full((batch_size, length), 3, dtype=torch.long, device=self.device)
+            out = self(input_ids=ids, use_cache=True, logits_to_keep=1)
+            self(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 

@@ -57,7 +57,7 @@ def test_latent_decode_equals_expanded_attention():
     mask[0, ..., :7] = False
     with torch.no_grad():
         absorbed = attn.attend_latent(q, latent, mask)
-        expanded = attn.attend_expanded(q, latent, mask, past=47)
+        expanded = attn.attend_expanded(q, latent, mask)
     assert (absorbed - expanded).abs().max().item() <= 1e-5
 
 
