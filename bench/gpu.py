@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per length (median reported)")
     parser.add_argument("--models", default="native,ours", help="which implementations to run")
     parser.add_argument("--layouts", default="hybrid,all_mla")
-    parser.add_argument("--chunk", type=int, default=32768, help="our prefill runs in chunks of this many tokens")
+    parser.add_argument("--chunk", type=int, default=1 << 30, help="run our prefill in chunks of this many tokens (default: one call, like native)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]

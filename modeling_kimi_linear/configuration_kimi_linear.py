@@ -75,6 +75,7 @@ class KimiLinearConfig(PreTrainedConfig):
 
     model_type = "kimi_linear"
     keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {alias: name for alias, name in _ALIASES.items() if alias != "n_routed_experts"}
 
     def __init__(
         self,
@@ -110,8 +111,8 @@ class KimiLinearConfig(PreTrainedConfig):
         num_experts_per_token: int | None = 8,
         moe_intermediate_size: int | None = 1024,
         num_shared_experts: int = 1,
-        first_k_dense_replace: int = 1,
-        moe_layer_freq: int = 1,
+        first_k_dense_replace: int | None = None,
+        moe_layer_freq: int | None = None,
         mlp_layer_types: list[str] | None = None,
         moe_renormalize: bool = True,
         routed_scaling_factor: float = 2.446,
@@ -127,21 +128,22 @@ class KimiLinearConfig(PreTrainedConfig):
         kda_backend: str = "auto",
         **kwargs: Any,
     ) -> None:
+        given = dict(
+            num_experts=num_experts, num_experts_per_token=num_experts_per_token,
+            num_shared_experts=num_shared_experts, num_expert_group=num_expert_group,
+            moe_renormalize=moe_renormalize, model_max_length=model_max_length,
+        )
+        defaults = dict(num_experts=256, num_experts_per_token=8, num_shared_experts=1, num_expert_group=1,
+                        moe_renormalize=True, model_max_length=1048576)
         for alias, name in _ALIASES.items():
             if alias in kwargs:
                 value = kwargs.pop(alias)
-                if name == "num_experts":
-                    num_experts = value
-                elif name == "num_experts_per_token":
-                    num_experts_per_token = value
-                elif name == "num_shared_experts":
-                    num_shared_experts = value
-                elif name == "num_expert_group":
-                    num_expert_group = value
-                elif name == "moe_renormalize":
-                    moe_renormalize = value
-                elif name == "model_max_length":
-                    model_max_length = value
+                if given[name] != defaults[name] and given[name] != value:
+                    raise ValueError(f"{alias}={value!r} (native spelling) disagrees with {name}={given[name]!r}")
+                given[name] = value
+        num_experts, num_experts_per_token = given["num_experts"], given["num_experts_per_token"]
+        num_shared_experts, num_expert_group = given["num_shared_experts"], given["num_expert_group"]
+        moe_renormalize, model_max_length = given["moe_renormalize"], given["model_max_length"]
         for key in _NATIVE_DERIVED_KEYS:
             kwargs.pop(key, None)
         rope_scaling = kwargs.pop("rope_scaling", None)
@@ -396,13 +398,16 @@ def _moe_schedule(
     moe_layer_freq: int,
     mlp_layer_types: list[str] | None,
 ) -> tuple[int, int]:
-    """Return ``(first_k_dense_replace, moe_layer_freq)``, derived from ``mlp_layer_types`` when given."""
+    """Return ``(first_k_dense_replace, moe_layer_freq)``, derived from ``mlp_layer_types`` when given (explicit
+    values that describe another schedule are an error)."""
     if mlp_layer_types is None:
-        if not isinstance(first_k_dense_replace, int) or first_k_dense_replace < 0:
-            raise ValueError(f"first_k_dense_replace={first_k_dense_replace!r} must be an integer >= 0")
-        if not isinstance(moe_layer_freq, int) or moe_layer_freq < 1:
-            raise ValueError(f"moe_layer_freq={moe_layer_freq!r} must be an integer >= 1")
-        return first_k_dense_replace, moe_layer_freq
+        first = 1 if first_k_dense_replace is None else first_k_dense_replace
+        freq = 1 if moe_layer_freq is None else moe_layer_freq
+        if not isinstance(first, int) or first < 0:
+            raise ValueError(f"first_k_dense_replace={first!r} must be an integer >= 0")
+        if not isinstance(freq, int) or freq < 1:
+            raise ValueError(f"moe_layer_freq={freq!r} must be an integer >= 1")
+        return first, freq
     types = list(mlp_layer_types)
     if len(types) != num_layers:
         raise ValueError(f"mlp_layer_types has {len(types)} entries but num_hidden_layers={num_layers}")
@@ -412,12 +417,23 @@ def _moe_schedule(
     if SPARSE in types and num_experts is None:
         raise ValueError("mlp_layer_types has 'sparse' layers but num_experts is None")
     sparse = [i for i, t in enumerate(types) if t == SPARSE]
+
+    def schedule(first: int, freq: int) -> list[int]:
+        return [i for i in range(num_layers) if i >= first and i % freq == 0]
+
+    if first_k_dense_replace is not None or moe_layer_freq is not None:
+        first = 1 if first_k_dense_replace is None else first_k_dense_replace
+        freq = 1 if moe_layer_freq is None else moe_layer_freq
+        if schedule(first, freq) != sparse:
+            raise ValueError(
+                f"mlp_layer_types {types} disagrees with first_k_dense_replace={first_k_dense_replace} / "
+                f"moe_layer_freq={moe_layer_freq}"
+            )
     if not sparse:
         return num_layers, 1
-    first = sparse[0]
     for freq in range(1, num_layers + 1):
-        if [i for i in range(num_layers) if i >= first and i % freq == 0] == sparse:
-            return first, freq
+        if schedule(sparse[0], freq) == sparse:
+            return sparse[0], freq
     raise ValueError(
         f"mlp_layer_types {types} cannot be written as first_k_dense_replace / moe_layer_freq "
         "(layer i is MoE iff i >= first_k_dense_replace and i % moe_layer_freq == 0)"
