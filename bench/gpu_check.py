@@ -97,10 +97,20 @@ def kda_layer_checks(rows: list[dict]) -> None:
         xi = xg.clone().requires_grad_(True)
         (layer(xi).float() * weight).sum().backward()
         grads[name] = {"input": xi.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    # float64 reference: the same layer and inputs entirely in fp64 on the torch path
+    ref64 = copy.deepcopy(ref).double()
+    ref64.zero_grad(set_to_none=True)
+    xi = xg.double().requires_grad_(True)
+    (ref64(xi) * weight.double()).sum().backward()
+    grads["fp64"] = {"input": xi.grad, **{n: p.grad for n, p in ref64.named_parameters()}}
     errs = {n: rel(grads["fla"][n], grads["torch"][n]) for n in grads["torch"]}
     for n in ("input", "q_proj.weight", "v_proj.weight", "f_b_proj.weight", "b_proj.weight", "dt_bias", "A_log"):
         rows.append({"check": f"KDA layer gradient: {n}", "rel_err": errs[n]})
     rows.append({"check": "KDA layer gradient: worst parameter", "rel_err": max(errs.values())})
+    for n in ("f_b_proj.weight", "dt_bias", "A_log"):
+        for path in ("fla", "torch"):
+            rows.append({"check": f"  {n} gradient, {path} path (bf16) vs fp64 reference", "info": True,
+                         "rel_err": rel(grads[path][n], grads["fp64"][n])})
 
 
 @torch.no_grad()
@@ -113,6 +123,30 @@ def model_level(rows: list[dict]) -> None:
     batch = ref(torch.cat([ids, torch.randint(3, 4096, (6, 1000), device="cuda")]), use_cache=False).logits[:2]
     rows.append({"check": "noise floor: torch path, same rows in a batch of 8 vs of 2", "info": True,
                  "rel_err": rel(batch, ref(ids, use_cache=False).logits)})
+
+
+@torch.no_grad()
+def stability(rows: list[dict], prefill: int, steps: int) -> None:
+    """bf16 prefill of ``prefill`` tokens then ``steps`` decode steps through both paths (same tokens fed to both):
+    no NaN/inf, bounded recurrent-state norms, and the two paths still agreeing at the end."""
+    ref, fla = pair(torch.bfloat16, layers=["linear_attention", "full_attention"])
+    ids = torch.randint(3, 4096, (1, prefill), device="cuda")
+    a, b = fla(ids, logits_to_keep=1), ref(ids, logits_to_keep=1)
+    ca, cb = a.past_key_values, b.past_key_values
+    nxt = a.logits[:, -1:].argmax(-1)
+    finite, max_norm = True, 0.0
+    for step in range(steps):
+        a, b = fla(nxt, past_key_values=ca), ref(nxt, past_key_values=cb)
+        if step % 500 == 0 or step == steps - 1:
+            finite &= bool(torch.isfinite(a.logits).all() and torch.isfinite(b.logits).all())
+            max_norm = max(max_norm, float(ca.kda_state(0)[1].norm(dim=(-2, -1)).max()))
+        nxt = a.logits[:, -1:].argmax(-1)
+    rows.append({"check": f"stability: {prefill} prefill + {steps} decode steps, all logits finite", "info": True,
+                 "rel_err": 0.0 if finite else float("inf")})
+    rows.append({"check": f"stability: largest per-head state norm seen (bounded)", "info": True,
+                 "rel_err": max_norm})
+    rows.append({"check": f"stability: final logits, fla vs torch after {steps} steps", "rel_err": rel(a.logits, b.logits)})
+    rows.append({"check": "stability: final KDA state, fla vs torch", "rel_err": rel(ca.kda_state(0)[1], cb.kda_state(0)[1])})
 
 
 def bare_op(rows: list[dict]) -> None:
@@ -133,6 +167,8 @@ def bare_op(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.md / .json")
+    parser.add_argument("--stability", default="32768,10000", help="prefill,decode-steps of the stability run "
+                        "('0,0' skips it)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or fla_kda_ops() is None:
         sys.exit("gpu_check needs a CUDA GPU and flash-linear-attention (pip install 'fla-core>=0.5.1,<0.7')")
@@ -143,6 +179,9 @@ def main() -> None:
     bare_op(rows)
     kda_layer_checks(rows)
     model_level(rows)
+    prefill, steps = (int(x) for x in args.stability.split(","))
+    if steps:
+        stability(rows, prefill, steps)
     head = (f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
             f"{transformers.__version__}, fla {fla.__version__}; {datetime.date.today()}; bf16 unless a row says fp32")
     lines = [head, "", "| check | relative error | <= 1e-2 |", "|---|---|---|"]
