@@ -19,14 +19,14 @@ float32 (float64 when any input is float64, so that ``gradcheck`` works); the ou
 state is float32 (float64 in float64 mode).
 
 Numerical stability of the chunked form: with strong gates the cumulative log decay ``G`` inside a chunk reaches
-``-1000`` s, so ``exp(G_i) * exp(-G_j)`` overflows. This module only ever exponentiates sums of gates over a
-causal range, ``sum_{j < u <= i} g_u <= 0``, and builds those sums by *adding* gates (prefix / suffix sums inside
-small blocks) rather than by subtracting two large cumulative sums, which also avoids cancellation error. The
-decay-weighted Gram matrices are built hierarchically (see :func:`_decay_gram`): a block is split into 4
-sub-blocks; pairs in different sub-blocks factor at the end ``m`` of j's sub-block,
-``exp(G_i - G_m) * exp(G_m - G_j)`` (both factors ``<= 1``); pairs inside a sub-block recurse, down to blocks of
-at most 4 tokens that use the pairwise ``[4, 4, K]`` differences directly. Memory stays linear in T (a few
-times the size of q/k), with no ``[C, C, K]`` tensor per chunk.
+``-1000`` s, so ``exp(G_i) * exp(-G_j)`` overflows. This module only ever exponentiates sums of gates over causal
+ranges (all ``<= 0``), and builds those sums by *adding* gates rather than by subtracting two large cumulative
+sums, which also avoids cancellation error. The decay-weighted Gram matrices inside a chunk are built
+hierarchically (see :func:`_decay_gram`): a block is split into 4 sub-blocks; for i and j in different sub-blocks
+the decay ``exp(G_i - G_j)`` is the product of three factors ``<= 1`` (gates of i's sub-block up to i, of the
+whole sub-blocks in between, of j's sub-block after j), which turns those pairs into matrix products; pairs inside
+a sub-block recurse (64 -> 16 -> 4 -> 1). Memory stays linear in T (a few times the size of q / k); no
+``[C, C, K]`` tensor is built.
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-_SPLIT = 4  # sub-blocks per block in the hierarchical Gram construction
-_LEAF = 4  # blocks of at most this many tokens use pairwise gate sums
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -113,13 +110,16 @@ def _recurrent_core(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence, batched over B and H, looping over T. Inputs ``[B, T, H, *]``, state ``[B, H, K, V]``."""
+    bsz, _, heads, dk = k.shape
+    dv = v.shape[-1]
     decay = g.exp()
     outs = []
     for t in range(q.shape[1]):
-        state = state * decay[:, t].unsqueeze(-1)
-        pred = (k[:, t].unsqueeze(-2) @ state).squeeze(-2)  # S^T k  [B, H, V]
+        k_t = k[:, t]
+        pred = ((k_t * decay[:, t]).unsqueeze(-2) @ state).squeeze(-2)  # (diag(e^g) S)^T k  [B, H, V]
         delta = beta[:, t].unsqueeze(-1) * (v[:, t] - pred)
-        state = state + k[:, t].unsqueeze(-1) * delta.unsqueeze(-2)
+        state = state * decay[:, t].unsqueeze(-1)  # a fresh tensor, so the rank-1 write can be in place
+        state.view(bsz * heads, dk, dv).baddbmm_(k_t.reshape(-1, dk, 1), delta.reshape(-1, 1, dv))
         outs.append((q[:, t].unsqueeze(-2) @ state).squeeze(-2))
     if not outs:
         return v.new_zeros(v.shape), state
@@ -185,61 +185,71 @@ def kda_recurrent_torch(
 # chunked (WY / UT transform) form
 
 
+def _num_sub_blocks(size: int) -> int:
+    """How many sub-blocks a block of ``size`` tokens is split into: 4 when possible, else its smallest factor."""
+    if size % 4 == 0:
+        return 4
+    d = 2
+    while size % d:
+        d += 1
+    return d
+
+
 def _decay_gram(g: torch.Tensor, lefts: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Decay-weighted Gram matrices of a block of tokens, inclusive lower triangle.
+    """Decay-weighted Gram matrices of blocks of tokens, inclusive lower triangle.
 
     Args:
         g: ``[*, C, K]`` per-token log decays (``<= 0``) of blocks of C tokens.
-        lefts: ``[P, *, C, K]`` P stacked row-side vectors (here k and q).
+        lefts: ``[*, C, P, K]`` P row-side vectors per token (here k and q).
         right: ``[*, C, K]`` column-side vectors (here k).
 
     Returns:
-        ``[P, *, C, C]`` with ``out[p, ..., i, j] = sum_d lefts[p, i, d] right[j, d] exp(sum_{j<u<=i} g[u, d])``
-        for ``j <= i`` and 0 for ``j > i``.
+        ``[*, C, P, C]`` with ``out[..., i, p, j] = sum_d lefts[i, p, d] right[j, d] exp(sum_{j<u<=i} g[u, d])`` for
+        ``j <= i`` and 0 for ``j > i``.
 
-    Every exponent is a sum of gates (never a difference of cumulative sums), so it is ``<= 0`` and exact to
-    rounding. Blocks of more than ``_LEAF`` tokens (divisible by ``_SPLIT``) are split into ``_SPLIT`` sub-blocks:
-    pairs in different sub-blocks factor at the end m of j's sub-block, pairs in the same one recurse.
+    The block is split into ns sub-blocks (4 when C allows). For i in sub-block t and j in an earlier sub-block
+    s, the decay is a product of three factors, each the exp of a sum of gates (so ``<= 1``, no cancellation)::
+
+        exp(gates of t up to i) * exp(gates of the whole sub-blocks strictly between s and t) * exp(gates of s after j)
+
+    which makes those pairs one matrix product per sub-block t. Pairs inside one sub-block recurse, down to single
+    tokens. Temporaries are a few times the size of ``lefts``; nothing of size ``[C, C, K]`` is built.
     """
     size = g.shape[-2]
+    if size == 1:
+        return (lefts * right.unsqueeze(-2)).sum(-1, keepdim=True)  # [*, 1, P, 1]
     dtype, device = g.dtype, g.device
-    if size <= _LEAF or size % _SPLIT:
-        # leaf: pairwise gate sums D[i, j] = sum_u [j < u <= i] g_u via a 0/1 path tensor, [*, C, C, K]
-        idx = torch.arange(size, device=device)
-        u, i, j = idx, idx.view(-1, 1, 1), idx.view(1, -1, 1)
-        path = ((u > j) & (u <= i)).to(dtype)  # [C(i), C(j), C(u)]
-        causal = (idx.view(-1, 1) >= idx.view(1, -1)).to(dtype)  # [C(i), C(j)]
-        weight = torch.exp(path @ g.unsqueeze(-3)) * causal.unsqueeze(-1)  # [*, C(i), C(j), K]
-        cols = weight * right.unsqueeze(-3)  # [*, C(i), C(j), K]
-        # out[p, *, i, j] = sum_k lefts[p, *, i, k] cols[*, i, j, k]: a batched [P, K] @ [K, C] per row i
-        out = lefts.movedim(0, -2) @ cols.transpose(-1, -2)  # [*, C(i), P, C(j)]
-        return out.movedim(-2, 0)
-
-    ns, sub = _SPLIT, size // _SPLIT
+    ns = _num_sub_blocks(size)
+    sub = size // ns
+    npair = lefts.shape[-2]
     gb = g.unflatten(-2, (ns, sub))  # [*, ns, sub, K]
-    lb = lefts.unflatten(-2, (ns, sub))  # [P, *, ns, sub, K]
+    lb = lefts.unflatten(-3, (ns, sub))  # [*, ns, sub, P, K]
     rb = right.unflatten(-2, (ns, sub))  # [*, ns, sub, K]
-    ones = torch.ones(sub, sub, dtype=dtype, device=device)
-    prefix = ones.tril() @ gb  # sum of g over u <= i inside i's sub-block (inclusive)
-    suffix = ones.triu(1) @ gb  # sum of g over u > j inside j's sub-block (exclusive)
-    totals = gb.sum(-2)  # [*, ns, K]
-    blk = torch.arange(ns, device=device)
-    t_, s_, u_ = blk.view(-1, 1, 1), blk.view(1, -1, 1), blk
-    between = ((u_ > s_) & (u_ < t_)).to(dtype) @ totals.unsqueeze(-3)  # [*, ns(t), ns(s), K]: sum over s < u < t
-    # rows in sub-blocks t = 1..ns-1, reference ends of sub-blocks s = 0..ns-2 (only s < t is used)
-    to_ref = prefix[..., 1:, None, :, :] + between[..., 1:, :-1, None, :]  # [*, t, s, sub, K] = G_i - G_m(s)
-    valid = (blk[1:].view(-1, 1) > blk[:-1].view(1, -1)).to(dtype)  # [t, s]
-    to_ref = to_ref * valid[:, :, None, None]  # unused (t <= s) exponents set to 0, never positive
-    row_side = lb[..., 1:, None, :, :] * torch.exp(to_ref)  # [P, *, t, s, sub, K]
-    col_side = rb[..., :-1, :, :] * torch.exp(suffix[..., :-1, :, :])  # [*, s, sub, K] (k_j exp(G_m - G_j))
-    cross = row_side @ col_side.unsqueeze(-4).transpose(-1, -2)  # [P, *, t, s, sub(i), sub(j)]
-    cross = cross * valid[:, :, None, None]
-    cross = cross.transpose(-3, -2).flatten(-4, -3).flatten(-2, -1)  # [P, *, (ns-1) sub, (ns-1) sub]
-    cross = F.pad(cross, (0, sub, sub, 0))  # rows of sub-block 0 and columns of the last sub-block are zero
-    inner = _decay_gram(gb, lb, rb)  # [P, *, ns, sub, sub]
+    # pairs inside each sub-block first, so that the recursion's temporaries are gone before this level's exist
+    inner = _decay_gram(gb, lb, rb)  # [*, ns, sub, P, sub]
     eye = torch.eye(ns, dtype=dtype, device=device)
-    diag = (inner.unsqueeze(-2) * eye[:, None, :, None]).flatten(-4, -3).flatten(-2, -1)  # block diagonal
-    return cross + diag
+    out = (inner.unsqueeze(-2) * eye.view(ns, 1, 1, ns, 1)).flatten(-5, -4).flatten(-2, -1)  # block diagonal
+    del inner
+    if sub == 1:
+        row_gates = gb[..., 1:, :, :]  # gates over u <= i inside i's (one-token) sub-block
+        cols = rb[..., :-1, :, :]  # no gates after j inside its one-token sub-block
+    else:
+        ones = torch.ones(sub, sub, dtype=dtype, device=device)
+        row_gates = (ones.tril() @ gb)[..., 1:, :, :]  # sum over u <= i inside i's sub-block
+        cols = rb[..., :-1, :, :] * (ones.triu(1) @ gb)[..., :-1, :, :].exp()  # sum over u > j in j's sub-block
+    rows = lb[..., 1:, :, :, :] * row_gates.exp().unsqueeze(-2)  # [*, t = 1..ns-1, sub, P, K]
+    del row_gates
+    blk = torch.arange(ns, device=device)
+    t_idx, s_idx = blk[1:].view(-1, 1), blk[:-1].view(1, -1)
+    spans = ((blk > s_idx.unsqueeze(-1)) & (blk < t_idx.unsqueeze(-1))).to(dtype)  # [t, s, u]: s < u < t
+    between = (spans.flatten(0, 1) @ gb.sum(-2)).unflatten(-2, (ns - 1, ns - 1))  # [*, t, s, K]
+    cols = cols.unsqueeze(-4) * between.exp().unsqueeze(-2)  # [*, t, s = 0..ns-2, sub, K]
+    cross = rows.flatten(-3, -2) @ cols.flatten(-3, -2).transpose(-1, -2)  # [*, t, sub * P, s * sub]
+    del rows, cols
+    later = (t_idx > s_idx).to(dtype).repeat_interleave(sub, -1)  # [t, s * sub]: j's sub-block before i's
+    cross = cross.unflatten(-2, (sub, npair)) * later[:, None, None, :]  # [*, t, sub, P, s * sub]
+    # no cross pairs in the rows of sub-block 0 or the columns of the last sub-block
+    return out + F.pad(cross.flatten(-4, -3), (0, sub, 0, 0, sub, 0))
 
 
 def _chunk_core(
@@ -250,47 +260,49 @@ def _chunk_core(
     beta: torch.Tensor,
     segments: list[tuple[int, int, torch.Tensor]],
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Chunked KDA on chunk-shaped inputs.
+    """Chunked KDA on chunk-major inputs.
 
     Args:
-        q, k, g: ``[B, H, N, C, K]``; v: ``[B, H, N, C, V]``; beta: ``[B, H, N, C]``.
+        q, k, g: ``[N, B, H, C, K]``; v: ``[N, B, H, C, V]``; beta: ``[N, B, H, C]`` (N chunks of C tokens).
         segments: ``(first_chunk, end_chunk, start_state [B, H, K, V])``, contiguous and in order; the state is
-            reset to ``start_state`` at ``first_chunk`` and its value after ``end_chunk - 1`` is returned.
+            set to ``start_state`` at ``first_chunk`` and its value after chunk ``end_chunk - 1`` is returned.
 
     Returns:
-        o ``[B, H, N, C, V]`` and the list of final states, one per segment.
+        o ``[N, B, H, C, V]`` and the list of final states, one per segment.
     """
-    size = q.shape[-2]
-    dk = q.shape[-1]
     # --- state-independent part, all chunks at once ---
-    gram = _decay_gram(g, torch.stack([k, q]), k)  # [2, B, H, N, C, C]
-    a_kk = gram[0].tril(-1) * beta.unsqueeze(-1)  # beta_i k_i^T D_ij k_j, j < i
-    a_qk = gram[1]  # q_i^T D_ij k_j, j <= i
-    decay_in = g.cumsum(-2)  # G_i: gates from the chunk start through i (<= 0)
-    decay_out = F.pad(g.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # G_C - G_i: gates after i
-    exp_in = decay_in.exp()
-    rhs = torch.cat([exp_in * k, v], -1) * beta.unsqueeze(-1)
-    # (I + A) [W U] = diag(beta) [exp(G) K, V]: the UT transform, one batched unit-lower-triangular solve
-    wu = torch.linalg.solve_triangular(a_kk, rhs, upper=False, unitriangular=True)
-    w, u = wu[..., :dk], wu[..., dk:]
-    wq = torch.cat([w, q * exp_in], -2)  # [B, H, N, 2C, K]: both read the incoming state
-    k_out = (k * decay_out.exp()).transpose(-1, -2)  # [B, H, N, K, C]
-    chunk_decay = decay_in[..., -1, :].exp().unsqueeze(-1)  # exp(G_C)  [B, H, N, K, 1]
-    # --- state recurrence over chunks ---
-    new_vals, reads, finals = [], [], []
+    gram = _decay_gram(g, torch.stack([k, q], -2), k)  # [N, B, H, C, 2, C]
+    a_kk = gram[..., 0, :].tril(-1) * beta.unsqueeze(-1)  # beta_i sum_d k_id k_jd exp(G_id - G_jd), j < i
+    a_qk = gram[..., 1, :]  # sum_d q_id k_jd exp(G_id - G_jd), j <= i
+    exp_in = g.cumsum(-2).exp()  # exp(G_i): gates from the chunk start through i
+    # (I + A_kk) [W U] = diag(beta) [exp(G) K, V]: the UT transform, batched unit-lower-triangular solves
+    beta = beta.unsqueeze(-1)
+    w = torch.linalg.solve_triangular(a_kk, exp_in * k * beta, upper=False, unitriangular=True)
+    u = torch.linalg.solve_triangular(a_kk, v * beta, upper=False, unitriangular=True)
+    del a_kk
+    q_in = q * exp_in  # reads the state entering the chunk
+    chunk_decay = exp_in[..., -1, :].unsqueeze(-1)  # exp(G_C)  [N, B, H, K, 1]
+    del exp_in
+    after = F.pad(g.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # G_C - G_i: gates after i
+    k_out = (k * after.exp()).transpose(-1, -2)  # [N, B, H, K, C]
+    del after
+    # --- state recurrence over chunks: only what needs the incoming state ---
+    starts, new_vals, finals = [], [], []
     for first, end, state in segments:
         for n in range(first, end):
-            read = wq[:, :, n] @ state  # [B, H, 2C, V]
-            v_new = u[:, :, n] - read[..., :size, :]  # pseudo-values U - W S0
+            starts.append(state)
+            v_new = u[n] - w[n] @ state  # pseudo-values U - W S0
             new_vals.append(v_new)
-            reads.append(read[..., size:, :])  # (Q exp(G)) S0
-            state = chunk_decay[:, :, n] * state + k_out[:, :, n] @ v_new
+            state = chunk_decay[n] * state + k_out[n] @ v_new
         finals.append(state)
     if not new_vals:
         return v.new_zeros(v.shape), finals
-    v_new = torch.stack(new_vals, 2)
-    o = torch.stack(reads, 2) + a_qk @ v_new
-    return o, finals
+    return q_in @ torch.stack(starts) + a_qk @ torch.stack(new_vals), finals
+
+
+def _to_chunks(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, N * C, H, D]`` -> chunk-major ``[N, B, H, C, D]`` (contiguous)."""
+    return x.unflatten(1, (-1, size)).permute(1, 0, 3, 2, 4).contiguous()
 
 
 def kda_chunk_torch(
@@ -310,9 +322,9 @@ def kda_chunk_torch(
     """KDA in chunks of ``chunk_size`` tokens (WY / UT-transform form), for prefill and training.
 
     Same arguments and results as :func:`kda_recurrent_torch`, plus ``chunk_size``. Differentiable with plain
-    autograd (including w.r.t. ``initial_state``). T need not be a multiple of ``chunk_size`` (the tail is padded
-    with inert tokens: g = k = v = 0, beta = 0). With ``cu_seqlens`` every packed sequence is padded to whole
-    chunks of its own, so no chunk straddles two sequences; all sequences are still processed in one batch.
+    autograd (including w.r.t. ``initial_state``). T need not be a multiple of ``chunk_size``: the tail is padded
+    with inert tokens (g = k = v = 0, beta = 0). With ``cu_seqlens`` every packed sequence is padded to whole chunks
+    of its own, so no chunk straddles two sequences, and all sequences are still processed in one batch.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -321,14 +333,13 @@ def kda_chunk_torch(
     dv = v.shape[-1]
     size = chunk_size
     q, k, v, g, beta, dtype = _prepare(q, k, v, g, beta, scale, use_qk_l2norm, initial_state)
-    # [B, T, H, X] -> [B, H, T, X]
-    q, k, v, g = (x.transpose(1, 2) for x in (q, k, v, g))
-    beta = beta.transpose(1, 2).unsqueeze(-1)
+    beta = beta.unsqueeze(-1)  # [B, T, H, 1], so that every input is [B, T, H, D]
 
     if cu_seqlens is None:
         num_chunks = math.ceil(seqlen / size)
         pad = num_chunks * size - seqlen
-        q, k, v, g, beta = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g, beta))
+        if pad:
+            q, k, v, g, beta = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, g, beta))
         states = _initial_states(initial_state, bsz, heads, dk, dv, dtype, q.device)
         segments = [(0, num_chunks, states)]
         index = None
@@ -343,15 +354,14 @@ def kda_chunk_torch(
             segments.append((first, first + chunks, states[i : i + 1]))
             first += chunks
             padded += chunks * size
-        # position of every token in the stream where each sequence is padded to whole chunks
+        # position of every token in a stream where each sequence is padded to whole chunks
         index = torch.cat(pieces).to(q.device)
         q, k, v, g, beta = (
-            x.new_zeros(*x.shape[:2], padded, x.shape[-1]).index_copy(2, index, x) for x in (q, k, v, g, beta)
+            x.new_zeros(1, padded, *x.shape[2:]).index_copy(1, index, x) for x in (q, k, v, g, beta)
         )
 
-    q, k, v, g, beta = (x.unflatten(2, (-1, size)) for x in (q, k, v, g, beta))
+    q, k, v, g, beta = (_to_chunks(x, size) for x in (q, k, v, g, beta))
     o, finals = _chunk_core(q, k, v, g, beta.squeeze(-1), segments)
-    o = o.flatten(2, 3)
-    o = o[:, :, :seqlen] if index is None else o.index_select(2, index)
-    o = o.transpose(1, 2).to(out_dtype)
-    return o, (torch.cat(finals, 0) if output_final_state else None)
+    o = o.permute(1, 0, 3, 2, 4).flatten(1, 2)  # [N, B, H, C, V] -> [B, N * C, H, V]
+    o = o[:, :seqlen] if index is None else o.index_select(1, index)
+    return o.to(out_dtype).contiguous(), (torch.cat(finals, 0) if output_final_state else None)

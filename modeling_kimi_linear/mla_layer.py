@@ -111,7 +111,10 @@ class KimiMLAAttention(nn.Module):
         k, v = self.expand(latent)
         seqlen = q.shape[2]
         if attn_mask is None:  # plain causal attention: fused SDPA kernels never build the score matrix
-            return F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, scale=self.scaling)
+            # flash kernels want one head size for q, k and v: zero-pad v (the extra outputs are zeros, dropped)
+            v_pad = F.pad(v, (0, self.q_dim - self.v_dim)) if self.q_dim > self.v_dim else v
+            out = F.scaled_dot_product_attention(q, k, v_pad, is_causal=seqlen > 1, scale=self.scaling)
+            return out[..., : self.v_dim]
         if seqlen <= QUERY_BLOCK:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scaling)
         # an explicit mask (padding, packing, or a cache) rules out the fused kernels: bound the score matrix

@@ -217,12 +217,30 @@ def _grad_inputs(seqlen, seed):
     return [x.requires_grad_(True) for x in (q, k, v, g, beta, h0)]
 
 
-@pytest.mark.parametrize("seqlen, chunk_size", [(5, 4), (9, 4), (7, 8), (19, 16)])
-def test_gradcheck_chunk(seqlen, chunk_size):
+@pytest.mark.parametrize("seqlen, chunk_size, fast", [(5, 4, False), (9, 4, False), (7, 8, False), (19, 16, True)])
+def test_gradcheck_chunk(seqlen, chunk_size, fast):
+    """Several chunks and a partial last chunk; chunk_size 4 / 8 / 16 take one / two / three levels of the
+    intra-chunk split. The largest case uses gradcheck's fast mode (random projections) to keep the file quick."""
+
     def fn(q, k, v, g, beta, h0):
         return kda_chunk_torch(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=chunk_size)
 
-    assert torch.autograd.gradcheck(fn, _grad_inputs(seqlen, seqlen), eps=1e-6, atol=1e-6, rtol=1e-4)
+    inputs = _grad_inputs(seqlen, seqlen)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=fast)
+
+
+@pytest.mark.parametrize("fn", [kda_chunk_torch, kda_recurrent_torch])
+def test_gradcheck_cu_seqlens(fn):
+    """Gradients through packed sequences, each with its own initial state (chunk_size 4 for the chunked form)."""
+    q, k, v, g, beta, _ = _grad_inputs(9, 3)
+    h0 = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 6, 9])
+    extra = {"chunk_size": 4} if fn is kda_chunk_torch else {}
+
+    def run(q, k, v, g, beta, h0):
+        return fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu, **extra)
+
+    assert torch.autograd.gradcheck(run, (q, k, v, g, beta, h0), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def test_gradcheck_recurrent():
