@@ -111,8 +111,10 @@ class KimiMLAAttention(nn.Module):
         k, v = self.expand(latent)
         seqlen = q.shape[2]
         if attn_mask is None:  # plain causal attention: fused SDPA kernels never build the score matrix
-            # flash kernels want one head size for q, k and v: zero-pad v (the extra outputs are zeros, dropped)
-            v_pad = F.pad(v, (0, self.q_dim - self.v_dim)) if self.q_dim > self.v_dim else v
+            # PyTorch's CPU flash kernel wants one head size for q, k and v: zero-pad v there (the extra outputs
+            # are zeros, dropped); CUDA's kernels take v as it is, and padding would only cost memory traffic
+            pad = self.q_dim - self.v_dim if (q.device.type == "cpu" and self.q_dim > self.v_dim) else 0
+            v_pad = F.pad(v, (0, pad)) if pad else v
             out = F.scaled_dot_product_attention(q, k, v_pad, is_causal=seqlen > 1, scale=self.scaling)
             return out[..., : self.v_dim]
         if seqlen <= QUERY_BLOCK:
