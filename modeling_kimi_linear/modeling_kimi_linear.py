@@ -254,10 +254,13 @@ def build_masks(
             raise ValueError(
                 f"attention_mask has {mask.shape[1]} columns; expected {past + seqlen} (cached + new tokens)"
             )
-        if not bool(mask.all()):
+        # Looking at the mask costs a host sync on a GPU: worth it before a prefill (it saves an explicit
+        # attention mask), not on every decode step, where masking with an all-ones mask is cheap.
+        check = seqlen > 1 or mask.device.type == "cpu"
+        if not check or not bool(mask.all()):
             keys_valid = mask
     token_mask = keys_valid[:, past:] if keys_valid is not None else None
-    if token_mask is not None and bool(token_mask.all()):
+    if token_mask is not None and (seqlen > 1 or token_mask.device.type == "cpu") and bool(token_mask.all()):
         token_mask = None
 
     if cu_seqlens is None and position_ids is not None and bsz == 1 and seqlen > 1 and keys_valid is None:
