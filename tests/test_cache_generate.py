@@ -221,3 +221,45 @@ def test_long_generation_memory_is_linear_in_mla_only():
     kda = sum(c.numel() * c.element_size() + s.numel() * s.element_size()
               for c, s in (cache.kda_state(i) for i in cfg.kda_layers))
     assert cache.memory_bytes() == kda + cache.get_seq_length() * per_token
+
+
+def _word_tokenizer(vocab_size: int = 512):
+    """A word-level tokenizer built locally (no hub): words w0..w{n} plus specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_pipeline_and_text_streamer():
+    from transformers import TextStreamer, pipeline
+
+    model = tiny_model()
+    tokenizer = _word_tokenizer()
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    out = generator("w5 w6 w7", max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    text = out[0]["generated_text"]
+    assert text.startswith("w5 w6 w7")
+    # the pipeline's continuation is exactly greedy generate()'s
+    ids = tokenizer("w5 w6 w7", return_tensors="pt").input_ids
+    with torch.no_grad():
+        direct = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    new_words = tokenizer.decode(direct[0, ids.shape[1] :]).split()
+    assert len(new_words) == 6 and text[len("w5 w6 w7") :].split() == new_words
+
+    class Capture(TextStreamer):
+        def __init__(self, tok):
+            super().__init__(tok, skip_prompt=True)
+            self.text = ""
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            self.text += text
+
+    streamer = Capture(tokenizer)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, streamer=streamer)
+    assert streamer.text.split() == new_words
