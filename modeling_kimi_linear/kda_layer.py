@@ -45,6 +45,10 @@ def short_conv(
         x = x * token_mask.unsqueeze(-1).to(x.dtype)
     if state is None:
         state = x.new_zeros(bsz, channels, width - 1)
+    if seqlen == 1:  # decode: one dot product per channel over the window
+        window = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=2)  # [B, C, W]
+        out = (window.float() * weight.float()).sum(-1)
+        return F.silu(out).unsqueeze(1).to(x.dtype), window[:, :, 1:]
     full = torch.cat([state.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, W-1+T, C]
     w = weight.float()
     out = full[:, width - 1 :].float() * w[:, width - 1]
