@@ -441,3 +441,5 @@ def _moe_schedule(
 
 
 __all__ = ["KimiLinearConfig"]
+
+KimiLinearConfig.register_for_auto_class()

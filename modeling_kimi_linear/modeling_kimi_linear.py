@@ -368,3 +368,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
 
 
 __all__ = ["KimiLinearPreTrainedModel", "KimiLinearModel", "KimiLinearForCausalLM"]
+
+# save_pretrained writes an ``auto_map`` and copies this folder's modules next to the weights, so the checkpoint
+# loads with ``trust_remote_code=True`` where this package is not installed.
+KimiLinearModel.register_for_auto_class("AutoModel")
+KimiLinearForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,51 @@
+"""save_pretrained writes a self-contained checkpoint: the package's modules copied flat next to the weights and an
+auto_map, so AutoModelForCausalLM(trust_remote_code=True) loads it where this package cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from modeling_kimi_linear import KimiLinearForCausalLM
+from modeling_kimi_linear.presets import load_preset
+
+LOADER = r"""
+import json, sys
+sys.modules["modeling_kimi_linear"] = None  # the installed package must not be importable
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+path, prompt = sys.argv[1], json.loads(sys.argv[2])
+config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+with torch.no_grad():
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+print(json.dumps({"module": type(model).__module__, "config": type(config).__module__, "tokens": out[0].tolist()}))
+"""
+
+
+def test_saved_checkpoint_loads_as_remote_code_without_the_package(tmp_path):
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(load_preset("tiny")).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    files = set(os.listdir(tmp_path / "ckpt"))
+    assert {"modeling_kimi_linear.py", "configuration_kimi_linear.py", "kda_torch.py", "kernels.py"} <= files
+    auto_map = json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_kimi_linear.KimiLinearForCausalLM"
+
+    prompt = [5, 6, 7, 8, 9]
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", LOADER, str(tmp_path / "ckpt"), json.dumps(prompt)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["module"].startswith("transformers_modules.") and got["config"].startswith("transformers_modules.")
+    assert got["tokens"] == expected[0].tolist()
