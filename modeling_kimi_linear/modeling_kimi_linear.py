@@ -7,8 +7,10 @@ positional encoding anywhere: position ids are only read to find packed document
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -132,6 +134,22 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
             kwargs["state_dict"] = released_state_dict(self.state_dict())
         kwargs["save_original_format"] = False
         super().save_pretrained(save_directory, *args, **kwargs)
+        _complete_auto_map(Path(save_directory) / "config.json")
+
+
+def _complete_auto_map(config_path: Path) -> None:
+    """Point ``AutoModel`` and ``AutoModelForCausalLM`` at our classes whichever of them was saved (the config
+    written by transformers names only the saved class)."""
+    if not config_path.is_file():
+        return
+    data = json.loads(config_path.read_text())
+    auto_map = data.setdefault("auto_map", {})
+    auto_map.setdefault("AutoConfig", "configuration_kimi_linear.KimiLinearConfig")
+    auto_map.setdefault("AutoModel", "modeling_kimi_linear.KimiLinearModel")
+    auto_map.setdefault("AutoModelForCausalLM", "modeling_kimi_linear.KimiLinearForCausalLM")
+    tmp = config_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_path)
 
 
 class KimiLinearModel(KimiLinearPreTrainedModel):

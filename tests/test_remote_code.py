@@ -23,7 +23,10 @@ config = AutoConfig.from_pretrained(path, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
 with torch.no_grad():
     out = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-print(json.dumps({"module": type(model).__module__, "config": type(config).__module__, "tokens": out[0].tolist()}))
+from transformers import AutoModel
+base = AutoModel.from_pretrained(path, trust_remote_code=True)
+print(json.dumps({"module": type(model).__module__, "config": type(config).__module__, "tokens": out[0].tolist(),
+                  "base": type(base).__module__ + "." + type(base).__name__}))
 """
 
 
@@ -35,6 +38,7 @@ def test_saved_checkpoint_loads_as_remote_code_without_the_package(tmp_path):
     assert {"modeling_kimi_linear.py", "configuration_kimi_linear.py", "kda_torch.py", "kernels.py"} <= files
     auto_map = json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_kimi_linear.KimiLinearForCausalLM"
+    assert auto_map["AutoModel"] == "modeling_kimi_linear.KimiLinearModel"
 
     prompt = [5, 6, 7, 8, 9]
     with torch.no_grad():
@@ -49,3 +53,4 @@ def test_saved_checkpoint_loads_as_remote_code_without_the_package(tmp_path):
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["module"].startswith("transformers_modules.") and got["config"].startswith("transformers_modules.")
     assert got["tokens"] == expected[0].tolist()
+    assert got["base"].startswith("transformers_modules.") and got["base"].endswith(".KimiLinearModel")
