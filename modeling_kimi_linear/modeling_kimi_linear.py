@@ -326,6 +326,13 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    def router_balance_loss(self, router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Mean over the MoE layers of :meth:`KimiMoEGate.balance_loss` (``router_logits`` as returned with
+        ``output_router_logits=True``, one entry per MoE layer in order)."""
+        gates = [layer.block_sparse_moe.gate for layer in self.model.layers if hasattr(layer, "block_sparse_moe")]
+        losses = [gate.balance_loss(logits) for gate, logits in zip(gates, router_logits)]
+        return torch.stack([l.to(losses[0].device) for l in losses]).mean()
+
     @torch.no_grad()
     def warmup(self, batch_size: int = 1) -> None:
         """Run each prefill length the GPU kernels are tuned for once (and a decode step), so that no later prompt
@@ -373,11 +380,16 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
+        loss = aux_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if outputs.router_logits:
+            aux_loss = self.router_balance_loss(outputs.router_logits)
+            if loss is not None and self.config.router_aux_loss_coef:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
             loss=loss,
+            aux_loss=aux_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,

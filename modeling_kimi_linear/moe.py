@@ -48,10 +48,12 @@ class KimiMoEGate(nn.Module):
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x [N, D]`` -> ``(expert ids [N, k], fp32 weights [N, k], fp32 router logits [N, E])``."""
-        logits = F.linear(x.float(), self.weight.float())
-        scores = torch.sigmoid(logits) if self.activation == "sigmoid" else logits.softmax(-1)
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Router scores from fp32 logits: sigmoid (the release) or softmax."""
+        return torch.sigmoid(logits) if self.activation == "sigmoid" else logits.softmax(-1)
+
+    def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(expert ids [N, k], bias-corrected scores [N, E])``: grouped top-k over the bias-corrected scores."""
         biased = scores + self.e_score_correction_bias.float()
         choice = biased
         if self.num_groups > 1:
@@ -60,12 +62,29 @@ class KimiMoEGate(nn.Module):
             keep = torch.zeros_like(group_score, dtype=torch.bool)
             keep.scatter_(-1, group_score.topk(self.topk_group, dim=-1).indices, True)
             choice = grouped.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(-2)
-        ids = choice.topk(self.top_k, dim=-1).indices
+        return choice.topk(self.top_k, dim=-1).indices, biased
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [N, D]`` -> ``(expert ids [N, k], fp32 weights [N, k], fp32 router logits [N, E])``."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = self.scores(logits)
+        ids, biased = self.select(scores)
         # The released code weights experts with the bias-corrected scores (an in-place add on a view).
         weights = (biased if self.weights_include_bias else scores).gather(-1, ids)
         if self.top_k > 1 and self.renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return ids, weights * self.scaling, logits
+
+    def balance_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Load-balancing loss of one layer from its router logits ``[N, E]``: ``E * sum_e f_e * P_e`` with
+        ``f_e`` the share of the N*k routing slots that went to expert e (no gradient) and ``P_e`` the mean of the
+        scores normalised per token. 1.0 when routing is uniform."""
+        scores = self.scores(logits.float())
+        with torch.no_grad():
+            ids, _ = self.select(scores)
+            share = torch.bincount(ids.flatten(), minlength=self.num_experts).float() / ids.numel()
+        probs = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        return self.num_experts * (share * probs).sum()
 
 
 class KimiExperts(nn.Module):

@@ -99,3 +99,26 @@ def test_trainer_fits_a_repeating_pattern(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) >= 25
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, f"loss did not fall: {losses[:5]} ... {losses[-5:]}"
+
+
+def test_router_balance_loss_is_added_when_asked():
+    model = tiny().train()
+    model.config.router_aux_loss_coef = 0.01
+    x = ids(2, 30)
+    plain = model(x, labels=x, use_cache=False)
+    assert plain.aux_loss is None and plain.router_logits is None
+    out = model(x, labels=x, use_cache=False, output_router_logits=True)
+    gates = [layer.block_sparse_moe.gate for layer in model.model.layers if hasattr(layer, "block_sparse_moe")]
+    assert len(out.router_logits) == len(gates) == 3
+    # independent computation: E * sum_e (share of routing slots of e) * (mean normalised score of e)
+    per_layer = []
+    for gate, logits in zip(gates, out.router_logits):
+        scores = torch.sigmoid(logits)
+        chosen = (scores + gate.e_score_correction_bias).topk(gate.top_k, -1).indices
+        share = torch.stack([(chosen == e).float().sum() for e in range(gate.num_experts)]) / chosen.numel()
+        per_layer.append(gate.num_experts * (share * (scores / scores.sum(-1, keepdim=True)).mean(0)).sum())
+    expected_aux = torch.stack(per_layer).mean()
+    assert torch.allclose(out.aux_loss, expected_aux, atol=1e-6)
+    assert torch.allclose(out.loss, plain.loss + 0.01 * expected_aux, atol=1e-6)
+    out.loss.backward()
+    assert all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in gates)
