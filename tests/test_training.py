@@ -63,8 +63,8 @@ def test_packed_documents_train_like_separate_documents():
     total = sum(d.shape[1] - 1 for d in docs)
 
     model.zero_grad(set_to_none=True)
-    loss = model(packed, labels=labels, position_ids=position_ids, use_cache=False,
-                 num_items_in_batch=torch.tensor(total)).loss
+    # as Trainer calls it (DataCollatorWithFlattening): no use_cache argument; a training forward keeps no cache
+    loss = model(packed, labels=labels, position_ids=position_ids, num_items_in_batch=torch.tensor(total)).loss
     loss.backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
