@@ -113,7 +113,9 @@ class KimiExperts(nn.Module):
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         token_of = order // top_k
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        # scatter_add rather than bincount: CUDA's bincount reads the input's maximum back to the host
+        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         xs = x[token_of]
         if _grouped_mm_usable(x):
             offs = counts.cumsum(0).to(torch.int32)
