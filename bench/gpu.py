@@ -201,7 +201,7 @@ def table(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="4096,32768,131072", help="comma-separated context lengths")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per length (median reported)")
@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--layouts", default="hybrid,all_mla")
     parser.add_argument("--chunk", type=int, default=1 << 30, help="run our prefill in chunks of this many tokens (default: one call, like native)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     import transformers
 

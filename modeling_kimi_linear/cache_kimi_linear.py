@@ -17,6 +17,26 @@ if TYPE_CHECKING:
     from .configuration_kimi_linear import KimiLinearConfig
 
 
+def cache_bytes(config: "KimiLinearConfig", context_length: int, batch_size: int = 1,
+                element_size: int = 2) -> dict[str, int]:
+    """Bytes :class:`KimiLinearCache` holds after ``context_length`` tokens, computed from the configuration.
+
+    ``element_size`` is the model dtype's size (2 for bf16); KDA recurrent states are always float32. Returns the
+    parts (``mla_latent``, ``kda_conv``, ``kda_state``) and their ``total``; the MLA part grows with the context,
+    the KDA parts do not.
+    """
+    latent_width = config.mla_latent_dim
+    heads, dim = config.kda_num_heads, config.kda_head_dim
+    n_mla, n_kda = len(config.mla_layers), len(config.kda_layers)
+    parts = {
+        "mla_latent": n_mla * batch_size * context_length * latent_width * element_size,
+        "kda_conv": n_kda * batch_size * 3 * heads * dim * (config.kda_conv_size - 1) * element_size,
+        "kda_state": n_kda * batch_size * heads * dim * dim * 4,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 class KimiLinearCache(Cache):
     """Cache for :class:`KimiLinearForCausalLM`; created by the model when ``use_cache`` and none is given."""
 

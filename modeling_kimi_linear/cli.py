@@ -1,3 +1,232 @@
-"""``kimi-linear`` console command (placeholder until the CLI lands)."""
-def main() -> int:
-    raise SystemExit("kimi-linear: the command line is not built yet")
+"""The ``kimi-linear`` command: generate text, convert checkpoints, inspect a model, run the benchmarks.
+
+    kimi-linear generate "def fibonacci(n):"        # the embedded demo model, streamed to the terminal
+    kimi-linear generate --model DIR "Hello" --do-sample --temperature 0.8
+    kimi-linear info DIR --context 1048576          # layers, parameters, cache bytes per token and at a context
+    kimi-linear convert SRC DST                     # released checkpoint -> ours (conversion/ scripts)
+    kimi-linear export SRC DST                      # ours -> released layout (native transformers, vLLM)
+    kimi-linear bench cpu -- --quick                # bench/ scripts; arguments after -- go to the script
+
+Every sub-command has ``--help``. This module is not imported by the model code, so it is not copied into
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_NAME = "kimi-linear-demo"
+
+
+def demo_checkpoint_dirs() -> list[Path]:
+    """Where the embedded demo checkpoint is looked up: the source tree, then the installed data files."""
+    return [
+        Path(__file__).resolve().parent.parent / "demo" / DEMO_NAME,
+        Path(sys.prefix) / "share" / "kimi-linear" / "demo" / DEMO_NAME,
+    ]
+
+
+def demo_checkpoint() -> Path:
+    """Path of the embedded demo checkpoint (``FileNotFoundError`` naming the places searched)."""
+    for path in demo_checkpoint_dirs():
+        if (path / "config.json").is_file():
+            return path
+    searched = ", ".join(str(p) for p in demo_checkpoint_dirs())
+    raise FileNotFoundError(f"the demo checkpoint was not found (looked in {searched}); pass --model DIR")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    from .modeling_kimi_linear import KimiLinearForCausalLM
+
+    model_dir = Path(args.model) if args.model else demo_checkpoint()
+    device = _device(args.device)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir, trust_remote_code=True)
+    model = KimiLinearForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    if args.chat:
+        prompt_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+    else:
+        prompt_ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=not args.no_special_tokens)["input_ids"]
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if args.do_sample \
+        else dict(do_sample=False)
+    with torch.inference_mode():
+        out = model.generate(
+            prompt_ids.to(device), max_new_tokens=args.max_new_tokens, streamer=streamer,
+            repetition_penalty=args.repetition_penalty, pad_token_id=tokenizer.pad_token_id, **sampling,
+        )
+    if streamer is None:
+        print(tokenizer.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def describe(config, context: int, batch_size: int = 1, element_size: int = 2) -> dict:
+    """Layers, parameter counts (total and active per token) and cache bytes of a configuration."""
+    import torch
+
+    from .cache_kimi_linear import cache_bytes
+    from .modeling_kimi_linear import KimiLinearForCausalLM
+
+    with torch.device("meta"):
+        model = KimiLinearForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    active = total - routed + (routed * config.num_experts_per_token // config.num_experts if config.num_experts else 0)
+    per_token = cache_bytes(config, 1, batch_size, element_size)["mla_latent"]
+    at_context = cache_bytes(config, context, batch_size, element_size)
+    all_mla = len(config.kda_layers) + len(config.mla_layers)
+    return {
+        "layers": config.num_hidden_layers, "kda_layers": len(config.kda_layers), "mla_layers": len(config.mla_layers),
+        "layer_pattern": "".join("K" if i in set(config.kda_layers) else "M" for i in range(config.num_hidden_layers)),
+        "parameters": total, "active_parameters": active, "experts": config.num_experts,
+        "experts_per_token": config.num_experts_per_token, "vocab_size": config.vocab_size,
+        "cache_bytes_per_token": per_token, "cache_fixed_bytes": at_context["kda_conv"] + at_context["kda_state"],
+        "context": context, "cache_bytes_at_context": at_context["total"],
+        "all_mla_cache_bytes_at_context": all_mla * batch_size * context * config.mla_latent_dim * element_size,
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n):,} B"
+        n /= 1024
+    raise AssertionError
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .configuration_kimi_linear import KimiLinearConfig
+    from .presets import available_presets, load_preset
+
+    target = args.model
+    if target is None:
+        target = str(demo_checkpoint())
+    if Path(target).is_dir():
+        config = KimiLinearConfig.from_pretrained(target)
+    elif Path(target).is_file():
+        config = KimiLinearConfig.from_json_file(target)
+    elif target in available_presets():
+        config = load_preset(target)
+    else:
+        raise SystemExit(f"kimi-linear info: {target!r} is neither a checkpoint directory, a config.json nor a preset "
+                         f"({', '.join(available_presets())})")
+    info = describe(config, args.context, args.batch_size, {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype])
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    ratio = info["cache_bytes_at_context"] / max(info["all_mla_cache_bytes_at_context"], 1)
+    print(f"model:       {target}")
+    print(f"layers:      {info['layers']} ({info['kda_layers']} KDA + {info['mla_layers']} MLA): {info['layer_pattern']}")
+    print(f"parameters:  {info['parameters']:,} total, {info['active_parameters']:,} active per token "
+          f"({info['experts']} experts, {info['experts_per_token']} per token)")
+    print(f"cache:       {_human(info['cache_bytes_per_token'])} per token + {_human(info['cache_fixed_bytes'])} "
+          f"fixed (KDA states), {args.dtype}, batch {args.batch_size}")
+    print(f"at {args.context:,} tokens: {_human(info['cache_bytes_at_context'])} "
+          f"({ratio:.0%} of the same stack with every layer MLA: {_human(info['all_mla_cache_bytes_at_context'])})")
+    return 0
+
+
+def _run_script(module: str, argv: list[str]) -> int:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise SystemExit(f"kimi-linear: {module} is not installed ({exc}); reinstall the kimi-linear package") from exc
+    result = mod.main(argv)
+    return int(result or 0)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    return _run_script("kimi_linear_conversion.convert_released_checkpoint", args.rest)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    return _run_script("kimi_linear_conversion.export_released_checkpoint", args.rest)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    return _run_script(f"kimi_linear_bench.{args.which}", rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kimi-linear", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate text (default: the embedded demo model)",
+                         description="Generate a continuation of PROMPT, streamed as it is produced.")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    gen.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--no-special-tokens", action="store_true", help="do not add BOS to the prompt")
+    gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="layers, parameters and cache size of a checkpoint, config or preset",
+                          description="Describe a model: layer pattern, parameters, hybrid cache bytes.")
+    info.add_argument("model", nargs="?", help="checkpoint dir, config.json or preset name (default: the demo)")
+    info.add_argument("--context", type=int, default=131072, help="context length for the cache size")
+    info.add_argument("--batch-size", type=int, default=1)
+    info.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+
+    for name, func, what in (("convert", cmd_convert, "a released (or native transformers) checkpoint into ours"),
+                             ("export", cmd_export, "one of our checkpoints into the released layout")):
+        p = sub.add_parser(name, help=f"convert {what}", add_help=False,
+                           description=f"Convert {what}; all arguments go to the conversion script.")
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the conversion script (try --help)")
+        p.set_defaults(func=func)
+
+    bench = sub.add_parser("bench", help="run a benchmark from bench/",
+                           description="Run bench/cpu.py, bench/gpu.py or bench/gpu_check.py; later arguments go to it.")
+    bench.add_argument("which", choices=["cpu", "gpu", "gpu_check"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark script (try -- --help)")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FileNotFoundError as exc:
+        print(f"kimi-linear: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The ``kimi-linear`` command line: help texts, ``info`` against an actual model and cache, bench delegation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modeling_kimi_linear import KimiLinearForCausalLM
+from modeling_kimi_linear.cache_kimi_linear import cache_bytes
+from modeling_kimi_linear.cli import build_parser, main
+from modeling_kimi_linear.presets import load_preset
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["info", "--help"], ["bench", "--help"]])
+def test_help_exits_cleanly(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(["kimi-linear", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "generate" in result.stdout and "convert" in result.stdout
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cache_bytes_match_a_real_cache(batch):
+    """The configuration-derived sizes equal what a cache holds after a forward of that many tokens."""
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(load_preset("tiny")).eval()
+    with torch.no_grad():
+        cache = model(torch.randint(3, 500, (batch, 29)), use_cache=True).past_key_values
+    assert cache_bytes(model.config, 29, batch, element_size=4)["total"] == cache.memory_bytes()
+    with torch.no_grad():
+        model(torch.randint(3, 500, (batch, 1)), past_key_values=cache, use_cache=True)
+    assert cache_bytes(model.config, 30, batch, element_size=4)["total"] == cache.memory_bytes()
+
+
+def test_info_json_counts_parameters_of_the_built_model(capsys):
+    assert main(["info", "tiny", "--json", "--context", "1000", "--dtype", "float32"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    model = KimiLinearForCausalLM(load_preset("tiny"))
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    # active: everything but the routed experts, plus top-k of them
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    moe_layers = sum(1 for layer in model.model.layers if hasattr(layer, "block_sparse_moe"))
+    assert info["active_parameters"] == info["parameters"] - moe_layers * per_expert * (cfg.num_experts - cfg.num_experts_per_token)
+    assert info["layer_pattern"] == "KKKM" and (info["kda_layers"], info["mla_layers"]) == (3, 1)
+    assert info["cache_bytes_per_token"] == 1 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    assert info["all_mla_cache_bytes_at_context"] == 4 * 1000 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+def test_info_refuses_an_unknown_target():
+    with pytest.raises(SystemExit, match="neither a checkpoint directory"):
+        main(["info", "no-such-preset"])
+
+
+def test_bench_passes_arguments_to_the_script():
+    result = subprocess.run([sys.executable, "-m", "modeling_kimi_linear.cli", "bench", "cpu", "--", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--decode-steps" in result.stdout
