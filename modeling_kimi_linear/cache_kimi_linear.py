@@ -66,6 +66,11 @@ class KimiLinearCache(Cache):
         buf[:, used:need] = latent
         return buf[:, :need]
 
+    def latent(self, layer_idx: int) -> torch.Tensor | None:
+        """Cached MLA latents ``[B, S, kv_lora_rank + qk_rope_head_dim]`` of ``layer_idx`` (a view), or None."""
+        buf = self._latent.get(layer_idx)
+        return None if buf is None else buf[:, : self._seen_tokens]
+
     def kda_state(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(conv tail [B, C, W-1] or None, recurrent state [B, H, K, V] fp32 or None)``."""
         return self._conv.get(layer_idx), self._state.get(layer_idx)
