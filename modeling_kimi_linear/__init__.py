@@ -6,6 +6,8 @@ This folder is also what a checkpoint carries as remote code, so every module in
 from .cache_kimi_linear import KimiLinearCache
 from .configuration_kimi_linear import KimiLinearConfig
 from .modeling_kimi_linear import KimiLinearForCausalLM, KimiLinearModel, KimiLinearPreTrainedModel
+from .tokenization_kimi import KimiTokenizer
+from .tokenization_kimi_sp import KimiSentencePieceTokenizer, train_sentencepiece
 
 __version__ = "0.1.0"
 
@@ -26,5 +28,8 @@ __all__ = [
     "KimiLinearForCausalLM",
     "KimiLinearModel",
     "KimiLinearPreTrainedModel",
+    "KimiSentencePieceTokenizer",
+    "KimiTokenizer",
     "register",
+    "train_sentencepiece",
 ]
