@@ -26,6 +26,8 @@ DENSE = "dense"
 SPARSE = "sparse"
 
 KDA_BACKENDS = ("auto", "torch", "fla")
+# "channel": KDA's per-channel forget gate (the release); "head": one scalar decay per head (Gated DeltaNet).
+KDA_GATE_GRANULARITIES = ("channel", "head")
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
 
 # Native transformers spellings accepted on input (value: our attribute).
@@ -71,6 +73,9 @@ class KimiLinearConfig(PreTrainedConfig):
             scores exactly like the released code; ``False`` uses the raw scores (vLLM / native transformers).
         kda_backend: ``"auto"`` (FLA kernels for CUDA tensors when ``fla`` imports, PyTorch otherwise),
             ``"torch"`` or ``"fla"``.
+        kda_gate_granularity: ``"channel"`` (default, released KDA: one forget gate per head and key channel) or
+            ``"head"`` (one scalar forget gate per head, as in Gated DeltaNet; an ablation, not loadable by other
+            implementations). Written to ``config.json`` only when it is not the default.
     """
 
     model_type = "kimi_linear"
@@ -126,6 +131,7 @@ class KimiLinearConfig(PreTrainedConfig):
         num_nextn_predict_layers: int = 0,
         # ours
         kda_backend: str = "auto",
+        kda_gate_granularity: str = "channel",
         **kwargs: Any,
     ) -> None:
         given = dict(
@@ -184,6 +190,7 @@ class KimiLinearConfig(PreTrainedConfig):
         self.output_router_logits = output_router_logits
         self.num_nextn_predict_layers = num_nextn_predict_layers
         self.kda_backend = kda_backend
+        self.kda_gate_granularity = kda_gate_granularity
 
         self.linear_attn_config = _resolve_linear_attn_config(
             num_hidden_layers, linear_attn_config, layer_types, kwargs
@@ -258,6 +265,10 @@ class KimiLinearConfig(PreTrainedConfig):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not a known activation")
         if self.kda_backend not in KDA_BACKENDS:
             raise ValueError(f"kda_backend={self.kda_backend!r} must be one of {KDA_BACKENDS}")
+        if self.kda_gate_granularity not in KDA_GATE_GRANULARITIES:
+            raise ValueError(
+                f"kda_gate_granularity={self.kda_gate_granularity!r} must be one of {KDA_GATE_GRANULARITIES}"
+            )
         if self.mla_layers:
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 _positive(name, getattr(self, name))
@@ -301,10 +312,14 @@ class KimiLinearConfig(PreTrainedConfig):
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """Released layout: ``linear_attn_config`` with 1-based lists, no ``layer_types``/``mlp_layer_types``."""
+        """Released layout: ``linear_attn_config`` with 1-based lists, no ``layer_types``/``mlp_layer_types``;
+        ``kda_gate_granularity`` only when it is not the default ``"channel"`` (so default configs stay
+        byte-identical to what other implementations read)."""
         out = super().to_dict()
         for key in ("layer_types", "mlp_layer_types", "rope_parameters"):
             out.pop(key, None)
+        if out.get("kda_gate_granularity") == KDA_GATE_GRANULARITIES[0]:
+            del out["kda_gate_granularity"]
         out["linear_attn_config"] = copy.deepcopy(self.linear_attn_config)
         return out
 

@@ -3,6 +3,11 @@
 Parameter names and shapes are the released checkpoint's (``q_proj``, ``q_conv1d`` ``[P, 1, W]``, ``A_log``
 ``[1, 1, H, 1]``, ``dt_bias`` ``[P]``, ...), so no renaming is needed for this layer. ``A_log`` and
 ``dt_bias`` stay float32 whatever dtype the model is cast to.
+
+With ``config.kda_gate_granularity == "head"`` (an ablation: Gated DeltaNet's scalar per-head forget gate) the
+gate path shrinks to ``f_b_proj`` ``[H, K]`` (rank ``K`` projection ``D -> K -> H``) and ``dt_bias`` ``[H]``; the
+per-head log decay is broadcast over the key channels, so the same KDA kernels compute the gated delta rule.
+Everything else is unchanged.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ def short_conv(
 
 
 class KimiDeltaAttention(nn.Module):
-    """One KDA token mixer (a gated delta rule with per-channel forget gate, see :mod:`kda_torch`)."""
+    """One KDA token mixer (a gated delta rule with per-channel forget gate, see :mod:`kda_torch`; per-head gate
+    with ``kda_gate_granularity="head"``)."""
 
     def __init__(self, config: "KimiLinearConfig", layer_idx: int) -> None:
         super().__init__()
@@ -69,7 +75,9 @@ class KimiDeltaAttention(nn.Module):
         self.head_dim = dim = config.kda_head_dim
         self.conv_size = width = config.kda_conv_size
         self.backend = config.kda_backend
+        self.per_head_gate = getattr(config, "kda_gate_granularity", "channel") == "head"
         proj = heads * dim
+        gate_width = heads if self.per_head_gate else proj  # forget-gate values per token
         self.q_proj = nn.Linear(hidden, proj, bias=False)
         self.k_proj = nn.Linear(hidden, proj, bias=False)
         self.v_proj = nn.Linear(hidden, proj, bias=False)
@@ -77,9 +85,9 @@ class KimiDeltaAttention(nn.Module):
         self.k_conv1d = _DepthwiseConvWeight(proj, width)
         self.v_conv1d = _DepthwiseConvWeight(proj, width)
         self.A_log = nn.Parameter(torch.zeros(1, 1, heads, 1, dtype=torch.float32))
-        self.dt_bias = nn.Parameter(torch.zeros(proj, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.zeros(gate_width, dtype=torch.float32))
         self.f_a_proj = nn.Linear(hidden, dim, bias=False)
-        self.f_b_proj = nn.Linear(dim, proj, bias=False)
+        self.f_b_proj = nn.Linear(dim, gate_width, bias=False)
         self.b_proj = nn.Linear(hidden, heads, bias=False)
         self.g_a_proj = nn.Linear(hidden, dim, bias=False)
         self.g_b_proj = nn.Linear(dim, proj, bias=False)
@@ -101,10 +109,15 @@ class KimiDeltaAttention(nn.Module):
         return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], 0).squeeze(1)
 
     def forget_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)`` in fp32, shape ``[B, T, H, K]``."""
+        """``g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)`` in fp32, shape ``[B, T, H, K]``.
+
+        With a per-head gate, ``f_b(f_a(x))`` has one value per head and the result is that ``[B, T, H, 1]`` log
+        decay expanded (a view) over the ``K`` key channels.
+        """
         f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias
-        f = f.unflatten(-1, (self.num_heads, self.head_dim))
-        return -self.A_log.float().exp() * F.softplus(f)
+        f = f.unflatten(-1, (self.num_heads, 1 if self.per_head_gate else self.head_dim))
+        g = -self.A_log.float().exp() * F.softplus(f)
+        return g.expand(*g.shape[:-1], self.head_dim)
 
     def forward(
         self,
