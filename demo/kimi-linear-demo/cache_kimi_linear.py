@@ -1,0 +1,172 @@
+"""The hybrid cache: the MLA latent per token for full-attention layers, fixed-size states for KDA layers.
+
+Per MLA layer: ``[B, S, kv_lora_rank + qk_rope_head_dim]`` in the model dtype (576 values per token for the
+release), kept in a buffer that grows by doubling so that a decode step does not re-allocate.
+Per KDA layer: the raw q/k/v convolution tail ``[B, 3*H*K, W-1]`` (model dtype) and the recurrent state
+``[B, H, K, V]`` (float32). Nothing else is stored.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import Cache
+
+if TYPE_CHECKING:
+    from .configuration_kimi_linear import KimiLinearConfig
+
+
+def cache_bytes(config: "KimiLinearConfig", context_length: int, batch_size: int = 1,
+                element_size: int = 2) -> dict[str, int]:
+    """Bytes :class:`KimiLinearCache` holds after ``context_length`` tokens, computed from the configuration.
+
+    ``element_size`` is the model dtype's size (2 for bf16); KDA recurrent states are always float32. Returns the
+    parts (``mla_latent``, ``kda_conv``, ``kda_state``) and their ``total``; the MLA part grows with the context,
+    the KDA parts do not.
+    """
+    latent_width = config.mla_latent_dim
+    heads, dim = config.kda_num_heads, config.kda_head_dim
+    n_mla, n_kda = len(config.mla_layers), len(config.kda_layers)
+    parts = {
+        "mla_latent": n_mla * batch_size * context_length * latent_width * element_size,
+        "kda_conv": n_kda * batch_size * 3 * heads * dim * (config.kda_conv_size - 1) * element_size,
+        "kda_state": n_kda * batch_size * heads * dim * dim * 4,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+class KimiLinearCache(Cache):
+    """Cache for :class:`KimiLinearForCausalLM`; created by the model when ``use_cache`` and none is given."""
+
+    is_compileable = False
+
+    def __init__(self, config: "KimiLinearConfig") -> None:
+        super().__init__(layers=[])
+        self.num_layers = config.num_hidden_layers
+        self.mla_layers = set(config.mla_layers)
+        self._latent: dict[int, torch.Tensor] = {}  # capacity buffers [B, cap, L]
+        self._conv: dict[int, torch.Tensor] = {}
+        self._state: dict[int, torch.Tensor] = {}
+        self._seen_tokens = 0
+
+    # ------------------------------------------------------------------ writes from the layers
+    def append_latent(self, layer_idx: int, latent: torch.Tensor) -> torch.Tensor:
+        """Append ``latent [B, T, L]`` for ``layer_idx`` and return all cached latents ``[B, S, L]`` (a view)."""
+        used = self.get_seq_length()
+        buf = self._latent.get(layer_idx)
+        need = used + latent.shape[1]
+        if buf is None or buf.shape[1] < need or buf.shape[0] != latent.shape[0]:
+            cap = max(need, 2 * (buf.shape[1] if buf is not None else 0), 16)
+            new = latent.new_empty(latent.shape[0], cap, latent.shape[2])
+            if buf is not None and used:
+                new[:, :used] = buf[:, :used]
+            buf = self._latent[layer_idx] = new
+        buf[:, used:need] = latent
+        return buf[:, :need]
+
+    def latent(self, layer_idx: int) -> torch.Tensor | None:
+        """Cached MLA latents ``[B, S, kv_lora_rank + qk_rope_head_dim]`` of ``layer_idx`` (a view), or None."""
+        buf = self._latent.get(layer_idx)
+        return None if buf is None else buf[:, : self._seen_tokens]
+
+    def kda_state(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(conv tail [B, C, W-1] or None, recurrent state [B, H, K, V] fp32 or None)``."""
+        return self._conv.get(layer_idx), self._state.get(layer_idx)
+
+    def update_kda_state(self, layer_idx: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        self._conv[layer_idx] = conv
+        self._state[layer_idx] = state
+
+    def advance(self, num_tokens: int) -> None:
+        """Called by the model once per forward, after all layers ran."""
+        self._seen_tokens += num_tokens
+
+    # ------------------------------------------------------------------ Cache API used by generate()
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (padding included); works for all-KDA models too."""
+        return self._seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._seen_tokens + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._seen_tokens
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._seen_tokens > 0
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [i not in self.mla_layers for i in range(self.num_layers)]
+
+    @property
+    def is_croppable(self) -> bool:
+        return not self._state
+
+    @property
+    def batch_size(self) -> int:
+        for t in list(self._state.values()) + list(self._latent.values()):
+            return t.shape[0]
+        return 0
+
+    def _map_batch(self, fn) -> None:  # noqa: ANN001
+        for store in (self._latent, self._conv, self._state):
+            for i, t in store.items():
+                store[i] = fn(t)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the rows ``beam_idx``."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, max_length: int) -> None:
+        """Drop cached tokens beyond ``max_length`` (negative: drop that many). Only possible before any KDA
+        state exists: a recurrent state cannot be rolled back."""
+        if max_length < 0:
+            max_length = self._seen_tokens + max_length
+        if max_length >= self._seen_tokens:
+            return
+        if self._state:
+            raise ValueError(
+                "KimiLinearCache.crop: the KDA layers keep a recurrent state that cannot be rolled back to an "
+                "earlier position; re-run the prompt instead"
+            )
+        self._seen_tokens = max_length
+
+    def reset(self) -> None:
+        self._latent.clear()
+        self._conv.clear()
+        self._state.clear()
+        self._seen_tokens = 0
+
+    def memory_bytes(self) -> int:
+        """Bytes of cache content: used latent rows plus KDA states (not the spare capacity of the buffers)."""
+        used = self._seen_tokens
+        total = sum(t[:, :used].numel() * t.element_size() for t in self._latent.values())
+        total += sum(t.numel() * t.element_size() for t in self._conv.values())
+        total += sum(t.numel() * t.element_size() for t in self._state.values())
+        return total
+
+    def __repr__(self) -> str:
+        return (
+            f"KimiLinearCache(tokens={self._seen_tokens}, mla_layers={sorted(self.mla_layers)}, "
+            f"bytes={self.memory_bytes()})"
+        )

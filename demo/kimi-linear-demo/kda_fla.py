@@ -1,0 +1,98 @@
+"""Thin wrapper around flash-linear-attention's Triton KDA kernels (GPU only).
+
+Nothing here imports ``fla`` at module import time: on a CPU-only machine with fla and triton installed,
+touching fla's kernels fails ("0 active drivers"), so :func:`fla_kda_ops` is only called for CUDA tensors.
+Supported fla versions: ``fla-core >= 0.4.0, < 0.7`` (the pre-gated call used here exists in all of them).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+FLA_INSTALL_HINT = "pip install 'fla-core>=0.5.1,<0.7' triton"
+
+
+@functools.lru_cache(maxsize=1)
+def fla_kda_ops() -> tuple[Callable, Callable] | None:
+    """Return ``(chunk_kda, fused_recurrent_kda)`` from fla, or ``None`` when fla/triton do not import."""
+    try:
+        from fla.ops.kda import chunk_kda, fused_recurrent_kda
+    except Exception:  # ImportError, or triton failing to initialise
+        return None
+    return chunk_kda, fused_recurrent_kda
+
+
+def kda_fla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KDA through fla: the recurrent kernel for short inputs without autograd (as the released code does for
+    T <= 64), the chunked kernel otherwise. Same layouts as :func:`kda_torch.kda_chunk_torch`."""
+    ops = fla_kda_ops()
+    if ops is None:
+        raise RuntimeError(f"kda_backend='fla' needs flash-linear-attention with triton: {FLA_INSTALL_HINT}")
+    chunk_kda, fused_recurrent_kda = ops
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, g, beta) + ((initial_state,) if initial_state is not None else ())
+    )
+    if q.shape[1] <= 64 and not needs_grad:
+        return fused_recurrent_kda(
+            q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), scale=scale,
+            initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens,
+        )
+    if needs_grad or cu_seqlens is not None:
+        return chunk_kda(
+            q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), scale=scale,
+            initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens,
+        )
+    return _bucketed_chunk_kda(chunk_kda, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm)
+
+
+# Inference prefill runs fla's chunk kernel only at these lengths: Triton autotunes per input length, which stalls
+# seconds at every new prompt length. Shorter inputs are right-padded to the next bucket with neutral tokens
+# (g = 0: no decay, beta = 0: no write, k = 0), which leave the state untouched; longer inputs run in windows of the
+# largest bucket, carrying the state. After :func:`warmup_lengths` have run once, no new length triggers tuning.
+BUCKETS = (1024, 2048, 4096, 8192, 16384)
+
+
+def warmup_lengths() -> tuple[int, ...]:
+    """Prompt lengths that exercise every kernel shape the bucketed prefill uses (plus the recurrent kernel)."""
+    return (1, 65) + BUCKETS[1:]
+
+
+def _bucketed_chunk_kda(chunk_kda, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm):
+    seqlen = q.shape[1]
+    window = BUCKETS[-1]
+    outs = []
+    state = initial_state
+    for start in range(0, seqlen, window):
+        end = min(start + window, seqlen)
+        size = end - start
+        bucket = next(b for b in BUCKETS if b >= size)
+        pad = bucket - size
+        parts = [x[:, start:end] for x in (q, k, v, g, beta)]
+        if pad:
+            parts = [torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in parts]
+        last = end == seqlen
+        o, state = chunk_kda(
+            *(x.contiguous() for x in parts), scale=scale, initial_state=state,
+            output_final_state=output_final_state or not last, use_qk_l2norm_in_kernel=use_qk_l2norm,
+        )
+        outs.append(o[:, :size])
+    return torch.cat(outs, 1) if len(outs) > 1 else outs[0], state

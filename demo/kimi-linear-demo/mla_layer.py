@@ -1,0 +1,155 @@
+"""Multi-head Latent Attention without positional encoding (the full-attention layers of Kimi Linear).
+
+Per token the layer caches only the normalised latent ``c`` (``kv_lora_rank`` values) and the shared
+"rope" key part (``qk_rope_head_dim`` values, never rotated). Attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` with softmax scale ``(qk_nope + qk_rope) ** -0.5``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norms import KimiRMSNorm
+
+if TYPE_CHECKING:
+    from .cache_kimi_linear import KimiLinearCache
+    from .configuration_kimi_linear import KimiLinearConfig
+
+ABSORB_MAX_QUERY = 16  # new tokens per call up to which attention runs in latent space (decode)
+QUERY_BLOCK = 2048  # query rows per SDPA call for long prefills
+KV_NORM_EPS = 1e-6  # the released code builds kv_a_layernorm with the class default, not rms_norm_eps
+
+
+def _scores_fp32(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q [B, M, D] @ k[B, S, D]^T`` with float32 output, without an fp32 copy of ``k`` on CUDA."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(q.float(), k.float().transpose(1, 2))
+
+
+class KimiMLAAttention(nn.Module):
+    """MLA token mixer with released parameter names (``q_proj`` or ``q_a_proj``/``q_b_proj``,
+    ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``)."""
+
+    def __init__(self, config: "KimiLinearConfig", layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.q_dim = self.nope_dim + self.rope_dim
+        self.scaling = self.q_dim**-0.5
+        hidden = config.hidden_size
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, self.num_heads * self.q_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = KimiRMSNorm(config.q_lora_rank, eps=KV_NORM_EPS)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.q_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = KimiRMSNorm(self.kv_lora_rank, eps=KV_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=False)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, D]`` -> ``[B, nh, T, qk_nope + qk_rope]``."""
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.unflatten(-1, (self.num_heads, self.q_dim)).transpose(1, 2)
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """What is cached per token: ``[B, T, kv_lora_rank + qk_rope]`` = normalised latent ‖ shared key part."""
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], -1)
+        return torch.cat([self.kv_a_layernorm(c), k_rope], -1)
+
+    def expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent ``[B, S, L]`` -> per-head keys ``[B, nh, S, qk]`` and values ``[B, nh, S, v]``."""
+        c, k_rope = latent.split([self.kv_lora_rank, self.rope_dim], -1)
+        kv = self.kv_b_proj(c).unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim)).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], -1)
+        k_rope = k_rope.unsqueeze(1).expand(-1, self.num_heads, -1, -1)
+        return torch.cat([k_nope, k_rope], -1), v
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj`` split per head: key part ``[nh, nope, r]`` and value part ``[nh, v, r]`` (views)."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def attend_latent(self, q: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention in latent space (decode): the key up-projection is folded into the query and the value
+        up-projection into the output, so the cached ``latent [B, S, r + rope]`` is read once, shared by all heads
+        (multi-query attention), and per-head keys/values of the context are never built.
+
+        ``q [B, nh, T, nope + rope]`` -> ``[B, nh, T, v]``.
+        """
+        w_k, w_v = self.absorbed_weights()
+        bsz, heads, seqlen, _ = q.shape
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], -1)
+        q_lat = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_k), q_rope], -1)
+        # fold the heads into the query axis: nh*T queries against the one shared latent key/value sequence.
+        # (SDPA has no fused kernel for 576-wide heads and its fallback is slow; one query row per head is two
+        # batched products and a softmax, with scores in fp32.)
+        q_lat = q_lat.reshape(bsz, heads * seqlen, -1)
+        scores = _scores_fp32(q_lat, latent) * self.scaling  # [B, nh*T, S]
+        if attn_mask is not None:
+            mask = attn_mask[:, 0]  # [B or 1, T, S]
+            if seqlen > 1:
+                mask = mask.unsqueeze(1).expand(-1, heads, -1, -1).flatten(1, 2)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1).to(latent.dtype)
+        out = torch.bmm(probs, latent[..., : self.kv_lora_rank])  # [B, nh*T, r]
+        return torch.einsum("bhtr,hvr->bhtv", out.view(bsz, heads, seqlen, -1), w_v)
+
+    def attend_expanded(self, q: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention with per-head keys/values expanded from the latent (prefill); long prompts go in query
+        blocks of :data:`QUERY_BLOCK` so the score matrix stays bounded. ``q [B, nh, T, qk]`` -> ``[B, nh, T, v]``."""
+        k, v = self.expand(latent)
+        seqlen = q.shape[2]
+        if attn_mask is None:  # plain causal attention: fused SDPA kernels never build the score matrix
+            # PyTorch's CPU flash kernel wants one head size for q, k and v: zero-pad v there (the extra outputs
+            # are zeros, dropped); CUDA's kernels take v as it is, and padding would only cost memory traffic
+            pad = self.q_dim - self.v_dim if (q.device.type == "cpu" and self.q_dim > self.v_dim) else 0
+            v_pad = F.pad(v, (0, pad)) if pad else v
+            out = F.scaled_dot_product_attention(q, k, v_pad, is_causal=seqlen > 1, scale=self.scaling)
+            return out[..., : self.v_dim]
+        if seqlen <= QUERY_BLOCK:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scaling)
+        # an explicit mask (padding, packing, or a cache) rules out the fused kernels: bound the score matrix
+        outs = []
+        for start in range(0, seqlen, QUERY_BLOCK):
+            block = attn_mask[..., start : start + QUERY_BLOCK, :]
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, start : start + QUERY_BLOCK], k, v, attn_mask=block, scale=self.scaling
+                )
+            )
+        return torch.cat(outs, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: "KimiLinearCache | None" = None,
+    ) -> torch.Tensor:
+        """``hidden_states [B, T, D]`` -> ``[B, T, D]``.
+
+        ``attn_mask``: ``None`` for plain causal attention over this call's tokens, else a bool
+        ``[B or 1, 1, T, S]`` mask (True = attend) over all ``S`` cached + new tokens.
+        """
+        seqlen = hidden_states.shape[1]
+        q = self.queries(hidden_states)
+        latent = self.latent(hidden_states)
+        past = 0
+        if cache is not None:
+            past = cache.get_seq_length()
+            latent = cache.append_latent(self.layer_idx, latent)
+        if past and seqlen <= ABSORB_MAX_QUERY:
+            out = self.attend_latent(q, latent, attn_mask)
+        else:
+            out = self.attend_expanded(q, latent, attn_mask)
+        return self.o_proj(out.transpose(1, 2).flatten(2))

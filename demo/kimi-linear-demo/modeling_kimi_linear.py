@@ -1,0 +1,406 @@
+"""Kimi Linear decoder, base model and causal-LM head (transformers-compatible, CPU and GPU).
+
+Layer ``i`` mixes tokens with KDA (:mod:`kda_layer`) or MLA (:mod:`mla_layer`) as the config says and mixes
+channels with a dense SwiGLU (``mlp``) or the routed MoE (``block_sparse_moe``, :mod:`moe`). There is no
+positional encoding anywhere: position ids are only read to find packed documents.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from .cache_kimi_linear import KimiLinearCache
+from .checkpoint_layout import conversion_registered, released_state_dict
+from .configuration_kimi_linear import KimiLinearConfig
+from .kda_layer import KimiDeltaAttention
+from .mla_layer import KimiMLAAttention
+from .moe import KimiExperts, KimiMLP, KimiMoEGate, KimiSparseMoeBlock
+from .norms import KimiGatedRMSNorm, KimiRMSNorm
+
+
+class KimiDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: ``h += mixer(norm(h)); h += ffn(norm(h))``."""
+
+    def __init__(self, config: KimiLinearConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_kda = config.is_kda_layer(layer_idx)
+        if self.is_kda:
+            self.self_attn = KimiDeltaAttention(config, layer_idx)
+        else:
+            self.self_attn = KimiMLAAttention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.block_sparse_moe = KimiSparseMoeBlock(config)
+        else:
+            self.mlp = KimiMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.input_layernorm = KimiRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = KimiRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        past_key_values: KimiLinearCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        if self.is_kda:
+            hidden_states = self.self_attn(hidden_states, token_mask, past_key_values, cu_seqlens)
+        else:
+            hidden_states = self.self_attn(hidden_states, attn_mask, past_key_values)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        router_logits = None
+        if hasattr(self, "block_sparse_moe"):
+            hidden_states, router_logits = self.block_sparse_moe(hidden_states)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, router_logits
+
+
+class KimiLinearPreTrainedModel(PreTrainedModel):
+    """Weight init, checkpoint layout (load released names, save released names) and transformers flags."""
+
+    config_class = KimiLinearConfig
+    config: KimiLinearConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["KimiDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules_strict = ["A_log", "dt_bias"]
+    _supports_sdpa = True
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a DynamicCache: the model creates its own KimiLinearCache.
+        return False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, (KimiRMSNorm, KimiGatedRMSNorm)):
+            init.ones_(module.weight)
+        elif isinstance(module, KimiDeltaAttention):
+            # per-head decay rate exp(A_log) ~ U(1, 16); dt = softplus(dt_bias) log-uniform in [1e-3, 1e-1]
+            init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(1.0, 16.0).log())
+            dt = torch.empty_like(module.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            bound = 1.0 / math.sqrt(module.conv_size)
+            for conv in (module.q_conv1d, module.k_conv1d, module.v_conv1d):
+                init.uniform_(conv.weight, -bound, bound)
+        elif isinstance(module, KimiExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, KimiMoEGate):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """``PreTrainedModel.from_pretrained`` that also reads the released per-expert tensor names (and
+        directories saved by native transformers). Weights are read from safetensors only."""
+        kwargs.setdefault("use_safetensors", True)
+        with conversion_registered(cls.__name__):
+            return super().from_pretrained(*args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Save with the released tensor names (per-expert ``w1``/``w2``/``w3``, dense layers as ``mlp.*``),
+        which Moonshot's code, vLLM and native transformers load."""
+        if kwargs.get("state_dict") is None and kwargs.pop("save_original_format", True):
+            kwargs["state_dict"] = released_state_dict(self.state_dict())
+        kwargs["save_original_format"] = False
+        super().save_pretrained(save_directory, *args, **kwargs)
+        _complete_auto_map(Path(save_directory) / "config.json")
+
+
+def _complete_auto_map(config_path: Path) -> None:
+    """Point ``AutoModel`` and ``AutoModelForCausalLM`` at our classes whichever of them was saved (the config
+    written by transformers names only the saved class)."""
+    if not config_path.is_file():
+        return
+    data = json.loads(config_path.read_text())
+    auto_map = data.setdefault("auto_map", {})
+    auto_map.setdefault("AutoConfig", "configuration_kimi_linear.KimiLinearConfig")
+    auto_map.setdefault("AutoModel", "modeling_kimi_linear.KimiLinearModel")
+    auto_map.setdefault("AutoModelForCausalLM", "modeling_kimi_linear.KimiLinearForCausalLM")
+    tmp = config_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_path)
+
+
+class KimiLinearModel(KimiLinearPreTrainedModel):
+    """Embeddings, the hybrid decoder stack and the final norm."""
+
+    def __init__(self, config: KimiLinearConfig) -> None:
+        super().__init__(config)
+        pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, pad)
+        self.layers = nn.ModuleList(KimiDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = KimiRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KimiLinearCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> MoeModelOutputWithPast:
+        """Run the decoder.
+
+        Args:
+            attention_mask: ``[B, past + T]`` (or ``[B, T]``) with 0 at padding. Padded tokens change no KDA state
+                and are never attended to.
+            position_ids: only used to detect packed documents (positions restarting at 0, batch size 1).
+            past_key_values: a :class:`KimiLinearCache`; created when ``use_cache`` and none is given.
+            cu_seqlens: ``[N+1]`` boundaries of documents packed along T (batch size 1); also read from the
+                ``cu_seq_lens_q`` kwarg that ``DataCollatorWithFlattening`` emits.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache is None:  # a training forward keeps no cache unless asked (it would only cost memory)
+            use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        output_router_logits = (
+            self.config.output_router_logits if output_router_logits is None else output_router_logits
+        )
+        if past_key_values is not None and not isinstance(past_key_values, KimiLinearCache):
+            raise TypeError(
+                f"past_key_values must be a KimiLinearCache (got {type(past_key_values).__name__}); "
+                "pass none and the model creates one"
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = KimiLinearCache(self.config)
+        if not use_cache:
+            past_key_values = None
+
+        bsz, seqlen, _ = inputs_embeds.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cu_seqlens is None:
+            cu_seqlens = kwargs.get("cu_seq_lens_q")
+        token_mask, attn_mask, cu_seqlens = build_masks(
+            attention_mask, position_ids, cu_seqlens, bsz, seqlen, past, inputs_embeds.device
+        )
+        if cu_seqlens is not None and past_key_values is not None:
+            raise ValueError("packed sequences (cu_seqlens / restarting position_ids) cannot be used with a cache")
+
+        hidden_states = inputs_embeds
+        all_hidden: list[torch.Tensor] = []
+        all_router: list[torch.Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, router_logits = layer(hidden_states, token_mask, attn_mask, cu_seqlens, past_key_values)
+            if output_router_logits and router_logits is not None:
+                all_router.append(router_logits)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        if past_key_values is not None:
+            past_key_values.advance(seqlen)
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            router_logits=tuple(all_router) if output_router_logits else None,
+        )
+
+
+def build_masks(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    bsz: int,
+    seqlen: int,
+    past: int,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Return ``(token_mask [B, T] for KDA, bool attention mask [B, 1, T, past+T] for MLA, cu_seqlens)``.
+
+    ``None`` entries mean "nothing to mask": no padding, and plain causal attention without a cache.
+    """
+    keys_valid = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be 2-D [batch, length], got shape {tuple(attention_mask.shape)}")
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        if mask.shape[1] == seqlen and past:
+            mask = torch.cat([mask.new_ones(bsz, past), mask], 1)
+        if mask.shape[1] != past + seqlen:
+            raise ValueError(
+                f"attention_mask has {mask.shape[1]} columns; expected {past + seqlen} (cached + new tokens)"
+            )
+        # Looking at the mask costs a host sync on a GPU: worth it before a prefill (it saves an explicit
+        # attention mask), not on every decode step, where masking with an all-ones mask is cheap.
+        check = seqlen > 1 or mask.device.type == "cpu"
+        if not check or not bool(mask.all()):
+            keys_valid = mask
+    token_mask = keys_valid[:, past:] if keys_valid is not None else None
+    if token_mask is not None and (seqlen > 1 or token_mask.device.type == "cpu") and bool(token_mask.all()):
+        token_mask = None
+
+    if cu_seqlens is None and position_ids is not None and bsz == 1 and seqlen > 1 and keys_valid is None:
+        pos = position_ids.reshape(-1).to(device)
+        starts = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+        if starts.numel():
+            cu_seqlens = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), seqlen)])
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.long)
+        if bsz != 1 or int(cu_seqlens[-1]) != seqlen or int(cu_seqlens[0]) != 0:
+            raise ValueError(f"cu_seqlens {cu_seqlens.tolist()} must run from 0 to T={seqlen} with batch size 1")
+        if cu_seqlens.numel() == 2:
+            cu_seqlens = None
+
+    if keys_valid is None and cu_seqlens is None and (past == 0 or seqlen == 1):
+        # plain causal attention, or one new token that sees everything: no mask needed
+        return token_mask, None, None
+    q_pos = torch.arange(past, past + seqlen, device=device)
+    k_pos = torch.arange(past + seqlen, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None]).unsqueeze(0)  # [1, T, S]
+    if cu_seqlens is not None:
+        doc = torch.zeros(seqlen, dtype=torch.long, device=device)
+        doc[cu_seqlens[1:-1]] = 1
+        doc = doc.cumsum(0)
+        allowed = allowed & (doc[:, None] == doc[None, :]).unsqueeze(0)
+    if keys_valid is not None:
+        allowed = allowed & keys_valid[:, None, :]
+        # a padded query may see nothing; let it see itself so softmax stays finite (its output is unused)
+        allowed = allowed | (k_pos[None, :] == q_pos[:, None]).unsqueeze(0)
+    return token_mask, allowed.unsqueeze(1), cu_seqlens
+
+
+class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
+    """Kimi Linear with a language-modelling head; plugs into ``generate()`` and ``Trainer``."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: KimiLinearConfig) -> None:
+        super().__init__(config)
+        self.model = KimiLinearModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def router_balance_loss(self, router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Mean over the MoE layers of :meth:`KimiMoEGate.balance_loss` (``router_logits`` as returned with
+        ``output_router_logits=True``, one entry per MoE layer in order)."""
+        gates = [layer.block_sparse_moe.gate for layer in self.model.layers if hasattr(layer, "block_sparse_moe")]
+        losses = [gate.balance_loss(logits) for gate, logits in zip(gates, router_logits)]
+        return torch.stack([l.to(losses[0].device) for l in losses]).mean()
+
+    @torch.no_grad()
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run each prefill length the GPU kernels are tuned for once (and a decode step), so that no later prompt
+        length stalls on kernel compilation or autotuning. Cheap; a no-op in effect on CPU."""
+        from .kda_fla import warmup_lengths
+
+        for length in warmup_lengths():
+            ids = torch.full((batch_size, length), 3, dtype=torch.long, device=self.device)
+            out = self(input_ids=ids, use_cache=True, logits_to_keep=1)
+            self(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KimiLinearCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> MoeCausalLMOutputWithPast:
+        """Logits (and the shifted cross-entropy when ``labels`` are given, ignore index -100).
+
+        ``logits_to_keep=k`` computes logits for the last ``k`` positions only (0 = all), so a long prefill never
+        builds ``[T, vocab]`` logits.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = aux_loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if outputs.router_logits:
+            aux_loss = self.router_balance_loss(outputs.router_logits)
+            if loss is not None and self.config.router_aux_loss_coef:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            router_logits=outputs.router_logits,
+        )
+
+
+__all__ = ["KimiLinearPreTrainedModel", "KimiLinearModel", "KimiLinearForCausalLM"]
+
+# save_pretrained writes an ``auto_map`` and copies this folder's modules next to the weights, so the checkpoint
+# loads with ``trust_remote_code=True`` where this package is not installed.
+KimiLinearModel.register_for_auto_class("AutoModel")
+KimiLinearForCausalLM.register_for_auto_class("AutoModelForCausalLM")

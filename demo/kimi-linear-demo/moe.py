@@ -1,0 +1,165 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and the sigmoid-routed mixture of experts.
+
+In memory the routed experts are fused into two 3-D tensors (``experts.gate_up_proj [E, 2I, D]`` with the
+gate rows first, ``experts.down_proj [E, D, I]``); the released checkpoint stores them one expert at a time
+(``experts.{e}.w1/w3/w2.weight``). :mod:`checkpoint_layout` converts between the two.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+if TYPE_CHECKING:
+    from .configuration_kimi_linear import KimiLinearConfig
+
+
+class KimiMLP(nn.Module):
+    """SwiGLU MLP ``down(act(gate(x)) * up(x))`` (dense layers and the shared experts)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KimiMoEGate(nn.Module):
+    """Router: fp32 scores, bias-corrected selection, grouped top-k, renormalisation and scaling."""
+
+    def __init__(self, config: "KimiLinearConfig") -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_token
+        self.num_experts = config.num_experts
+        self.num_groups = config.num_expert_group
+        self.topk_group = config.topk_group
+        self.renormalize = config.moe_renormalize
+        self.scaling = config.routed_scaling_factor
+        self.activation = config.moe_router_activation_func
+        self.weights_include_bias = config.router_weights_include_bias
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts))
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Router scores from fp32 logits: sigmoid (the release) or softmax."""
+        return torch.sigmoid(logits) if self.activation == "sigmoid" else logits.softmax(-1)
+
+    def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(expert ids [N, k], bias-corrected scores [N, E])``: grouped top-k over the bias-corrected scores."""
+        biased = scores + self.e_score_correction_bias.float()
+        choice = biased
+        if self.num_groups > 1:
+            grouped = biased.unflatten(-1, (self.num_groups, -1))
+            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(-1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(-2)
+        return choice.topk(self.top_k, dim=-1).indices, biased
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [N, D]`` -> ``(expert ids [N, k], fp32 weights [N, k], fp32 router logits [N, E])``."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = self.scores(logits)
+        ids, biased = self.select(scores)
+        # The released code weights experts with the bias-corrected scores (an in-place add on a view).
+        weights = (biased if self.weights_include_bias else scores).gather(-1, ids)
+        if self.top_k > 1 and self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling, logits
+
+    def balance_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Load-balancing loss of one layer from its router logits ``[N, E]``: ``E * sum_e f_e * P_e`` with
+        ``f_e`` the share of the N*k routing slots that went to expert e (no gradient) and ``P_e`` the mean of the
+        scores normalised per token. 1.0 when routing is uniform."""
+        scores = self.scores(logits.float())
+        with torch.no_grad():
+            ids, _ = self.select(scores)
+            share = torch.bincount(ids.flatten(), minlength=self.num_experts).float() / ids.numel()
+        probs = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        return self.num_experts * (share * probs).sum()
+
+
+class KimiExperts(nn.Module):
+    """All routed experts of one layer as two 3-D weights."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size))
+        self.act_fn = ACT2FN[hidden_act]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Run expert ``e`` on ``x [n, D]``."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, self.down_proj[e])
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the chosen experts, accumulated in fp32 and returned in ``x.dtype``.
+
+        Token copies are sorted by expert; one grouped matmul per projection runs every expert on its slice
+        (no host synchronisation). Where grouped matmul has no backward (CPU training) each expert that received
+        tokens runs once on its slice instead.
+        """
+        num_tokens, top_k = ids.shape
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        token_of = order // top_k
+        # scatter_add rather than bincount: CUDA's bincount reads the input's maximum back to the host
+        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        xs = x[token_of]
+        if _grouped_mm_usable(x):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+            ys = F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+        else:
+            outs, start = [], 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    outs.append(self.expert(e, xs[start : start + n]))
+                    start += n
+            ys = torch.cat(outs, 0)
+        ys = ys.float() * weights.flatten()[order].unsqueeze(-1)
+        out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+        return out.index_add_(0, token_of, ys).to(x.dtype)
+
+
+def _grouped_mm_usable(x: torch.Tensor) -> bool:
+    """``F.grouped_mm`` exists, and either no gradient is needed or we are on CUDA (its CPU backward fails)."""
+    return hasattr(F, "grouped_mm") and (x.is_cuda or not torch.is_grad_enabled())
+
+
+class KimiSparseMoeBlock(nn.Module):
+    """Routed experts plus shared experts: ``experts(x) + shared_experts(x)``."""
+
+    def __init__(self, config: "KimiLinearConfig") -> None:
+        super().__init__()
+        self.gate = KimiMoEGate(config)
+        self.experts = KimiExperts(
+            config.num_experts, config.hidden_size, config.moe_intermediate_size, config.hidden_act
+        )
+        if config.num_shared_experts:
+            self.shared_experts = KimiMLP(
+                config.hidden_size, config.moe_intermediate_size * config.num_shared_experts, config.hidden_act
+            )
+        else:
+            self.shared_experts = None
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T, D]`` -> (``[B, T, D]``, router logits ``[B*T, E]``)."""
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        ids, weights, logits = self.gate(x)
+        out = self.experts(x, ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape), logits
