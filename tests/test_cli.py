@@ -65,3 +65,32 @@ def test_bench_passes_arguments_to_the_script():
     result = subprocess.run([sys.executable, "-m", "modeling_kimi_linear.cli", "bench", "cpu", "--", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--decode-steps" in result.stdout
+
+
+def test_generate_with_the_demo_prints_what_the_model_generates(capsys):
+    """The command's greedy output equals tokenizer + model.generate run directly on the demo checkpoint."""
+    from transformers import AutoTokenizer
+
+    from modeling_kimi_linear.cli import demo_checkpoint
+
+    prompt = "def add(a, b):\n"
+    assert main(["generate", prompt, "--max-new-tokens", "12", "--no-stream", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    path = demo_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    model = KimiLinearForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+    assert printed.strip() == tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def test_info_on_the_demo_checkpoint_reads_its_config(capsys):
+    from modeling_kimi_linear import KimiLinearConfig
+    from modeling_kimi_linear.cli import demo_checkpoint
+
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    config = KimiLinearConfig.from_pretrained(demo_checkpoint())
+    assert info["layers"] == config.num_hidden_layers and info["mla_layers"] == len(config.mla_layers)
