@@ -65,7 +65,7 @@ BYTE_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 # LoRA target names; "experts" means the fused routed-expert weights (through peft's target_parameters)
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,kv_a_proj_with_mqa,gate_proj,up_proj,down_proj,experts"
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,kv_a_proj_with_mqa,kv_b_proj,gate_proj,up_proj,down_proj,experts"
 EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 

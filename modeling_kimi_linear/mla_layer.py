@@ -148,7 +148,9 @@ class KimiMLAAttention(nn.Module):
         if cache is not None:
             past = cache.get_seq_length()
             latent = cache.append_latent(self.layer_idx, latent)
-        if past and seqlen <= ABSORB_MAX_QUERY:
+        # The absorbed path reads kv_b_proj's weight directly; a wrapped projection (a PEFT LoRA adapter, a
+        # quantised layer) must run as a module, so it takes the expanded path.
+        if past and seqlen <= ABSORB_MAX_QUERY and type(self.kv_b_proj) is nn.Linear:
             out = self.attend_latent(q, latent, attn_mask)
         else:
             out = self.attend_expanded(q, latent, attn_mask)
