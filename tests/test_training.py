@@ -122,3 +122,19 @@ def test_router_balance_loss_is_added_when_asked():
     assert torch.allclose(out.loss, plain.loss + 0.01 * expected_aux, atol=1e-6)
     out.loss.backward()
     assert all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in gates)
+
+
+def test_router_correction_bias_is_not_trained():
+    """The bias-corrected routing weights depend on e_score_correction_bias, yet an optimizer step leaves it alone."""
+    model = tiny().train()
+    gate = model.model.layers[1].block_sparse_moe.gate
+    with torch.no_grad():
+        gate.e_score_correction_bias.copy_(torch.linspace(-0.1, 0.1, gate.num_experts))
+    before_bias, before_weight = gate.e_score_correction_bias.clone(), gate.weight.clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = ids(2, 30)
+    model(x, labels=x, use_cache=False).loss.backward()
+    optimizer.step()
+    assert gate.e_score_correction_bias.grad is None
+    assert torch.equal(gate.e_score_correction_bias, before_bias)
+    assert not torch.equal(gate.weight, before_weight)

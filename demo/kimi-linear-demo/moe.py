@@ -46,7 +46,9 @@ class KimiMoEGate(nn.Module):
         self.activation = config.moe_router_activation_func
         self.weights_include_bias = config.router_weights_include_bias
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts))
+        # Kept out of backprop, as in the release (a load-balancing bias adjusted outside the optimizer); still a
+        # parameter so that checkpoints keep its released name.
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts), requires_grad=False)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Router scores from fp32 logits: sigmoid (the release) or softmax."""
