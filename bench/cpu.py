@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
+from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
 KDA, MLA = "linear_attention", "full_attention"
 
@@ -64,13 +65,13 @@ def decode_step_time(model, context: int, steps: int) -> float:
     """Median seconds per decoded token after a ``context``-token prompt (cache from one prefill)."""
     ids = torch.randint(3, 1024, (1, context), generator=torch.Generator().manual_seed(context))
     out = model(ids, use_cache=True, logits_to_keep=1)
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         out = model(nxt, past_key_values=cache, use_cache=True)
         times.append(time.perf_counter() - start)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
     return statistics.median(times)
 
 

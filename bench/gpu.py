@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.checkpoint_layout import state_dict_from_released  # noqa: E402
+from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
 KDA, MLA = "linear_attention", "full_attention"
 LAYOUTS = {"hybrid": [KDA, KDA, KDA, MLA, KDA, KDA, KDA, MLA], "all_mla": [MLA] * 8}
@@ -139,7 +140,7 @@ def measure(model, name: str, lengths: list[int], steps: int, bw: float, ours: b
                     for s in range(0, T, chunk):
                         out = model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True,
                                     logits_to_keep=1)
-                        cache = out.past_key_values
+                        cache = output_cache(out)
                 else:
                     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 sync()
@@ -147,7 +148,7 @@ def measure(model, name: str, lengths: list[int], steps: int, bw: float, ours: b
                 if attempt == 0:
                     del out
                     gc.collect()
-            cache = out.past_key_values
+            cache = output_cache(out)
             cache_bytes = cache.memory_bytes() if ours else torch.cuda.memory_allocated() - base
             nxt = out.logits[:, -1:].argmax(-1)
             step_times = []
@@ -158,7 +159,7 @@ def measure(model, name: str, lengths: list[int], steps: int, bw: float, ours: b
                 sync()
                 step_times.append(time.perf_counter() - t)
                 nxt = o.logits[:, -1:].argmax(-1)
-                cache = o.past_key_values
+                cache = output_cache(o)
             step_times.sort()
             tpot = step_times[len(step_times) // 2]
             roof = (weights + cache_bytes) / bw

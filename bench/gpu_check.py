@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.kda_fla import fla_kda_ops  # noqa: E402
 from modeling_kimi_linear.kda_torch import kda_chunk_torch  # noqa: E402
+from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
 TARGET = 1e-2
 
@@ -132,7 +133,7 @@ def stability(rows: list[dict], prefill: int, steps: int) -> None:
     ref, fla = pair(torch.bfloat16, layers=["linear_attention", "full_attention"])
     ids = torch.randint(3, 4096, (1, prefill), device="cuda")
     a, b = fla(ids, logits_to_keep=1), ref(ids, logits_to_keep=1)
-    ca, cb = a.past_key_values, b.past_key_values
+    ca, cb = output_cache(a), output_cache(b)
     nxt = a.logits[:, -1:].argmax(-1)
     finite, max_norm = True, 0.0
     for step in range(steps):

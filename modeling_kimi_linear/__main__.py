@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from . import KimiLinearForCausalLM
     from .presets import load_preset
+    from .transformers_compat import output_cache
 
     torch.manual_seed(args.seed)
     if args.model:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"prompt ids:    {prompt[0].tolist()}")
     print(f"generated ids: {new}")
     print(f"{len(new)} tokens in {elapsed:.2f} s ({len(new) / elapsed:.1f} tokens/s)")
-    cache = out.past_key_values
+    cache = output_cache(out)
     if cache is not None:
         print(f"cache: {cache.get_seq_length()} tokens, {cache.memory_bytes():,} bytes")
 

@@ -26,6 +26,7 @@ from .checkpoint_layout import conversion_registered, released_state_dict
 from .configuration_kimi_linear import KimiLinearConfig
 from .kda_layer import KimiDeltaAttention
 from .mla_layer import KimiMLAAttention
+from .transformers_compat import cache_field, one_cache, output_cache
 from .moe import KimiExperts, KimiMLP, KimiMoEGate, KimiSparseMoeBlock
 from .norms import KimiGatedRMSNorm, KimiRMSNorm
 
@@ -81,7 +82,7 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["KimiDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _keep_in_fp32_modules_strict = ["A_log", "dt_bias"]
     _supports_sdpa = True
     _is_stateful = True
@@ -181,6 +182,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        cache: KimiLinearCache | None = None,
         **kwargs: Any,
     ) -> MoeModelOutputWithPast:
         """Run the decoder.
@@ -189,7 +191,8 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             attention_mask: ``[B, past + T]`` (or ``[B, T]``) with 0 at padding. Padded tokens change no KDA state
                 and are never attended to.
             position_ids: only used to detect packed documents (positions restarting at 0, batch size 1).
-            past_key_values: a :class:`KimiLinearCache`; created when ``use_cache`` and none is given.
+            past_key_values / cache: a :class:`KimiLinearCache` (either name: transformers >= 5.24 passes
+                ``cache``); created when ``use_cache`` and none is given.
             cu_seqlens: ``[N+1]`` boundaries of documents packed along T (batch size 1); also read from the
                 ``cu_seq_lens_q`` kwarg that ``DataCollatorWithFlattening`` emits.
         """
@@ -207,6 +210,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         output_router_logits = (
             self.config.output_router_logits if output_router_logits is None else output_router_logits
         )
+        past_key_values = one_cache(cache, past_key_values)
         if past_key_values is not None and not isinstance(past_key_values, KimiLinearCache):
             raise TypeError(
                 f"past_key_values must be a KimiLinearCache (got {type(past_key_values).__name__}); "
@@ -243,7 +247,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             past_key_values.advance(seqlen)
         return MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
+            **cache_field(past_key_values),
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             router_logits=tuple(all_router) if output_router_logits else None,
         )
@@ -343,7 +347,7 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         for length in warmup_lengths():
             ids = torch.full((batch_size, length), 3, dtype=torch.long, device=self.device)
             out = self(input_ids=ids, use_cache=True, logits_to_keep=1)
-            self(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+            self(input_ids=ids[:, :1], past_key_values=output_cache(out), use_cache=True)
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
@@ -360,13 +364,15 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: KimiLinearCache | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
         """Logits (and the shifted cross-entropy when ``labels`` are given, ignore index -100).
 
         ``logits_to_keep=k`` computes logits for the last ``k`` positions only (0 = all), so a long prefill never
-        builds ``[T, vocab]`` logits.
+        builds ``[T, vocab]`` logits. The cache may be passed as ``past_key_values`` or ``cache``.
         """
+        past_key_values = one_cache(cache, past_key_values)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -392,7 +398,7 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_field(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             router_logits=outputs.router_logits,
         )
