@@ -138,3 +138,21 @@ def test_router_correction_bias_is_not_trained():
     assert gate.e_score_correction_bias.grad is None
     assert torch.equal(gate.e_score_correction_bias, before_bias)
     assert not torch.equal(gate.weight, before_weight)
+
+
+def test_evaluation_after_fused_optimizer_steps_sees_the_new_weights():
+    """Fused optimizers (Trainer's default adamw_torch_fused) update parameters without bumping their version
+    counters: nothing in an inference forward may cache tensors derived from the weights across steps."""
+    model = tiny()
+    x = ids(2, 24)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    for _ in range(3):
+        model.eval()
+        with torch.no_grad():
+            inference = model(x, use_cache=False).logits
+        tracked = model(x, use_cache=False).logits.detach()
+        assert (inference - tracked).abs().max().item() <= 1e-5
+        model.train()
+        model(x, labels=x, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
