@@ -7,8 +7,10 @@ with a 512 + 64 latent, 256 experts top-8 + 1 shared, first layer dense):
 * ours hybrid and ours all-MLA, loaded from the very same weights as the native model of that layout.
 
 For each context length: prefill time (first call at that length, and again warm), median time per output token
-(TPOT) over ``--steps`` decode steps, cache bytes, and a roofline TPOT = (active weight bytes + cache bytes read
-per token) / copy bandwidth measured in the same run. Prints ratios; ``--out`` gets gpu.md and gpu.json.
+(TPOT) over ``--steps`` decode steps (ours: through CUDA graphs, ``model.cuda_graph_decode = True``, and op by
+op as "TPOT eager"; the first decode step, which captures a graph, is reported apart), cache bytes, and a
+roofline TPOT = (active weight bytes + cache bytes read per token) / copy bandwidth measured in the same run.
+Prints ratios; ``--out`` gets gpu.md and gpu.json.
 
     python bench/gpu.py --lengths 4096,32768,131072 --out results/
 """
@@ -114,7 +116,8 @@ def active_weight_bytes(model, cfg_experts: int = 256, top_k: int = 8) -> int:
 
 
 @torch.no_grad()
-def measure(model, name: str, lengths: list[int], steps: int, bw: float, ours: bool, chunk: int) -> list[dict]:
+def measure(model, name: str, lengths: list[int], steps: int, bw: float, ours: bool, chunk: int,
+            decode_modes: list[str] = ("graph", "eager")) -> list[dict]:
     rows = []
     weights = active_weight_bytes(model)
     if ours:
@@ -151,17 +154,28 @@ def measure(model, name: str, lengths: list[int], steps: int, bw: float, ours: b
             cache = output_cache(out)
             cache_bytes = cache.memory_bytes() if ours else torch.cuda.memory_allocated() - base
             nxt = out.logits[:, -1:].argmax(-1)
-            step_times = []
-            for _ in range(steps):
-                sync()
-                t = time.perf_counter()
-                o = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-                sync()
-                step_times.append(time.perf_counter() - t)
-                nxt = o.logits[:, -1:].argmax(-1)
-                cache = output_cache(o)
-            step_times.sort()
-            tpot = step_times[len(step_times) // 2]
+            modes = decode_modes if ours else ["eager"]
+            tpots = {}
+            for mode in modes:
+                if ours:
+                    model.cuda_graph_decode = mode == "graph"
+                step_times = []
+                for _ in range(steps + 1):  # the first step of a mode may capture a graph: reported apart
+                    sync()
+                    t = time.perf_counter()
+                    o = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                    sync()
+                    step_times.append(time.perf_counter() - t)
+                    nxt = o.logits[:, -1:].argmax(-1)
+                    cache = output_cache(o)
+                first, rest = step_times[0], sorted(step_times[1:])
+                tpots[mode] = (rest[len(rest) // 2], first)
+            if ours:
+                model.cuda_graph_decode = False
+            tpot, first_step = tpots[modes[0]]
+            if "eager" in tpots and modes[0] != "eager":
+                row["tpot_eager_ms"] = round(1e3 * tpots["eager"][0], 2)
+            row["first_step_ms"] = round(1e3 * first_step, 1)
             roof = (weights + cache_bytes) / bw
             row.update(prefill_first_s=round(times[0], 3), prefill_warm_s=round(times[1], 3),
                        tpot_ms=round(1e3 * tpot, 2), cache_GB=round(cache_bytes / 1e9, 3),
@@ -179,13 +193,15 @@ def table(rows: list[dict], header: str) -> str:
     by = {(r["model"], r["T"]): r for r in rows}
     lengths = sorted({r["T"] for r in rows})
     lines = [header, "", "| model | context | prefill first (s) | prefill warm (s) | TPOT (ms) | roofline (ms) | "
-             "TPOT / roofline | cache (GB) |", "|---|---|---|---|---|---|---|---|"]
+             "TPOT / roofline | cache (GB) | TPOT eager (ms) | first decode step (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("oom"):
-            lines.append(f"| {r['model']} | {r['T'] // 1024}K | OOM | | | | | |")
+            lines.append(f"| {r['model']} | {r['T'] // 1024}K | OOM | | | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['T'] // 1024}K | {r['prefill_first_s']} | {r['prefill_warm_s']} | "
-                     f"{r['tpot_ms']} | {r['roofline_ms']} | {r['tpot_over_roofline']} | {r['cache_GB']} |")
+                     f"{r['tpot_ms']} | {r['roofline_ms']} | {r['tpot_over_roofline']} | {r['cache_GB']} | "
+                     f"{r.get('tpot_eager_ms', '-')} | {r['first_step_ms']} |")
     lines += ["", "| context | ours hybrid / native hybrid (TPOT) | ours hybrid / ours all-MLA (TPOT) | "
               "ours hybrid / native hybrid (warm prefill) | ours hybrid / ours all-MLA (warm prefill) |",
               "|---|---|---|---|---|"]
@@ -209,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="native,ours", help="which implementations to run")
     parser.add_argument("--layouts", default="hybrid,all_mla")
     parser.add_argument("--chunk", type=int, default=1 << 30, help="run our prefill in chunks of this many tokens (default: one call, like native)")
+    parser.add_argument("--decode-modes", default="graph,eager",
+                        help="our decode paths to time: graph (CUDA graphs) and/or eager (op by op, the default path)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -238,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
             del native
             gc.collect()
             torch.cuda.empty_cache()
-            rows += measure(ours, f"ours {label}", lengths, args.steps, bw, ours=True, chunk=args.chunk)
+            rows += measure(ours, f"ours {label}", lengths, args.steps, bw, ours=True, chunk=args.chunk,
+                            decode_modes=args.decode_modes.split(","))
             del ours
         else:
             del native

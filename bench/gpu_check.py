@@ -1,7 +1,8 @@
 """FLA path vs PyTorch path on the same random weights (GPU, bf16).
 
 At the release's width (hidden 2304, KDA 32 heads x 128) and with identical bf16 inputs: the bare KDA op, then one
-KDA layer through prefill, 32 decode steps, a left-padded batch and gradients, each as a relative error
+KDA layer through prefill, 32 decode steps, a left-padded batch and gradients, CUDA-graph decode against op-by-op
+decode, each as a relative error
 ``||fla - torch|| / ||torch||`` against the 1e-2 target. Whole-model logits are reported for information next to
 the model's own bf16 noise floor (the same rows computed in a different batch). Prints a markdown table and
 writes it (plus JSON) under ``--out``.
@@ -29,6 +30,14 @@ from modeling_kimi_linear.kda_torch import kda_chunk_torch  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
 TARGET = 1e-2
+
+
+class Rows(list):
+    """Result rows, each also printed as it comes (a later failure leaves the earlier results in the log)."""
+
+    def append(self, row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        super().append(row)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -150,6 +159,54 @@ def stability(rows: list[dict], prefill: int, steps: int) -> None:
     rows.append({"check": "stability: final KDA state, fla vs torch", "rel_err": rel(ca.kda_state(0)[1], cb.kda_state(0)[1])})
 
 
+@torch.no_grad()
+def graph_decode(rows: list[dict]) -> None:
+    """CUDA-graph decode vs op-by-op decode of the same model (3 KDA + 1 MLA, 16 experts top-4, bf16, fla path):
+    a left-padded batch of 2 decoded for 100 steps from 250 cached tokens (over two bucket boundaries, the cache
+    buffers growing), then greedy ``generate()`` both ways."""
+    import time
+
+    torch.manual_seed(0)
+    model = set_backend(KimiLinearForCausalLM(check_config(moe=True)).to("cuda", torch.bfloat16).eval(), "fla")
+    ids = torch.randint(3, 4096, (2, 250), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    caches = {}
+    for mode in ("eager", "graph"):
+        model.cuda_graph_decode = mode == "graph"
+        out = model(ids, attention_mask=mask)
+        caches[mode] = output_cache(out)
+    token, step_mask = out.logits[:, -1:].argmax(-1), mask
+    worst, times = 0.0, {"eager": [], "graph": []}
+    for _ in range(100):
+        step_mask = torch.cat([step_mask, step_mask.new_ones(2, 1)], 1)
+        logits = {}
+        for mode in ("eager", "graph"):
+            model.cuda_graph_decode = mode == "graph"
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            logits[mode] = model(token, attention_mask=step_mask, past_key_values=caches[mode]).logits
+            torch.cuda.synchronize()
+            times[mode].append(time.perf_counter() - t)
+        worst = max(worst, rel(logits["graph"], logits["eager"]))
+        token = logits["eager"][:, -1:].argmax(-1)
+    rows.append({"check": "CUDA-graph decode vs op-by-op decode, logits, 100 steps from 250 tokens (worst step)",
+                 "rel_err": worst})
+    rows.append({"check": "  same, KDA state at the end", "rel_err": rel(caches["graph"].kda_state(0)[1],
+                                                                         caches["eager"].kda_state(0)[1])})
+    median = {m: sorted(t)[len(t) // 2] * 1e3 for m, t in times.items()}
+    rows.append({"check": f"  step time (ms, a time, not an error): eager {median['eager']:.2f}, graph "
+                          f"{median['graph']:.2f}; slowest graph step (captures) {max(times['graph']) * 1e3:.0f}",
+                 "rel_err": median["graph"], "info": True})
+    seqs = {}
+    for mode in ("eager", "graph"):
+        model.cuda_graph_decode = mode == "graph"
+        seqs[mode] = model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, pad_token_id=0)
+    same = (seqs["eager"] == seqs["graph"]).float().mean().item()
+    rows.append({"check": "generate(): share of greedy tokens that differ, graph vs eager (64 new tokens, bf16)",
+                 "rel_err": 1.0 - same, "info": True})
+
+
 def bare_op(rows: list[dict]) -> None:
     chunk_kda, fused_recurrent_kda = fla_kda_ops()
     torch.manual_seed(1)
@@ -168,6 +225,8 @@ def bare_op(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.md / .json")
+    parser.add_argument("--only", default="bare,layer,model,graph,stability",
+                        help="comma-separated checks to run (bare, layer, model, graph, stability)")
     parser.add_argument("--stability", default="32768,10000", help="prefill,decode-steps of the stability run "
                         "('0,0' skips it)")
     args = parser.parse_args(argv)
@@ -176,12 +235,18 @@ def main(argv: list[str] | None = None) -> None:
     import fla
     import transformers
 
-    rows: list[dict] = []
-    bare_op(rows)
-    kda_layer_checks(rows)
-    model_level(rows)
+    rows: list[dict] = Rows()
+    only = set(args.only.split(","))
+    if "bare" in only:
+        bare_op(rows)
+    if "layer" in only:
+        kda_layer_checks(rows)
+    if "model" in only:
+        model_level(rows)
+    if "graph" in only:
+        graph_decode(rows)
     prefill, steps = (int(x) for x in args.stability.split(","))
-    if steps:
+    if steps and "stability" in only:
         stability(rows, prefill, steps)
     head = (f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
             f"{transformers.__version__}, fla {fla.__version__}; {datetime.date.today()}; bf16 unless a row says fp32")

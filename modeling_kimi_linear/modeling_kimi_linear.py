@@ -24,6 +24,7 @@ from transformers.modeling_utils import PreTrainedModel
 from .cache_kimi_linear import KimiLinearCache
 from .checkpoint_layout import conversion_registered, released_state_dict
 from .configuration_kimi_linear import KimiLinearConfig
+from .cuda_graph_decode import StaticDecoder
 from .kda_layer import KimiDeltaAttention
 from .mla_layer import KimiMLAAttention
 from .transformers_compat import cache_field, one_cache, output_cache
@@ -225,9 +226,13 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if cu_seqlens is None:
             cu_seqlens = kwargs.get("cu_seq_lens_q")
-        token_mask, attn_mask, cu_seqlens = build_masks(
-            attention_mask, position_ids, cu_seqlens, bsz, seqlen, past, inputs_embeds.device
-        )
+        if past_key_values is not None and past_key_values.graph_step is not None:
+            # a static decode step (cuda_graph_decode): masks come from device-side inputs, no host reads
+            token_mask, attn_mask = past_key_values.graph_step.masks()
+        else:
+            token_mask, attn_mask, cu_seqlens = build_masks(
+                attention_mask, position_ids, cu_seqlens, bsz, seqlen, past, inputs_embeds.device
+            )
         if cu_seqlens is not None and past_key_values is not None:
             raise ValueError("packed sequences (cu_seqlens / restarting position_ids) cannot be used with a cache")
 
@@ -317,9 +322,16 @@ def build_masks(
 
 
 class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
-    """Kimi Linear with a language-modelling head; plugs into ``generate()`` and ``Trainer``."""
+    """Kimi Linear with a language-modelling head; plugs into ``generate()`` and ``Trainer``.
+
+    With ``model.cuda_graph_decode = True``, decode steps on CUDA (one new token per sequence, a cache holding the
+    prompt, no autograd) are captured and replayed as CUDA graphs (:mod:`cuda_graph_decode`). Off by default: the
+    path is checked against op-by-op decoding on CPU (without the capture) but has not yet been run on a GPU
+    (``bench/gpu_check.py --only graph`` does that).
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    cuda_graph_decode: bool = False
 
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__(config)
@@ -340,17 +352,49 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def warmup(self, batch_size: int = 1) -> None:
-        """Run each prefill length the GPU kernels are tuned for once (and a decode step), so that no later prompt
-        length stalls on kernel compilation or autotuning. Cheap; a no-op in effect on CPU."""
+        """Run each prefill length the GPU kernels are tuned for once - from an empty cache and continuing a cache
+        (kernels are specialised on whether a state comes in) - and a decode step, so that no later prompt length
+        stalls on kernel compilation or autotuning. Cheap; a no-op in effect on CPU."""
         from .kda_fla import warmup_lengths
 
         for length in warmup_lengths():
             ids = torch.full((batch_size, length), 3, dtype=torch.long, device=self.device)
             out = self(input_ids=ids, use_cache=True, logits_to_keep=1)
+            out = self(input_ids=ids, past_key_values=output_cache(out), use_cache=True, logits_to_keep=1)
             self(input_ids=ids[:, :1], past_key_values=output_cache(out), use_cache=True)
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def _graph_step_applies(self, input_ids, inputs_embeds, past_key_values, labels,  # noqa: ANN001
+                            output_hidden_states, output_router_logits, use_cache, kwargs: dict) -> bool:
+        """Whether this forward is a CUDA decode step that :mod:`cuda_graph_decode` can replay."""
+        return (
+            self.cuda_graph_decode
+            and input_ids is not None
+            and input_ids.is_cuda
+            and input_ids.shape[1] == 1
+            and isinstance(past_key_values, KimiLinearCache)
+            and past_key_values.get_seq_length() > 0
+            and labels is None
+            and use_cache is not False
+            and not (output_hidden_states or output_router_logits)
+            and inputs_embeds is None
+            and kwargs.get("cu_seqlens") is None
+            and not self.training
+            and not torch.is_grad_enabled()
+        )
+
+    def _static_decoder(self) -> StaticDecoder:
+        decoder = self.__dict__.get("_graph_decoder")
+        if decoder is None:
+            decoder = self.__dict__["_graph_decoder"] = StaticDecoder(self._decode_logits)
+        return decoder
+
+    def _decode_logits(self, input_ids: torch.Tensor, cache: KimiLinearCache) -> torch.Tensor:
+        """Logits ``[B, 1, V]`` of one decode step (the function a CUDA graph captures)."""
+        hidden = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state
+        return self.lm_head(hidden)
 
     def forward(
         self,
@@ -373,6 +417,10 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         builds ``[T, vocab]`` logits. The cache may be passed as ``past_key_values`` or ``cache``.
         """
         past_key_values = one_cache(cache, past_key_values)
+        if self._graph_step_applies(input_ids, inputs_embeds, past_key_values, labels, output_hidden_states,
+                                    output_router_logits, use_cache, kwargs):
+            logits = self._static_decoder().step(input_ids, attention_mask, past_key_values)
+            return MoeCausalLMOutputWithPast(logits=logits, **cache_field(past_key_values))
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

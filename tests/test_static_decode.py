@@ -1,0 +1,110 @@
+"""The static-shape decode step behind CUDA-graph decoding (modeling_kimi_linear/cuda_graph_decode.py).
+
+On a CPU the step runs without a graph (``use_graph=False``): the same code that a CUDA graph captures - latent
+rows written at a device-side position, attention over a bucket of rows with the rest masked, KDA states
+updated in place. It must give the logits of the ordinary decode step. (Graph capture itself needs a GPU:
+bench/gpu_check.py checks it there.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_kimi_linear.cuda_graph_decode import MIN_BUCKET, StaticDecoder, decode_bucket
+from modeling_kimi_linear import KimiLinearForCausalLM
+from test_cache_generate import MIXES, ids, tiny_model
+
+
+def test_buckets_cover_every_length_with_bounded_waste():
+    previous = 0
+    for rows in range(1, 20_000):
+        bucket = decode_bucket(rows)
+        assert bucket >= rows and bucket >= previous
+        assert bucket == MIN_BUCKET or bucket <= 1.25 * rows + 1
+        previous = bucket
+    assert len({decode_bucket(r) for r in range(4096, 8193)}) == 5  # 4 per doubling (+ the boundary)
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_static_step_equals_ordinary_decode_across_buckets(mix):
+    """From 250 cached tokens over the 256 bucket boundary (the latent buffers grow), with left padding."""
+    model = tiny_model(MIXES[mix])
+    batch, prompt = 2, 250
+    x = ids(batch, prompt, seed=1)
+    mask = torch.ones(batch, prompt, dtype=torch.long)
+    mask[1, :9] = 0
+    decoder = StaticDecoder(model._decode_logits, use_graph=False)
+    worst = 0.0
+    with torch.no_grad():
+        first = model(x, attention_mask=mask)
+        ordinary = first.past_key_values
+        static = model(x, attention_mask=mask).past_key_values
+        token = first.logits[:, -1:].argmax(-1)
+        for _ in range(12):
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
+            want = model(token, attention_mask=mask, past_key_values=ordinary).logits
+            got = decoder.step(token, mask, static)
+            worst = max(worst, (want - got).abs().max().item())
+            token = want[:, -1:].argmax(-1)
+    assert static.get_seq_length() == ordinary.get_seq_length() == prompt + 12
+    assert worst <= 1e-5
+    for layer in range(len(MIXES[mix])):
+        a, b = ordinary.kda_state(layer), static.kda_state(layer)
+        for t_a, t_b in zip(a, b):
+            if t_a is not None:
+                assert (t_a - t_b).abs().max().item() <= 1e-5
+        if ordinary.latent(layer) is not None:  # deeper layers see attention summed over another row count
+            assert (ordinary.latent(layer) - static.latent(layer)).abs().max().item() <= 1e-5
+
+
+def test_static_step_keeps_tensors_in_place_within_a_bucket():
+    """What a captured graph relies on: within a bucket the cache keeps the same tensors step after step."""
+    model = tiny_model(MIXES["3:1"])
+    decoder = StaticDecoder(model._decode_logits, use_graph=False)
+    with torch.no_grad():
+        out = model(ids(1, 20))
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decoder.step(token, None, cache)
+        key = cache.storage_key()
+        for _ in range(5):
+            token = decoder.step(token, None, cache)[:, -1:].argmax(-1)
+            assert cache.storage_key() == key
+
+
+def test_beam_reordering_is_in_place():
+    model = tiny_model(MIXES["3:1"])
+    with torch.no_grad():
+        cache = model(ids(3, 10)).past_key_values
+    cache.make_writable()
+    key = cache.storage_key()
+    before = cache.kda_state(0)[1].clone()
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    assert cache.storage_key() == key
+    assert torch.equal(cache.kda_state(0)[1], before[[2, 0, 0]])
+
+
+def test_new_token_mask_column_and_bad_mask():
+    model = tiny_model(MIXES["3:1"])
+    decoder = StaticDecoder(model._decode_logits, use_graph=False)
+    with torch.no_grad():
+        out = model(ids(1, 30))
+        ordinary = out.past_key_values
+        static = model(ids(1, 30)).past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        want = model(token, past_key_values=ordinary).logits
+        got = decoder.step(token, torch.ones(1, 1, dtype=torch.long), static)
+        assert (want - got).abs().max().item() <= 1e-5
+        with pytest.raises(ValueError, match="attention_mask has 5 columns"):
+            decoder.step(token, torch.ones(1, 5, dtype=torch.long), static)
+
+
+def test_cpu_forward_never_takes_the_graph_path():
+    """With ``cuda_graph_decode`` on, only CUDA inputs use it: a CPU model decodes as before."""
+    model = tiny_model(MIXES["3:1"])
+    assert not KimiLinearForCausalLM.cuda_graph_decode  # opt-in until checked on a GPU
+    model.cuda_graph_decode = True
+    with torch.no_grad():
+        out = model(ids(1, 10))
+        model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
+    assert "_graph_decoder" not in model.__dict__
