@@ -115,6 +115,12 @@ def released_extras(remote_code_from: Path | None) -> Callable[[Source, list[Out
         code = []
 
     def make(source: Source, tensors: list[OutTensor], dtype: str | None) -> Callable[[Path], None]:
+        gate = getattr(source.config, "kda_gate_granularity", "channel")
+        if gate != "channel":
+            raise CheckpointError(
+                f"{source.path}: kda_gate_granularity={gate!r} (a per-head forget gate) has no released layout; "
+                "Moonshot's code, vLLM and native transformers load only per-channel KDA gates"
+            )
         config_dtype = dtype or getattr(source.config, "dtype", None) or stored_dtype(tensors)
         if not isinstance(config_dtype, str):
             config_dtype = str(config_dtype).removeprefix("torch.")

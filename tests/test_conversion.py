@@ -629,3 +629,17 @@ def test_bad_input(tmp_path, native_source, capsys, monkeypatch, case, script):
     assert not parent.exists() or [p.name for p in parent.iterdir() if p.name != "dst"] == []
     if case == "pickle_bin":
         assert PICKLE_CALLS == []
+
+
+def test_export_refuses_a_per_head_gate_model(tmp_path, capsys):
+    """A Gated DeltaNet-style model (kda_gate_granularity="head") has no released layout: one error, no output."""
+    from modeling_kimi_linear import KimiLinearForCausalLM
+    from modeling_kimi_linear.presets import load_preset
+
+    torch.manual_seed(0)
+    src, dst = tmp_path / "head_gate", tmp_path / "out"
+    KimiLinearForCausalLM(load_preset("tiny", kda_gate_granularity="head")).save_pretrained(src)
+    assert export_main([str(src), str(dst)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "kda_gate_granularity='head'" in errors[0]
+    assert not dst.exists()
