@@ -186,6 +186,9 @@ def save_tiktoken_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> str
              for token, rank in sorted(ranks.items(), key=lambda item: item[1])]
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tiktoken-", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; a saved tokenizer is as readable as any file
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.writelines(lines)

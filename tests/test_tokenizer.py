@@ -416,6 +416,9 @@ def test_save_and_reload(tmp_path, kimi):
     kimi.save_pretrained(str(out))
     files = set(os.listdir(out))
     assert {"tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "tokenization_kimi.py"} <= files
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "tiktoken.model").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["auto_map"] == {"AutoTokenizer": ["tokenization_kimi.KimiTokenizer", None]}
     assert config["tokenizer_class"] == "KimiTokenizer"
@@ -506,6 +509,8 @@ def test_sentencepiece_training_from_texts(tmp_path):
 
 def test_sentencepiece_save_and_reload(tmp_path, sp_model, sp_tok):
     no_bos = KimiSentencePieceTokenizer(str(sp_model), add_bos_token=False)
+    umask = os.umask(0)
+    os.umask(umask)
     for tok, name in ((sp_tok, "bos"), (no_bos, "nobos")):
         tok.save_pretrained(str(tmp_path / name))
         config = json.loads((tmp_path / name / "tokenizer_config.json").read_text())
@@ -513,6 +518,7 @@ def test_sentencepiece_save_and_reload(tmp_path, sp_model, sp_tok):
         assert config["tokenizer_class"] == "KimiSentencePieceTokenizer"
         assert config["add_bos_token"] is tok.add_bos_token
         assert (tmp_path / name / "tokenizer.model").read_bytes() == sp_model.read_bytes()
+        assert (tmp_path / name / "tokenizer.model").stat().st_mode & 0o777 == 0o666 & ~umask
         assert (tmp_path / name / "tokenization_kimi_sp.py").is_file()
         again = KimiSentencePieceTokenizer.from_pretrained(str(tmp_path / name))
         for text in SP_TEXTS:
