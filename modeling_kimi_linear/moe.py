@@ -109,8 +109,8 @@ class KimiExperts(nn.Module):
 
         Token copies are sorted by expert; one grouped matmul per projection runs every expert on its slice
         (no host synchronisation). Where grouped matmul has no backward (CPU training) each expert that received
-        tokens runs once on its slice instead. A CPU decode step (fewer token copies than experts) gathers the
-        chosen experts' weights instead (see :meth:`gathered`). Under autocast the products run in the autocast
+        tokens runs once on its slice instead. A CPU decode step (fewer token copies than experts) runs the
+        chosen experts one by one instead (see :meth:`per_copy`). Under autocast the products run in the autocast
         dtype, as ``nn.Linear`` layers do (autocast does not cover grouped matmul itself).
         """
         num_tokens, top_k = ids.shape
@@ -119,7 +119,7 @@ class KimiExperts(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
         if not x.is_cuda and not torch.is_grad_enabled() and ids.numel() <= gate_up.shape[0]:
-            return self.gathered(x, ids, weights)
+            return self.per_copy(x, ids, weights)
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         token_of = order // top_k
@@ -142,18 +142,20 @@ class KimiExperts(nn.Module):
         out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, token_of, ys).to(x.dtype)
 
-    def gathered(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The same weighted sum for a few tokens: each token copy gets its expert's weights by indexing, and
-        the products run as batched matrix-vector products (a handful of calls however many experts exist).
+    def per_copy(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same weighted sum for a few tokens on the CPU: each (token, expert) pair runs :meth:`expert` on
+        views of that expert's weights (no weights are copied, and reading the ids costs no device sync).
         ``x [N, D]``, ``ids`` / ``weights [N, k]`` -> ``[N, D]``."""
-        num_tokens, top_k = ids.shape
-        flat = ids.flatten()
-        xs = x.unsqueeze(1).expand(num_tokens, top_k, x.shape[-1]).reshape(-1, x.shape[-1], 1)
-        gate, up = torch.bmm(self.gate_up_proj[flat], xs).squeeze(-1).chunk(2, dim=-1)
-        ys = torch.bmm(self.down_proj[flat], (self.act_fn(gate) * up).unsqueeze(-1))  # [N*k, D, 1]
-        ys = ys.view(num_tokens, top_k, -1)
-        ys = ys if ys.dtype == torch.float32 else ys.float()
-        return torch.bmm(weights.unsqueeze(1), ys).squeeze(1).to(x.dtype)
+        rows = []
+        for n, (experts, w) in enumerate(zip(ids.tolist(), weights.unsqueeze(-1).unbind(0))):
+            xn, acc = x[n : n + 1], None
+            for j, e in enumerate(experts):
+                y = self.expert(e, xn).float() * w[j]
+                acc = y if acc is None else acc + y
+            rows.append(acc)
+        out = rows[0] if len(rows) == 1 else torch.cat(rows, 0)
+        return out.to(x.dtype)
+
 
 def _grouped_mm_usable(x: torch.Tensor) -> bool:
     """``F.grouped_mm`` exists, and either no gradient is needed or we are on CUDA (its CPU backward fails)."""
