@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import kda
+from .kernels import kda, kda_padded
 from .norms import KimiGatedRMSNorm
 
 if TYPE_CHECKING:
@@ -162,8 +162,8 @@ class KimiDeltaAttention(nn.Module):
         """``hidden_states [B, T, D]`` -> ``[B, T, D]``.
 
         ``token_mask`` (``[B, T]`` bool, False at padding) makes padded tokens change no state at all: their
-        q/k/v inputs are zeroed, their decay is 1 and their write strength 0. ``cu_seqlens`` (B == 1) marks packed
-        documents, which start from a zero state each.
+        q/k/v inputs are zeroed, and the recurrence skips them (see :func:`kernels.kda_padded`). ``cu_seqlens``
+        (B == 1) marks packed documents, which start from a zero state each.
         """
         bsz, seqlen, _ = hidden_states.shape
         heads, dim = self.num_heads, self.head_dim
@@ -176,21 +176,12 @@ class KimiDeltaAttention(nn.Module):
         q, k, v = qkv.unflatten(-1, (3, heads, dim)).unbind(2)
         g = self.log_decay(f)
         beta = torch.sigmoid(_f32(b))
-        if token_mask is not None:
-            keep = token_mask.unsqueeze(-1)
-            g = g * keep.unsqueeze(-1)
-            beta = beta * keep
-        o, new_state = kda(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            backend=self.backend,
-            initial_state=recurrent_state,
-            output_final_state=cache is not None,
-            cu_seqlens=cu_seqlens,
-        )
+        if token_mask is not None:  # padded batch: unpadded into cu_seqlens for fla, zero gates otherwise
+            o, new_state = kda_padded(q, k, v, g, beta, token_mask, backend=self.backend,
+                                      initial_state=recurrent_state, output_final_state=cache is not None)
+        else:
+            o, new_state = kda(q, k, v, g, beta, backend=self.backend, initial_state=recurrent_state,
+                               output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         if cache is not None:
             cache.update_kda_state(self.layer_idx, conv_state_out, new_state)
         o = self.o_norm(o, gate.unflatten(-1, (heads, dim))).flatten(-2)

@@ -351,10 +351,11 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         return torch.stack([l.to(losses[0].device) for l in losses]).mean()
 
     @torch.no_grad()
-    def warmup(self, batch_size: int = 1) -> None:
+    def warmup(self, batch_size: int = 1, padded: bool = True) -> None:
         """Run each prefill length the GPU kernels are tuned for once - from an empty cache and continuing a cache
         (kernels are specialised on whether a state comes in) - and a decode step, so that no later prompt length
-        stalls on kernel compilation or autotuning. Cheap; a no-op in effect on CPU."""
+        stalls on kernel compilation or autotuning; with ``padded``, also a left-padded batch of two (padded
+        prompts run fla's variable-length kernels). Cheap; a no-op in effect on CPU."""
         from .kda_fla import warmup_lengths
 
         for length in warmup_lengths():
@@ -362,6 +363,10 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             out = self(input_ids=ids, use_cache=True, logits_to_keep=1)
             out = self(input_ids=ids, past_key_values=output_cache(out), use_cache=True, logits_to_keep=1)
             self(input_ids=ids[:, :1], past_key_values=output_cache(out), use_cache=True)
+            if padded and length > 1:
+                mask = torch.ones(2, length, dtype=torch.long, device=self.device)
+                mask[1, 0] = 0
+                self(input_ids=ids[:1].expand(2, -1), attention_mask=mask, use_cache=True, logits_to_keep=1)
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value

@@ -58,3 +58,88 @@ def test_installed_fla_without_triton_imports_cleanly():
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="kda_backend"):
         kernels.resolve_kda_backend("cuda-magic", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_padded_batch_unpadded_equals_zero_gates(with_state):
+    """The two exact routes of kernels.kda_padded (cu_seqlens unpadding, used with fla; zero gates) agree, on the
+    torch kernels, for left and right padding and a hole; padded positions output 0 when unpadded."""
+    torch.manual_seed(0)
+    bsz, seqlen, heads, dim = 3, 70, 2, 16
+    q, k, v = (torch.randn(bsz, seqlen, heads, dim) for _ in range(3))
+    g = -torch.rand(bsz, seqlen, heads, dim)
+    beta = torch.rand(bsz, seqlen, heads)
+    mask = torch.ones(bsz, seqlen, dtype=torch.bool)
+    mask[0, :9] = False  # left padding
+    mask[1, 50:] = False  # right padding
+    mask[2, 20:23] = False  # a hole
+    state = torch.randn(bsz, heads, dim, dim) if with_state else None
+    runs = {
+        unpad: kernels.kda_padded(q, k, v, g, beta, mask, backend="torch", initial_state=state,
+                                  output_final_state=True, unpad=unpad)
+        for unpad in (False, True)
+    }
+    (o_gate, s_gate), (o_unpad, s_unpad) = runs[False], runs[True]
+    assert (o_unpad[mask] - o_gate[mask]).abs().max().item() <= 1e-5
+    assert (s_unpad - s_gate).abs().max().item() <= 1e-5
+    assert torch.count_nonzero(o_unpad[~mask]) == 0
+    # and row 0 equals its real tokens run alone
+    alone, alone_state = kernels.kda(q[:1, 9:], k[:1, 9:], v[:1, 9:], g[:1, 9:], beta[:1, 9:], backend="torch",
+                                     initial_state=None if state is None else state[:1], output_final_state=True)
+    assert (o_unpad[0, 9:] - alone[0]).abs().max().item() <= 1e-5
+    assert (s_unpad[0] - alone_state[0]).abs().max().item() <= 1e-5
+
+
+def test_padded_batch_auto_route_is_zero_gates_on_cpu_and_rows_without_tokens_work():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 8, 1, 4) for _ in range(3))
+    g, beta = -torch.rand(2, 8, 1, 4), torch.rand(2, 8, 1)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1] = False  # a row of padding only: its state stays the initial one on either route
+    state = torch.randn(2, 1, 4, 4)
+    for unpad in (None, True):
+        o, final = kernels.kda_padded(q, k, v, g, beta, mask, backend="auto", initial_state=state,
+                                      output_final_state=True, unpad=unpad)
+        assert torch.allclose(final[1], state[1])
+        assert o.shape == v.shape
+
+
+def test_warmup_runs_every_pass(monkeypatch):
+    """model.warmup() (GPU kernel priming) runs its prefill, continuation, decode and padded passes; on CPU at
+    short lengths here, to check the calls themselves."""
+    from modeling_kimi_linear.presets import load_preset
+
+    monkeypatch.setattr(kda_fla, "warmup_lengths", lambda: (1, 65))
+    calls = []
+    model = KimiLinearForCausalLM(load_preset("tiny")).eval()
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                    with_kwargs=True)
+    model.warmup()
+    assert calls == [(1, 1), (1, 1), (1, 1), (1, 65), (1, 65), (1, 1), (2, 65)]
+
+
+def test_varlen_bucketing_leaves_every_sequence_unchanged():
+    """fla's varlen prefill is padded to a bucket with neutral tokens on the last sequence; checked here with the
+    torch kernel standing in for fla's chunk_kda (same call signature)."""
+    from modeling_kimi_linear.kda_torch import kda_chunk_torch
+
+    def chunk_kda(q, k, v, g, beta, *, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                  cu_seqlens):
+        seen.append(q.shape[1])
+        return kda_chunk_torch(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                               output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel,
+                               cu_seqlens=cu_seqlens)
+
+    torch.manual_seed(0)
+    total, heads, dim = 300, 2, 16
+    q, k, v = (torch.randn(1, total, heads, dim) for _ in range(3))
+    g, beta = -torch.rand(1, total, heads, dim), torch.rand(1, total, heads)
+    cu = torch.tensor([0, 120, 250, 300], dtype=torch.int32)
+    state = torch.randn(3, heads, dim, dim)
+    seen = []
+    o, final = kda_fla._bucketed_varlen_chunk_kda(chunk_kda, q, k, v, g, beta, None, state, True, True, cu)
+    want, want_final = kda_chunk_torch(q, k, v, g, beta, initial_state=state, output_final_state=True,
+                                       cu_seqlens=cu)
+    assert seen == [kda_fla.BUCKETS[0]] and o.shape == want.shape
+    assert (o - want).abs().max().item() <= 1e-5
+    assert (final - want_final).abs().max().item() <= 1e-5
