@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +95,13 @@ def test_info_on_the_demo_checkpoint_reads_its_config(capsys):
     info = json.loads(capsys.readouterr().out)
     config = KimiLinearConfig.from_pretrained(demo_checkpoint())
     assert info["layers"] == config.num_hidden_layers and info["mla_layers"] == len(config.mla_layers)
+
+
+def test_the_demo_checkpoint_carries_the_packages_current_modules():
+    """Its remote code (trust_remote_code=True) must be this package's: `python demo/refresh_code.py` mends it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demo"))
+    try:
+        import refresh_code
+    finally:
+        sys.path.pop(0)
+    assert refresh_code.stale_files() == []

@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache
 
 if TYPE_CHECKING:
     from .configuration_kimi_linear import KimiLinearConfig
+    from .cuda_graph_decode import StaticDecodeStep
 
 
 def cache_bytes(config: "KimiLinearConfig", context_length: int, batch_size: int = 1,
@@ -37,6 +38,11 @@ def cache_bytes(config: "KimiLinearConfig", context_length: int, batch_size: int
     return parts
 
 
+def _writable(t: torch.Tensor) -> bool:
+    """Whether ``t`` may be changed in place here (an inference tensor only inside ``torch.inference_mode``)."""
+    return not t.is_inference() or torch.is_inference_mode_enabled()
+
+
 class KimiLinearCache(Cache):
     """Cache for :class:`KimiLinearForCausalLM`; created by the model when ``use_cache`` and none is given."""
 
@@ -50,21 +56,62 @@ class KimiLinearCache(Cache):
         self._conv: dict[int, torch.Tensor] = {}
         self._state: dict[int, torch.Tensor] = {}
         self._seen_tokens = 0
+        # Set by cuda_graph_decode while a static-shape decode step runs (eagerly for warm-up, or being captured):
+        # layers then write in place at a device-side position instead of growing or replacing tensors.
+        self.graph_step: "StaticDecodeStep | None" = None
 
     # ------------------------------------------------------------------ writes from the layers
     def append_latent(self, layer_idx: int, latent: torch.Tensor) -> torch.Tensor:
-        """Append ``latent [B, T, L]`` for ``layer_idx`` and return all cached latents ``[B, S, L]`` (a view)."""
+        """Append ``latent [B, T, L]`` for ``layer_idx`` and return all cached latents ``[B, S, L]`` (a view).
+
+        In a static decode step the one new row is written at the step's device-side position and the first
+        ``bucket`` rows are returned (rows past the position are masked by the step)."""
+        step = self.graph_step
+        if step is not None:
+            buf = self._latent[layer_idx]
+            buf.index_copy_(1, step.position, latent)
+            return buf[:, : step.bucket]
         used = self.get_seq_length()
         buf = self._latent.get(layer_idx)
         need = used + latent.shape[1]
         if buf is None or buf.shape[1] < need or buf.shape[0] != latent.shape[0]:
-            cap = max(need, 2 * (buf.shape[1] if buf is not None else 0), 16)
-            new = latent.new_empty(latent.shape[0], cap, latent.shape[2])
-            if buf is not None and used:
-                new[:, :used] = buf[:, :used]
-            buf = self._latent[layer_idx] = new
+            buf = self._latent[layer_idx] = self._grown(buf, latent, need)
         buf[:, used:need] = latent
         return buf[:, :need]
+
+    def _grown(self, buf: torch.Tensor | None, like: torch.Tensor, need: int) -> torch.Tensor:
+        """A buffer of at least ``need`` rows (doubling), holding the used rows of ``buf``."""
+        used = self.get_seq_length()
+        cap = max(need, 2 * (buf.shape[1] if buf is not None else 0), 16)
+        new = like.new_empty(like.shape[0], cap, like.shape[2])
+        if buf is not None and used:
+            new[:, :used] = buf[:, :used]
+        return new
+
+    def reserve(self, rows: int) -> None:
+        """Make every MLA latent buffer hold at least ``rows`` tokens (a static decode step reads ``bucket``
+        rows, which must exist)."""
+        for i, buf in self._latent.items():
+            if buf.shape[1] < rows:
+                self._latent[i] = self._grown(buf, buf, rows)
+
+    def storage_key(self) -> tuple:
+        """Addresses of every cached tensor: a captured CUDA graph is valid only while these stay the same."""
+        return tuple(
+            (i, t.data_ptr(), tuple(t.shape))
+            for store in (self._latent, self._conv, self._state)
+            for i, t in sorted(store.items())
+        )
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of the KDA states and convolution tails (what a warm-up decode step changes in place)."""
+        return [t.clone() for store in (self._conv, self._state) for _, t in sorted(store.items())]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        """Write a :meth:`snapshot` back into the same tensors."""
+        tensors = [t for store in (self._conv, self._state) for _, t in sorted(store.items())]
+        for t, old in zip(tensors, saved, strict=True):
+            t.copy_(old)
 
     def latent(self, layer_idx: int) -> torch.Tensor | None:
         """Cached MLA latents ``[B, S, kv_lora_rank + qk_rope_head_dim]`` of ``layer_idx`` (a view), or None."""
@@ -76,12 +123,18 @@ class KimiLinearCache(Cache):
         return self._conv.get(layer_idx), self._state.get(layer_idx)
 
     def update_kda_state(self, layer_idx: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        if self.graph_step is not None:  # static step: the same tensors, new contents
+            self._conv[layer_idx].copy_(conv)
+            self._state[layer_idx].copy_(state)
+            return
         self._conv[layer_idx] = conv
         self._state[layer_idx] = state
 
     def advance(self, num_tokens: int) -> None:
-        """Called by the model once per forward, after all layers ran."""
-        self._seen_tokens += num_tokens
+        """Called by the model once per forward, after all layers ran (for a static decode step, by the step's
+        runner after each replay instead)."""
+        if self.graph_step is None:
+            self._seen_tokens += num_tokens
 
     # ------------------------------------------------------------------ Cache API used by generate()
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -125,7 +178,19 @@ class KimiLinearCache(Cache):
     def _map_batch(self, fn) -> None:  # noqa: ANN001
         for store in (self._latent, self._conv, self._state):
             for i, t in store.items():
-                store[i] = fn(t)
+                new = fn(t)
+                if new.shape == t.shape and _writable(t):
+                    t.copy_(new)  # same batch size (beam reordering): in place, so captured graphs stay valid
+                else:
+                    store[i] = new
+
+    def make_writable(self) -> None:
+        """Give every cached tensor its own writable, contiguous storage (conv tails can be views of a larger
+        window; tensors made under ``torch.inference_mode`` cannot be written in place outside it)."""
+        for store in (self._latent, self._conv, self._state):
+            for i, t in store.items():
+                if not t.is_contiguous() or not _writable(t):
+                    store[i] = t.clone(memory_format=torch.contiguous_format)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the rows ``beam_idx``."""

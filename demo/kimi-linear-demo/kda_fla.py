@@ -55,7 +55,10 @@ def kda_fla(
             initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens,
         )
-    if needs_grad or cu_seqlens is not None:
+    if cu_seqlens is not None and not needs_grad:
+        return _bucketed_varlen_chunk_kda(chunk_kda, q, k, v, g, beta, scale, initial_state, output_final_state,
+                                          use_qk_l2norm, cu_seqlens)
+    if needs_grad:
         return chunk_kda(
             q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), scale=scale,
             initial_state=initial_state, output_final_state=output_final_state,
@@ -96,3 +99,22 @@ def _bucketed_chunk_kda(chunk_kda, q, k, v, g, beta, scale, initial_state, outpu
         )
         outs.append(o[:, :size])
     return torch.cat(outs, 1) if len(outs) > 1 else outs[0], state
+
+
+def _bucketed_varlen_chunk_kda(chunk_kda, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                               cu_seqlens):
+    """Packed sequences (``cu_seqlens``) without autograd: the packed stream is right-padded to the next bucket with
+    neutral tokens appended to its last sequence (which they leave unchanged), so that no new total length tunes
+    kernels. Streams longer than the largest bucket run as they are."""
+    total = q.shape[1]
+    bucket = next((b for b in BUCKETS if b >= total), total)
+    parts = [q, k, v, g, beta]
+    if bucket > total:
+        pad = bucket - total
+        parts = [torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in parts]
+        cu_seqlens = torch.cat([cu_seqlens[:-1], cu_seqlens.new_full((1,), bucket)])
+    o, state = chunk_kda(
+        *(x.contiguous() for x in parts), scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens,
+    )
+    return o[:, :total], state

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import kda
+from .kernels import kda, kda_padded
 from .norms import KimiGatedRMSNorm
 
 if TYPE_CHECKING:
@@ -28,12 +28,18 @@ if TYPE_CHECKING:
 FP32_PARAMS = ("A_log", "dt_bias")
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 (no call at all when it already is: a decode step is dispatch-bound)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def short_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
     state: torch.Tensor | None,
     token_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    pos_in_doc: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depthwise causal convolution + SiLU over time, continuing from ``state``.
 
     Args:
@@ -41,8 +47,11 @@ def short_conv(
         weight: ``[C, W]`` taps, oldest first.
         state: ``[B, C, W-1]`` the previous ``W-1`` raw inputs (oldest first), or ``None`` for zeros.
         token_mask: optional ``[B, T]`` bool, False where ``x`` is padding; padded inputs count as zeros.
+        pos_in_doc: optional ``[T]`` position of each token inside its packed document (``B == 1``, no
+            ``state``): a tap never reaches back across a document start, so each document starts from zeros.
 
-    Returns ``(silu(conv(x)) in x.dtype, new_state [B, C, W-1] in x.dtype)``; computed in fp32.
+    Returns ``(silu(conv(x)) in x.dtype, new_state [B, C, W-1] in x.dtype)``; computed in fp32. With
+    ``pos_in_doc`` the state is ``None`` (packed documents are never continued).
     """
     bsz, seqlen, channels = x.shape
     width = weight.shape[-1]
@@ -50,17 +59,29 @@ def short_conv(
         x = x * token_mask.unsqueeze(-1).to(x.dtype)
     if state is None:
         state = x.new_zeros(bsz, channels, width - 1)
+    w = _f32(weight)
     if seqlen == 1:  # decode: one dot product per channel over the window
         window = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=2)  # [B, C, W]
-        out = (window.float() * weight.float()).sum(-1)
+        out = (_f32(window) * w).sum(-1)
         return F.silu(out).unsqueeze(1).to(x.dtype), window[:, :, 1:]
     full = torch.cat([state.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, W-1+T, C]
-    w = weight.float()
-    out = full[:, width - 1 :].float() * w[:, width - 1]
+    wt = w.t()  # [W, C]: one contiguous row of taps per lag
+    out = _f32(full[:, width - 1 :]) * wt[width - 1]
     for i in range(width - 1):
-        out = out + full[:, i : i + seqlen].float() * w[:, i]
-    new_state = full[:, seqlen:].transpose(1, 2).contiguous()
+        tap = _f32(full[:, i : i + seqlen]) * wt[i]
+        if pos_in_doc is not None:  # lag width-1-i must stay inside the token's document
+            tap = tap * (pos_in_doc >= width - 1 - i).unsqueeze(-1)
+        out = out + tap
+    new_state = None if pos_in_doc is not None else full[:, seqlen:].transpose(1, 2).contiguous()
     return F.silu(out).to(x.dtype), new_state
+
+
+def positions_in_documents(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """``[T]`` index of each token inside its document, for documents packed along T at ``cu_seqlens``
+    (computed on the device, no host synchronisation)."""
+    idx = torch.arange(seqlen, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:], idx, right=True)
+    return idx - cu_seqlens[doc]
 
 
 class KimiDeltaAttention(nn.Module):
@@ -108,16 +129,28 @@ class KimiDeltaAttention(nn.Module):
         """The q, k and v taps fused into one ``[3P, W]`` tensor (the convolutions run as one)."""
         return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], 0).squeeze(1)
 
-    def forget_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)`` in fp32, shape ``[B, T, H, K]``.
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, T, D]`` -> raw ``qkv [B, T, 3P]``, gate logits ``f_b(f_a(x)) [B, T, P or H]``, beta logits
+        ``b_proj(x) [B, T, H]`` and output-gate logits ``g_b(g_a(x)) [B, T, P]`` (each module called, so wrappers
+        such as PEFT LoRA adapters take part)."""
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
+        return qkv, self.f_b_proj(self.f_a_proj(x)), self.b_proj(x), self.g_b_proj(self.g_a_proj(x))
 
-        With a per-head gate, ``f_b(f_a(x))`` has one value per head and the result is that ``[B, T, H, 1]`` log
-        decay expanded (a view) over the ``K`` key channels.
+    def log_decay(self, f: torch.Tensor) -> torch.Tensor:
+        """``g = -exp(A_log) * softplus(f + dt_bias)`` in fp32 from the gate logits ``f [B, T, P or H]``, shape
+        ``[B, T, H, K]``.
+
+        With a per-head gate, ``f`` has one value per head and the result is that ``[B, T, H, 1]`` log decay
+        expanded (a view) over the ``K`` key channels.
         """
-        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias
+        f = F.softplus(_f32(f) + self.dt_bias)
         f = f.unflatten(-1, (self.num_heads, 1 if self.per_head_gate else self.head_dim))
-        g = -self.A_log.float().exp() * F.softplus(f)
+        g = f * -self.A_log.exp().squeeze(0)
         return g.expand(*g.shape[:-1], self.head_dim)
+
+    def forget_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The fp32 log decay ``[B, T, H, K]`` of ``x [B, T, D]`` (see :meth:`log_decay`)."""
+        return self.log_decay(self.f_b_proj(self.f_a_proj(x)))
 
     def forward(
         self,
@@ -129,41 +162,29 @@ class KimiDeltaAttention(nn.Module):
         """``hidden_states [B, T, D]`` -> ``[B, T, D]``.
 
         ``token_mask`` (``[B, T]`` bool, False at padding) makes padded tokens change no state at all: their
-        q/k/v inputs are zeroed, their decay is 1 and their write strength 0. ``cu_seqlens`` (B == 1) marks packed
-        documents, which start from a zero state each.
+        q/k/v inputs are zeroed, and the recurrence skips them (see :func:`kernels.kda_padded`). ``cu_seqlens``
+        (B == 1) marks packed documents, which start from a zero state each.
         """
         bsz, seqlen, _ = hidden_states.shape
         heads, dim = self.num_heads, self.head_dim
         conv_state = recurrent_state = None
         if cache is not None:
             conv_state, recurrent_state = cache.kda_state(self.layer_idx)
-        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
-        if cu_seqlens is not None:
-            qkv, conv_state_out = _packed_short_conv(qkv, self.conv_weight(), cu_seqlens)
-        else:
-            qkv, conv_state_out = short_conv(qkv, self.conv_weight(), conv_state, token_mask)
+        qkv, f, b, gate = self.projections(hidden_states)
+        pos_in_doc = positions_in_documents(cu_seqlens, seqlen) if cu_seqlens is not None else None
+        qkv, conv_state_out = short_conv(qkv, self.conv_weight(), conv_state, token_mask, pos_in_doc)
         q, k, v = qkv.unflatten(-1, (3, heads, dim)).unbind(2)
-        g = self.forget_gate(hidden_states)
-        beta = torch.sigmoid(self.b_proj(hidden_states).float())
-        if token_mask is not None:
-            keep = token_mask.unsqueeze(-1)
-            g = g * keep.unsqueeze(-1)
-            beta = beta * keep
-        o, new_state = kda(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            backend=self.backend,
-            initial_state=recurrent_state,
-            output_final_state=cache is not None,
-            cu_seqlens=cu_seqlens,
-        )
+        g = self.log_decay(f)
+        beta = torch.sigmoid(_f32(b))
+        if token_mask is not None:  # padded batch: unpadded into cu_seqlens for fla, zero gates otherwise
+            o, new_state = kda_padded(q, k, v, g, beta, token_mask, backend=self.backend,
+                                      initial_state=recurrent_state, output_final_state=cache is not None)
+        else:
+            o, new_state = kda(q, k, v, g, beta, backend=self.backend, initial_state=recurrent_state,
+                               output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         if cache is not None:
             cache.update_kda_state(self.layer_idx, conv_state_out, new_state)
-        gate = self.g_b_proj(self.g_a_proj(hidden_states)).unflatten(-1, (heads, dim))
-        o = self.o_norm(o, gate).flatten(-2)
+        o = self.o_norm(o, gate.unflatten(-1, (heads, dim))).flatten(-2)
         return self.o_proj(o)
 
 
@@ -176,16 +197,3 @@ class _DepthwiseConvWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.weight.shape[0]}, kernel_size={self.weight.shape[-1]}"
-
-
-def _packed_short_conv(
-    x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`short_conv` over documents packed along T (``x [1, T, C]``); each starts from zeros."""
-    bounds = cu_seqlens.tolist()
-    outs, states = [], []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        out, state = short_conv(x[:, start:end], weight, None)
-        outs.append(out)
-        states.append(state)
-    return torch.cat(outs, 1), torch.cat(states, 0)

@@ -19,18 +19,19 @@ float32 (float64 when any input is float64, so that ``gradcheck`` works); the ou
 state is float32 (float64 in float64 mode).
 
 Numerical stability of the chunked form: with strong gates the cumulative log decay ``G`` inside a chunk reaches
-``-1000`` s, so ``exp(G_i) * exp(-G_j)`` overflows. This module only ever exponentiates sums of gates over causal
-ranges (all ``<= 0``), and builds those sums by *adding* gates rather than by subtracting two large cumulative
-sums, which also avoids cancellation error. The decay-weighted Gram matrices inside a chunk are built
-hierarchically (see :func:`_decay_gram`): a block is split into 4 sub-blocks; for i and j in different sub-blocks
-the decay ``exp(G_i - G_j)`` is the product of three factors ``<= 1`` (gates of i's sub-block up to i, of the
-whole sub-blocks in between, of j's sub-block after j), which turns those pairs into matrix products; pairs inside
-a sub-block recurse (64 -> 16 -> 4 -> 1). Memory stays linear in T (a few times the size of q / k); no
-``[C, C, K]`` tensor is built.
+``-1000`` s, so ``exp(G_i) * exp(-G_j)`` overflows. This module never forms such ratios: every decay it uses is a
+product of ``exp(g)`` over a causal range of tokens (factors ``<= 1``), never the difference of two large
+cumulative sums, which also avoids cancellation error. The decay-weighted Gram matrices inside a chunk are built
+hierarchically (see :func:`_decay_grams`): a block is split in halves; for i in the second half and j in the first
+the decay ``exp(G_i - G_j)`` is the product of two factors ``<= 1`` (gates of i's half up to i, of j's half after
+j), which turns those pairs into one matrix product; pairs inside a half recurse (64 -> 32 -> ... -> 1). ``exp``
+runs once per gate; the factors of a level are the previous level's times whole halves' products. Memory stays
+linear in T (a few times the size of q / k); no ``[C, C, K]`` tensor is built.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -38,13 +39,15 @@ import torch
 import torch.nn.functional as F
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """L2-normalise the last dimension: ``x / sqrt(sum(x**2, -1) + eps)`` (eps inside the square root).
+def l2norm(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torch.Tensor:
+    """L2-normalise the last dimension: ``x / sqrt(sum(x**2, -1) + eps)`` (eps inside the square root), times
+    ``scale`` (folded into the per-row factor, so it costs no extra pass over x).
 
     Computed and returned in float32 (float64 inputs stay float64).
     """
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # no x * x temporary
+    return x * (torch.rsqrt(norm * norm + eps) * scale)
 
 
 def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -74,10 +77,10 @@ def _prepare(
     dtype = _compute_dtype(q, k, v, g, beta, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if use_qk_l2norm:
-        q, k = l2norm(q).to(dtype), l2norm(k).to(dtype)
+        q, k = l2norm(q, scale=scale).to(dtype), l2norm(k).to(dtype)
     else:
-        q, k = q.to(dtype), k.to(dtype)
-    return q * scale, k, v.to(dtype), g.to(dtype), beta.to(dtype), dtype
+        q, k = q.to(dtype) * scale, k.to(dtype)
+    return q, k, v.to(dtype), g.to(dtype), beta.to(dtype), dtype
 
 
 def _seq_bounds(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> list[int]:
@@ -185,124 +188,130 @@ def kda_recurrent_torch(
 # chunked (WY / UT transform) form
 
 
-def _num_sub_blocks(size: int) -> int:
-    """How many sub-blocks a block of ``size`` tokens is split into: 4 when possible, else its smallest factor."""
-    if size % 4 == 0:
-        return 4
-    d = 2
-    while size % d:
-        d += 1
-    return d
+def _scale_half(x: torch.Tensor, half: int, factor: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``x`` (``[*, nb, 2, h, K]``) with ``x[..., half, :, :]`` multiplied by ``factor`` (``[*, nb, 1, K]``).
+
+    ``inplace=False`` for autograd, which keeps views of x for the backward pass.
+    """
+    if inplace:
+        x[..., half, :, :] *= factor
+        return x
+    parts = list(x.unbind(-3))
+    parts[half] = parts[half] * factor
+    return torch.stack(parts, -3)
 
 
-def _decay_gram(g: torch.Tensor, lefts: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Decay-weighted Gram matrices of blocks of tokens, inclusive lower triangle.
+def _decay_grams(
+    g: torch.Tensor, lefts: torch.Tensor, right: torch.Tensor, inplace: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decay-weighted Gram matrices of blocks of tokens (strict lower triangle), and the inputs decayed to the
+    block's ends.
 
     Args:
         g: ``[*, C, K]`` per-token log decays (``<= 0``) of blocks of C tokens.
-        lefts: ``[*, C, P, K]`` P row-side vectors per token (here k and q).
+        lefts: ``[P, *, C, K]`` P row-side vectors per token (here beta * k and q).
         right: ``[*, C, K]`` column-side vectors (here k).
+        inplace: work in lefts' and right's storage, overwriting them (only when autograd does not track them).
 
     Returns:
-        ``[*, C, P, C]`` with ``out[..., i, p, j] = sum_d lefts[i, p, d] right[j, d] exp(sum_{j<u<=i} g[u, d])`` for
-        ``j <= i`` and 0 for ``j > i``.
+        ``(gram, lefts_in, right_out, total)``:
 
-    The block is split into ns sub-blocks (4 when C allows). For i in sub-block t and j in an earlier sub-block
-    s, the decay is a product of three factors, each the exp of a sum of gates (so ``<= 1``, no cancellation)::
+        - gram ``[P, *, C, C]``: ``gram[p, ..., i, j] = sum_d lefts[p, ..., i, d] right[..., j, d] D(i, j, d)`` for
+          ``j < i``, 0 for ``j >= i``, with ``D(i, j, d) = exp(sum_{j<u<=i} g[u, d])``;
+        - lefts_in ``[P, *, C, K]``: lefts times ``exp(sum_{u<=i} g[u])`` (the gates from the block start on);
+        - right_out ``[*, C, K]``: right times ``exp(sum_{u>j} g[u])`` (the gates after j to the block end);
+        - total ``[*, 1, K]``: ``exp(sum_u g[u])``, the decay of the whole block.
 
-        exp(gates of t up to i) * exp(gates of the whole sub-blocks strictly between s and t) * exp(gates of s after j)
-
-    which makes those pairs one matrix product per sub-block t. Pairs inside one sub-block recurse, down to single
-    tokens. Temporaries are a few times the size of ``lefts``; nothing of size ``[C, C, K]`` is built.
+    The block is split in halves, recursively (C is padded with inert tokens to a power of two). For i in the
+    second half of a block and j in its first half, ``D(i, j) = pre(i) * suf(j)``: the gates of i's half up to i,
+    and of j's half after j, both ``<= 1``. So the pairs of one level are one batched matrix product of
+    ``lefts * pre`` and ``right * suf``; no ``[C, C, K]`` tensor is built. Level by level, from halves of one token
+    up, the scaled vectors are kept and the halves' own factors grow by the total decay of the half before (rows)
+    or after (columns) them, until they reach the block's ends: ``exp`` runs once per gate, and every decay is a
+    product of factors ``<= 1``, so no ratio of decays (which over- or underflows for strong gates) appears.
     """
     size = g.shape[-2]
-    if size == 1:
-        return (lefts * right.unsqueeze(-2)).sum(-1, keepdim=True)  # [*, 1, P, 1]
-    dtype, device = g.dtype, g.device
-    ns = _num_sub_blocks(size)
-    sub = size // ns
-    npair = lefts.shape[-2]
-    gb = g.unflatten(-2, (ns, sub))  # [*, ns, sub, K]
-    lb = lefts.unflatten(-3, (ns, sub))  # [*, ns, sub, P, K]
-    rb = right.unflatten(-2, (ns, sub))  # [*, ns, sub, K]
-    # pairs inside each sub-block first, so that the recursion's temporaries are gone before this level's exist
-    inner = _decay_gram(gb, lb, rb)  # [*, ns, sub, P, sub]
-    eye = torch.eye(ns, dtype=dtype, device=device)
-    out = (inner.unsqueeze(-2) * eye.view(ns, 1, 1, ns, 1)).flatten(-5, -4).flatten(-2, -1)  # block diagonal
-    del inner
-    if sub == 1:
-        row_gates = gb[..., 1:, :, :]  # gates over u <= i inside i's (one-token) sub-block
-        cols = rb[..., :-1, :, :]  # no gates after j inside its one-token sub-block
-    else:
-        ones = torch.ones(sub, sub, dtype=dtype, device=device)
-        row_gates = (ones.tril() @ gb)[..., 1:, :, :]  # sum over u <= i inside i's sub-block
-        cols = rb[..., :-1, :, :] * (ones.triu(1) @ gb)[..., :-1, :, :].exp()  # sum over u > j in j's sub-block
-    rows = lb[..., 1:, :, :, :] * row_gates.exp().unsqueeze(-2)  # [*, t = 1..ns-1, sub, P, K]
-    del row_gates
-    blk = torch.arange(ns, device=device)
-    t_idx, s_idx = blk[1:].view(-1, 1), blk[:-1].view(1, -1)
-    spans = ((blk > s_idx.unsqueeze(-1)) & (blk < t_idx.unsqueeze(-1))).to(dtype)  # [t, s, u]: s < u < t
-    between = (spans.flatten(0, 1) @ gb.sum(-2)).unflatten(-2, (ns - 1, ns - 1))  # [*, t, s, K]
-    cols = cols.unsqueeze(-4) * between.exp().unsqueeze(-2)  # [*, t, s = 0..ns-2, sub, K]
-    cross = rows.flatten(-3, -2) @ cols.flatten(-3, -2).transpose(-1, -2)  # [*, t, sub * P, s * sub]
-    del rows, cols
-    later = (t_idx > s_idx).to(dtype).repeat_interleave(sub, -1)  # [t, s * sub]: j's sub-block before i's
-    cross = cross.unflatten(-2, (sub, npair)) * later[:, None, None, :]  # [*, t, sub, P, s * sub]
-    # no cross pairs in the rows of sub-block 0 or the columns of the last sub-block
-    return out + F.pad(cross.flatten(-4, -3), (0, sub, 0, 0, sub, 0))
+    full = 1 << (size - 1).bit_length()  # power of two >= size
+    if full != size:  # inert padding: no decay, zero vectors
+        pad = (0, 0, 0, full - size)
+        g, lefts, right = F.pad(g, pad), F.pad(lefts, pad), F.pad(right, pad)
+    gram = g.new_zeros(lefts.shape[0], *g.shape[:-2], full, full)
+    total = g.exp()  # per half (here: per token) the product of its decays
+    rows = lefts.mul_(total) if inplace else lefts * total  # i's half up to i
+    cols = right  # j's half after j: nothing yet
+    half = 1
+    while half < full:
+        blocks = (full // (2 * half), 2, half)  # [nb, 2, half]: block, which half, position in the half
+        rows_b, cols_b = rows.unflatten(-2, blocks), cols.unflatten(-2, blocks)
+        # gram[p, ..., (b, 1, i'), (b, 0, j')] for every block b: a strided view of the lower-left quadrants
+        quadrants = gram.unflatten(-1, blocks).unflatten(-4, blocks).diagonal(0, -6, -3)[..., 1, :, 0, :, :]
+        cols_t = cols_b[..., 0, :, :].mT  # j in first halves  [*, nb, K, h]
+        # one product per left (a broadcast matmul would copy the columns); i in second halves
+        for p, rows_p in enumerate(rows_b[..., 1, :, :].unbind(0)):
+            quadrants[p].copy_((rows_p @ cols_t).movedim(-3, -1))
+        # the halves merge: second halves' rows take the first half's total, first halves' columns the second's
+        first, second = total.unflatten(-2, (-1, 2)).split(1, -2)  # [*, nb, 1, K] each
+        rows = _scale_half(rows_b, 1, first, inplace).flatten(-4, -2)
+        cols = _scale_half(cols_b, 0, second, inplace).flatten(-4, -2)
+        total = (first * second).squeeze(-2)
+        half *= 2
+    if full != size:
+        gram, rows, cols = gram[..., :size, :size], rows[..., :size, :], cols[..., :size, :]
+    return gram, rows, cols, total
 
 
 def _chunk_core(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    segments: list[tuple[int, int, torch.Tensor]],
+    keys: torch.Tensor, v_beta: torch.Tensor, g: torch.Tensor, segments: list[tuple[int, int, torch.Tensor]]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Chunked KDA on chunk-major inputs.
+    """Chunked KDA on chunk-major inputs; ``keys`` and ``v_beta`` are overwritten unless autograd tracks them.
 
     Args:
-        q, k, g: ``[N, B, H, C, K]``; v: ``[N, B, H, C, V]``; beta: ``[N, B, H, C]`` (N chunks of C tokens).
+        keys: ``[3, N, B, H, C, K]``: ``beta * k``, q and k stacked (N chunks of C tokens).
+        v_beta: ``[N, B, H, C, V]``: ``beta * v``. g: ``[N, B, H, C, K]``.
         segments: ``(first_chunk, end_chunk, start_state [B, H, K, V])``, contiguous and in order; the state is
             set to ``start_state`` at ``first_chunk`` and its value after chunk ``end_chunk - 1`` is returned.
 
     Returns:
-        o ``[N, B, H, C, V]`` and the list of final states, one per segment.
+        o ``[B, N * C, H, V]`` and the list of final states, one per segment.
     """
+    bsz, heads = g.shape[1:3]
+    inplace = not any(x.requires_grad for x in (keys, v_beta, g, *(state for _, _, state in segments)))
     # --- state-independent part, all chunks at once ---
-    gram = _decay_gram(g, torch.stack([k, q], -2), k)  # [N, B, H, C, 2, C]
-    a_kk = gram[..., 0, :].tril(-1) * beta.unsqueeze(-1)  # beta_i sum_d k_id k_jd exp(G_id - G_jd), j < i
-    a_qk = gram[..., 1, :]  # sum_d q_id k_jd exp(G_id - G_jd), j <= i
-    exp_in = g.cumsum(-2).exp()  # exp(G_i): gates from the chunk start through i
+    # A_kk = beta_i sum_d k_id k_jd exp(G_id - G_jd), j < i (the unit diagonal of I + A_kk is implicit);
+    # A_qk = sum_d q_id k_jd exp(G_id - G_jd), j <= i.  exp(G) = gates from the chunk start: q_in reads the
+    # incoming state, k_out writes into the outgoing one.
+    qk_diag = torch.linalg.vecdot(keys[1], keys[2])  # before _decay_grams may scale keys in place
+    gram, lefts_in, k_out, chunk_decay = _decay_grams(g, keys[:2], keys[2], inplace)
+    gram[1].diagonal(0, -2, -1).copy_(qk_diag)
+    a_kk, a_qk = gram.unbind(0)
+    k_beta_in, q_in = lefts_in.unbind(0)
     # (I + A_kk) [W U] = diag(beta) [exp(G) K, V]: the UT transform, batched unit-lower-triangular solves
-    beta = beta.unsqueeze(-1)
-    w = torch.linalg.solve_triangular(a_kk, exp_in * k * beta, upper=False, unitriangular=True)
-    u = torch.linalg.solve_triangular(a_kk, v * beta, upper=False, unitriangular=True)
-    del a_kk
-    q_in = q * exp_in  # reads the state entering the chunk
-    chunk_decay = exp_in[..., -1, :].unsqueeze(-1)  # exp(G_C)  [N, B, H, K, 1]
-    del exp_in
-    after = F.pad(g.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # G_C - G_i: gates after i
-    k_out = (k * after.exp()).transpose(-1, -2)  # [N, B, H, K, C]
-    del after
-    # --- state recurrence over chunks: only what needs the incoming state ---
-    starts, new_vals, finals = [], [], []
+    solve = functools.partial(torch.linalg.solve_triangular, a_kk, upper=False, unitriangular=True)
+    if inplace:  # into the right-hand sides
+        w, u = solve(k_beta_in, out=k_beta_in), solve(v_beta, out=v_beta)
+    else:
+        w, u = solve(k_beta_in), solve(v_beta)
+    per_chunk = (x.flatten(1, 2).unbind(0) for x in (w, u, q_in, k_out.mT, a_qk, chunk_decay.mT))
+    # --- state recurrence over chunks ---
+    outs, finals = [], []
+    chunks = iter(zip(*per_chunk))
     for first, end, state in segments:
-        for n in range(first, end):
-            starts.append(state)
-            v_new = u[n] - w[n] @ state  # pseudo-values U - W S0
-            new_vals.append(v_new)
-            state = chunk_decay[n] * state + k_out[n] @ v_new
-        finals.append(state)
-    if not new_vals:
-        return v.new_zeros(v.shape), finals
-    return q_in @ torch.stack(starts) + a_qk @ torch.stack(new_vals), finals
+        state = state.flatten(0, 1)  # [B * H, K, V]
+        for _ in range(first, end):
+            w_n, u_n, q_n, k_n, a_n, decay_n = next(chunks)
+            v_new = torch.baddbmm(u_n, w_n, state, alpha=-1)  # pseudo-values U - W S
+            o_n = torch.baddbmm(a_n @ v_new, q_n, state)  # Q_in S + A_qk (U - W S)
+            outs.append(o_n.unflatten(0, (bsz, heads)).transpose(1, 2))  # [B, C, H, V]
+            state = torch.baddbmm(decay_n * state, k_n, v_new)
+        finals.append(state.unflatten(0, (-1, heads)))
+    if not outs:
+        return v_beta.new_zeros(bsz, 0, heads, v_beta.shape[-1]), finals
+    return torch.stack(outs, 1).flatten(1, 2), finals
 
 
-def _to_chunks(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``[B, N * C, H, D]`` -> chunk-major ``[N, B, H, C, D]`` (contiguous)."""
-    return x.unflatten(1, (-1, size)).permute(1, 0, 3, 2, 4).contiguous()
+def _chunked(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, N * C, H, D]`` -> chunk-major ``[N, B, H, C, D]`` (a view)."""
+    return x.unflatten(1, (-1, size)).permute(1, 0, 3, 2, 4)
 
 
 def kda_chunk_torch(
@@ -333,13 +342,14 @@ def kda_chunk_torch(
     dv = v.shape[-1]
     size = chunk_size
     q, k, v, g, beta, dtype = _prepare(q, k, v, g, beta, scale, use_qk_l2norm, initial_state)
-    beta = beta.unsqueeze(-1)  # [B, T, H, 1], so that every input is [B, T, H, D]
+    beta = beta.unsqueeze(-1)  # [B, T, H, 1]
+    inputs = (k * beta, q, k, v * beta, g)  # what the chunked form reads, all [B, T, H, D]
 
     if cu_seqlens is None:
         num_chunks = math.ceil(seqlen / size)
         pad = num_chunks * size - seqlen
         if pad:
-            q, k, v, g, beta = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, g, beta))
+            inputs = tuple(F.pad(x, (0, 0, 0, 0, 0, pad)) for x in inputs)
         states = _initial_states(initial_state, bsz, heads, dk, dv, dtype, q.device)
         segments = [(0, num_chunks, states)]
         index = None
@@ -356,12 +366,10 @@ def kda_chunk_torch(
             padded += chunks * size
         # position of every token in a stream where each sequence is padded to whole chunks
         index = torch.cat(pieces).to(q.device)
-        q, k, v, g, beta = (
-            x.new_zeros(1, padded, *x.shape[2:]).index_copy(1, index, x) for x in (q, k, v, g, beta)
-        )
+        inputs = tuple(x.new_zeros(1, padded, *x.shape[2:]).index_copy(1, index, x) for x in inputs)
 
-    q, k, v, g, beta = (_to_chunks(x, size) for x in (q, k, v, g, beta))
-    o, finals = _chunk_core(q, k, v, g, beta.squeeze(-1), segments)
-    o = o.permute(1, 0, 3, 2, 4).flatten(1, 2)  # [N, B, H, C, V] -> [B, N * C, H, V]
+    keys = torch.stack([_chunked(x, size) for x in inputs[:3]])  # one copy into chunk-major [3, N, B, H, C, K]
+    v_beta, g = _chunked(inputs[3], size).contiguous(), _chunked(inputs[4], size)  # g is only read by exp()
+    o, finals = _chunk_core(keys, v_beta, g, segments)
     o = o[:, :seqlen] if index is None else o.index_select(1, index)
     return o.to(out_dtype).contiguous(), (torch.cat(finals, 0) if output_final_state else None)

@@ -74,3 +74,51 @@ def kda(
     if q.shape[1] == 1:
         return kda_recurrent_torch(q, k, v, g, beta, **kwargs)
     return kda_chunk_torch(q, k, v, g, beta, **kwargs)
+
+
+def kda_padded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    token_mask: torch.Tensor,
+    *,
+    backend: str = "auto",
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    unpad: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`kda` over a batch with padding: positions where ``token_mask [B, T]`` is False change no state.
+
+    Two exact routes (``unpad=None`` picks the first for fla's kernels and prompts, the second otherwise):
+
+    * unpadded: the real tokens of every row are packed along T and run as variable-length sequences
+      (``cu_seqlens``), so the kernels never see padding; outputs are scattered back, 0 at padded positions;
+    * in place: padded positions get decay 1 (``g = 0``) and write strength 0 (``beta = 0``), so the recurrence
+      steps over them unchanged.
+
+    The unpadded route reads the row lengths back to the host once (prefill only). Rows without any real token
+    take the in-place route (their final state is their initial state).
+    """
+    resolved = resolve_kda_backend(backend, q.device)
+    if unpad is None:
+        unpad = resolved == "fla" and q.shape[1] > 1
+    if unpad:
+        lengths = token_mask.sum(-1)
+        if bool((lengths > 0).all()):
+            return _kda_unpadded(q, k, v, g, beta, token_mask, lengths, resolved, initial_state, output_final_state)
+    keep = token_mask.unsqueeze(-1)
+    return kda(q, k, v, g * keep.unsqueeze(-1), beta * keep, backend=resolved, initial_state=initial_state,
+               output_final_state=output_final_state)
+
+
+def _kda_unpadded(q, k, v, g, beta, token_mask, lengths, backend, initial_state, output_final_state):  # noqa: ANN001
+    bsz, seqlen, heads, dv = v.shape
+    where = token_mask.flatten().nonzero().squeeze(-1)  # positions of real tokens, row by row
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    packed = [x.flatten(0, 1).index_select(0, where).unsqueeze(0) for x in (q, k, v, g, beta)]
+    o, state = kda(*packed, backend=backend, initial_state=initial_state, output_final_state=output_final_state,
+                   cu_seqlens=cu_seqlens)
+    out = o.new_zeros(bsz * seqlen, heads, dv).index_copy(0, where, o[0])
+    return out.view(bsz, seqlen, heads, dv), state

@@ -90,7 +90,7 @@ class KimiMLAAttention(nn.Module):
         w_k, w_v = self.absorbed_weights()
         bsz, heads, seqlen, _ = q.shape
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], -1)
-        q_lat = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_k), q_rope], -1)
+        q_lat = torch.cat([torch.matmul(q_nope, w_k), q_rope], -1)  # [B, nh, T, r + rope]
         # fold the heads into the query axis: nh*T queries against the one shared latent key/value sequence.
         # (SDPA has no fused kernel for 576-wide heads and its fallback is slow; one query row per head is two
         # batched products and a softmax, with scores in fp32.)
@@ -103,7 +103,7 @@ class KimiMLAAttention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(-1).to(latent.dtype)
         out = torch.bmm(probs, latent[..., : self.kv_lora_rank])  # [B, nh*T, r]
-        return torch.einsum("bhtr,hvr->bhtv", out.view(bsz, heads, seqlen, -1), w_v)
+        return torch.matmul(out.view(bsz, heads, seqlen, -1), w_v.transpose(1, 2))  # [B, nh, T, v]
 
     def attend_expanded(self, q: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention with per-head keys/values expanded from the latent (prefill); long prompts go in query

@@ -24,8 +24,10 @@ from transformers.modeling_utils import PreTrainedModel
 from .cache_kimi_linear import KimiLinearCache
 from .checkpoint_layout import conversion_registered, released_state_dict
 from .configuration_kimi_linear import KimiLinearConfig
+from .cuda_graph_decode import StaticDecoder
 from .kda_layer import KimiDeltaAttention
 from .mla_layer import KimiMLAAttention
+from .transformers_compat import cache_field, one_cache, output_cache
 from .moe import KimiExperts, KimiMLP, KimiMoEGate, KimiSparseMoeBlock
 from .norms import KimiGatedRMSNorm, KimiRMSNorm
 
@@ -81,7 +83,7 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["KimiDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _keep_in_fp32_modules_strict = ["A_log", "dt_bias"]
     _supports_sdpa = True
     _is_stateful = True
@@ -181,6 +183,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        cache: KimiLinearCache | None = None,
         **kwargs: Any,
     ) -> MoeModelOutputWithPast:
         """Run the decoder.
@@ -189,7 +192,8 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             attention_mask: ``[B, past + T]`` (or ``[B, T]``) with 0 at padding. Padded tokens change no KDA state
                 and are never attended to.
             position_ids: only used to detect packed documents (positions restarting at 0, batch size 1).
-            past_key_values: a :class:`KimiLinearCache`; created when ``use_cache`` and none is given.
+            past_key_values / cache: a :class:`KimiLinearCache` (either name: transformers >= 5.24 passes
+                ``cache``); created when ``use_cache`` and none is given.
             cu_seqlens: ``[N+1]`` boundaries of documents packed along T (batch size 1); also read from the
                 ``cu_seq_lens_q`` kwarg that ``DataCollatorWithFlattening`` emits.
         """
@@ -207,6 +211,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         output_router_logits = (
             self.config.output_router_logits if output_router_logits is None else output_router_logits
         )
+        past_key_values = one_cache(cache, past_key_values)
         if past_key_values is not None and not isinstance(past_key_values, KimiLinearCache):
             raise TypeError(
                 f"past_key_values must be a KimiLinearCache (got {type(past_key_values).__name__}); "
@@ -221,9 +226,13 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if cu_seqlens is None:
             cu_seqlens = kwargs.get("cu_seq_lens_q")
-        token_mask, attn_mask, cu_seqlens = build_masks(
-            attention_mask, position_ids, cu_seqlens, bsz, seqlen, past, inputs_embeds.device
-        )
+        if past_key_values is not None and past_key_values.graph_step is not None:
+            # a static decode step (cuda_graph_decode): masks come from device-side inputs, no host reads
+            token_mask, attn_mask = past_key_values.graph_step.masks()
+        else:
+            token_mask, attn_mask, cu_seqlens = build_masks(
+                attention_mask, position_ids, cu_seqlens, bsz, seqlen, past, inputs_embeds.device
+            )
         if cu_seqlens is not None and past_key_values is not None:
             raise ValueError("packed sequences (cu_seqlens / restarting position_ids) cannot be used with a cache")
 
@@ -243,7 +252,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             past_key_values.advance(seqlen)
         return MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
+            **cache_field(past_key_values),
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             router_logits=tuple(all_router) if output_router_logits else None,
         )
@@ -313,9 +322,16 @@ def build_masks(
 
 
 class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
-    """Kimi Linear with a language-modelling head; plugs into ``generate()`` and ``Trainer``."""
+    """Kimi Linear with a language-modelling head; plugs into ``generate()`` and ``Trainer``.
+
+    With ``model.cuda_graph_decode = True``, decode steps on CUDA (one new token per sequence, a cache holding the
+    prompt, no autograd) are captured and replayed as CUDA graphs (:mod:`cuda_graph_decode`). Off by default: the
+    path is checked against op-by-op decoding on CPU (without the capture) but has not yet been run on a GPU
+    (``bench/gpu_check.py --only graph`` does that).
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    cuda_graph_decode: bool = False
 
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__(config)
@@ -335,18 +351,55 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         return torch.stack([l.to(losses[0].device) for l in losses]).mean()
 
     @torch.no_grad()
-    def warmup(self, batch_size: int = 1) -> None:
-        """Run each prefill length the GPU kernels are tuned for once (and a decode step), so that no later prompt
-        length stalls on kernel compilation or autotuning. Cheap; a no-op in effect on CPU."""
+    def warmup(self, batch_size: int = 1, padded: bool = True) -> None:
+        """Run each prefill length the GPU kernels are tuned for once - from an empty cache and continuing a cache
+        (kernels are specialised on whether a state comes in) - and a decode step, so that no later prompt length
+        stalls on kernel compilation or autotuning; with ``padded``, also a left-padded batch of two (padded
+        prompts run fla's variable-length kernels). Cheap; a no-op in effect on CPU."""
         from .kda_fla import warmup_lengths
 
         for length in warmup_lengths():
             ids = torch.full((batch_size, length), 3, dtype=torch.long, device=self.device)
             out = self(input_ids=ids, use_cache=True, logits_to_keep=1)
-            self(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+            out = self(input_ids=ids, past_key_values=output_cache(out), use_cache=True, logits_to_keep=1)
+            self(input_ids=ids[:, :1], past_key_values=output_cache(out), use_cache=True)
+            if padded and length > 1:
+                mask = torch.ones(2, length, dtype=torch.long, device=self.device)
+                mask[1, 0] = 0
+                self(input_ids=ids[:1].expand(2, -1), attention_mask=mask, use_cache=True, logits_to_keep=1)
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def _graph_step_applies(self, input_ids, inputs_embeds, past_key_values, labels,  # noqa: ANN001
+                            output_hidden_states, output_router_logits, use_cache, kwargs: dict) -> bool:
+        """Whether this forward is a CUDA decode step that :mod:`cuda_graph_decode` can replay."""
+        return (
+            self.cuda_graph_decode
+            and input_ids is not None
+            and input_ids.is_cuda
+            and input_ids.shape[1] == 1
+            and isinstance(past_key_values, KimiLinearCache)
+            and past_key_values.get_seq_length() > 0
+            and labels is None
+            and use_cache is not False
+            and not (output_hidden_states or output_router_logits)
+            and inputs_embeds is None
+            and kwargs.get("cu_seqlens") is None
+            and not self.training
+            and not torch.is_grad_enabled()
+        )
+
+    def _static_decoder(self) -> StaticDecoder:
+        decoder = self.__dict__.get("_graph_decoder")
+        if decoder is None:
+            decoder = self.__dict__["_graph_decoder"] = StaticDecoder(self._decode_logits)
+        return decoder
+
+    def _decode_logits(self, input_ids: torch.Tensor, cache: KimiLinearCache) -> torch.Tensor:
+        """Logits ``[B, 1, V]`` of one decode step (the function a CUDA graph captures)."""
+        hidden = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state
+        return self.lm_head(hidden)
 
     def forward(
         self,
@@ -360,13 +413,19 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: KimiLinearCache | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
         """Logits (and the shifted cross-entropy when ``labels`` are given, ignore index -100).
 
         ``logits_to_keep=k`` computes logits for the last ``k`` positions only (0 = all), so a long prefill never
-        builds ``[T, vocab]`` logits.
+        builds ``[T, vocab]`` logits. The cache may be passed as ``past_key_values`` or ``cache``.
         """
+        past_key_values = one_cache(cache, past_key_values)
+        if self._graph_step_applies(input_ids, inputs_embeds, past_key_values, labels, output_hidden_states,
+                                    output_router_logits, use_cache, kwargs):
+            logits = self._static_decoder().step(input_ids, attention_mask, past_key_values)
+            return MoeCausalLMOutputWithPast(logits=logits, **cache_field(past_key_values))
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -392,7 +451,7 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_field(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             router_logits=outputs.router_logits,
         )

@@ -109,20 +109,28 @@ class KimiExperts(nn.Module):
 
         Token copies are sorted by expert; one grouped matmul per projection runs every expert on its slice
         (no host synchronisation). Where grouped matmul has no backward (CPU training) each expert that received
-        tokens runs once on its slice instead.
+        tokens runs once on its slice instead. A CPU decode step (fewer token copies than experts) runs the
+        chosen experts one by one instead (see :meth:`per_copy`). Under autocast the products run in the autocast
+        dtype, as ``nn.Linear`` layers do (autocast does not cover grouped matmul itself).
         """
         num_tokens, top_k = ids.shape
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if x.device.type != "cpu" and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+        if not x.is_cuda and not torch.is_grad_enabled() and ids.numel() <= gate_up.shape[0]:
+            return self.per_copy(x, ids, weights)
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         token_of = order // top_k
         # scatter_add rather than bincount: CUDA's bincount reads the input's maximum back to the host
-        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=flat.device)
+        counts = torch.zeros(gate_up.shape[0], dtype=torch.long, device=flat.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         xs = x[token_of]
         if _grouped_mm_usable(x):
             offs = counts.cumsum(0).to(torch.int32)
-            gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-            ys = F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+            gate, up = F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+            ys = F.grouped_mm(self.act_fn(gate) * up, down.transpose(-2, -1), offs=offs)
         else:
             outs, start = [], 0
             for e, n in enumerate(counts.tolist()):
@@ -133,6 +141,20 @@ class KimiExperts(nn.Module):
         ys = ys.float() * weights.flatten()[order].unsqueeze(-1)
         out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, token_of, ys).to(x.dtype)
+
+    def per_copy(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same weighted sum for a few tokens on the CPU: each (token, expert) pair runs :meth:`expert` on
+        views of that expert's weights (no weights are copied, and reading the ids costs no device sync).
+        ``x [N, D]``, ``ids`` / ``weights [N, k]`` -> ``[N, D]``."""
+        rows = []
+        for n, (experts, w) in enumerate(zip(ids.tolist(), weights.unsqueeze(-1).unbind(0))):
+            xn, acc = x[n : n + 1], None
+            for j, e in enumerate(experts):
+                y = self.expert(e, xn).float() * w[j]
+                acc = y if acc is None else acc + y
+            rows.append(acc)
+        out = rows[0] if len(rows) == 1 else torch.cat(rows, 0)
+        return out.to(x.dtype)
 
 
 def _grouped_mm_usable(x: torch.Tensor) -> bool:

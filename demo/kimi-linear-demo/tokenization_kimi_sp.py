@@ -32,6 +32,9 @@ def _write_atomically(path: str, data: bytes) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; a saved tokenizer is as readable as any file
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -1,0 +1,171 @@
+"""CUDA-graph decode: one new token per sequence, replayed from a captured graph instead of launched op by op.
+
+A decode step of a batch-1 model launches a few hundred small kernels; launched one by one from Python, the GPU
+waits on the host most of the time. Here the step is captured once per *bucket* of cache lengths and replayed:
+
+* the step is written with static shapes: every MLA layer writes its new latent row at a device-side position
+  (``index_copy_``) and attends over the first ``bucket`` rows of its cache buffer, rows past the position
+  masked; KDA layers update their recurrent states and convolution tails in place;
+* buckets are 4 per doubling of the context (256, 320, 384, 448, 512, 640, ...), so attention reads at most 25%
+  more rows than needed and a long generation captures a new graph only every few hundred tokens;
+* the inputs (token ids, position, the padding mask) are copied into static tensors before each replay, and the
+  Python-side token count is advanced after it.
+
+A graph is valid only while the cache keeps the same tensors: when a cache buffer grows, when the batch size
+changes, or for a new cache (each ``generate()`` call), graphs are captured again (a warm-up step and a
+capture, a few tens of ms per bucket). :class:`~modeling_kimi_linear.KimiLinearForCausalLM` uses this path for
+CUDA decode steps when ``model.cuda_graph_decode`` is true (off by default until it has been checked on a GPU:
+``bench/gpu_check.py --only graph``); the same static step also runs
+without a graph (``use_graph=False``), which is how CPU tests check it against the ordinary decode.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from .cache_kimi_linear import KimiLinearCache
+
+MIN_BUCKET = 256
+STEPS_PER_DOUBLING = 4
+
+
+def decode_bucket(rows: int) -> int:
+    """Smallest bucket ``>= rows``: a multiple of ``2**(floor(log2(rows)) - 2)`` (four buckets per doubling)."""
+    if rows <= MIN_BUCKET:
+        return MIN_BUCKET
+    grain = 2 ** (math.floor(math.log2(rows)) - int(math.log2(STEPS_PER_DOUBLING)))
+    return -(-rows // grain) * grain
+
+
+@dataclass
+class StaticDecodeStep:
+    """The device-side inputs of a static decode step, read by the layers through ``cache.graph_step``."""
+
+    position: torch.Tensor  # [1] long: index of the new token (= tokens already cached)
+    keys_valid: torch.Tensor  # [B, capacity] bool: False at padded positions
+    bucket: int  # cache rows an MLA layer attends over
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(token_mask [B, 1], attention mask [B, 1, 1, bucket])`` for the new token, built on the device."""
+        rows = torch.arange(self.bucket, device=self.position.device)
+        keys = self.keys_valid[:, : self.bucket] & (rows <= self.position)
+        token = self.keys_valid.gather(1, self.position.expand(self.keys_valid.shape[0], 1))
+        return token, keys[:, None, None, :]
+
+
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    logits: torch.Tensor
+
+
+class StaticDecoder:
+    """Runs decode steps of one model through :class:`StaticDecodeStep`, captured as CUDA graphs when
+    ``use_graph`` (CUDA tensors only).
+
+    ``forward_step(input_ids, cache) -> logits [B, 1, V]`` is the model's own forward for one token; it must read
+    its masks from ``cache.graph_step`` (the model does).
+    """
+
+    def __init__(self, forward_step: Callable[[torch.Tensor, "KimiLinearCache"], torch.Tensor],
+                 use_graph: bool = True) -> None:
+        self.forward_step = forward_step
+        self.use_graph = use_graph
+        self._graphs: dict[tuple, _Captured] = {}
+        self._storage: tuple | None = None
+        self._inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._pool = None
+
+    def __deepcopy__(self, memo: dict) -> "StaticDecoder":
+        # graphs belong to the original's tensors; the step function is re-bound to the copied model
+        return StaticDecoder(copy.deepcopy(self.forward_step, memo), self.use_graph)
+
+    def reset(self) -> None:
+        """Drop every captured graph and static input."""
+        self._drop_graphs()
+        self._storage = self._inputs = None
+
+    def _drop_graphs(self) -> None:
+        # a memory pool whose graphs are all gone is released by PyTorch: later captures need a new one
+        self._graphs.clear()
+        self._pool = None
+
+    def _static_inputs(self, input_ids: torch.Tensor, capacity: int) -> tuple[torch.Tensor, ...]:
+        bsz = input_ids.shape[0]
+        if self._inputs is None or self._inputs[0].shape[0] != bsz or self._inputs[2].shape[1] < capacity:
+            self.reset()
+            device = input_ids.device
+            self._inputs = (
+                torch.zeros(bsz, 1, dtype=torch.long, device=device),
+                torch.zeros(1, dtype=torch.long, device=device),
+                torch.ones(bsz, max(capacity, 2 * MIN_BUCKET), dtype=torch.bool, device=device),
+            )
+        return self._inputs
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             cache: "KimiLinearCache") -> torch.Tensor:
+        """Decode ``input_ids [B, 1]`` with ``cache`` (already holding a prompt); returns logits ``[B, 1, V]``
+        and advances the cache by one token."""
+        past = cache.get_seq_length()
+        bucket = decode_bucket(past + 1)
+        cache.make_writable()
+        cache.reserve(bucket)
+        ids, position, keys_valid = self._static_inputs(input_ids, bucket)
+        storage = (cache.storage_key(), keys_valid.data_ptr())
+        if storage != self._storage:  # new cache, grown buffers, other batch: every graph is stale
+            self._drop_graphs()
+            self._storage = storage
+        ids.copy_(input_ids)
+        position.fill_(past)
+        if attention_mask is not None and attention_mask.shape[1] == past + 1:
+            keys_valid[:, : past + 1].copy_(attention_mask)
+        elif attention_mask is not None and attention_mask.shape[1] == 1:  # the new token's column only
+            keys_valid[:, :past].fill_(True)
+            keys_valid[:, past : past + 1].copy_(attention_mask)
+        elif attention_mask is not None:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns; expected {past + 1} (cached + new tokens)"
+            )
+        else:
+            keys_valid[:, : past + 1].fill_(True)
+        step = StaticDecodeStep(position, keys_valid, bucket)
+        if not (self.use_graph and ids.is_cuda):
+            logits = self._run(step, ids, cache)
+        else:
+            captured = self._graphs.get(bucket)
+            if captured is None:
+                captured = self._graphs[bucket] = self._capture(step, ids, cache)
+            captured.graph.replay()
+            logits = captured.logits.clone()
+        cache.advance(1)
+        return logits
+
+    def _run(self, step: StaticDecodeStep, ids: torch.Tensor, cache: "KimiLinearCache") -> torch.Tensor:
+        cache.graph_step = step
+        try:
+            return self.forward_step(ids, cache)
+        finally:
+            cache.graph_step = None
+
+    def _capture(self, step: StaticDecodeStep, ids: torch.Tensor, cache: "KimiLinearCache") -> _Captured:
+        """Warm up (kernels compile and tune outside the capture; the cache's states are restored after) and
+        capture one step."""
+        saved = cache.snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run(step, ids, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.restore(saved)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._run(step, ids, cache)
+        return _Captured(graph, logits)
