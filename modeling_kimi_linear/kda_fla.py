@@ -25,6 +25,60 @@ def fla_kda_ops() -> tuple[Callable, Callable] | None:
     return chunk_kda, fused_recurrent_kda
 
 
+@functools.lru_cache(maxsize=1)
+def fla_module_ops() -> tuple[Callable, Callable] | None:
+    """Return ``(causal_conv1d, rms_norm_gated)`` from fla's modules, or ``None`` when they do not import."""
+    try:
+        from fla.modules.causal_conv1d import causal_conv1d
+        from fla.modules.fused_norm_gate import rms_norm_gated
+    except Exception:  # ImportError, or triton failing to initialise
+        return None
+    return causal_conv1d, rms_norm_gated
+
+
+def short_conv_fla(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: torch.Tensor | None,
+    token_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`short_conv_torch.short_conv_torch` through fla's ``causal_conv1d`` (SiLU fused in).
+
+    Same layouts as the reference: ``x [B, T, C]``, ``weight [C, W]``, ``state [B, C, W-1]`` (oldest first).
+    fla keeps ``W`` inputs per sequence; the oldest of them never reaches an output, so our ``W-1`` are padded
+    with one zero column on the way in and the newest ``W-1`` are kept on the way out. With ``cu_seqlens``
+    (packed documents, each from zeros) no state is returned.
+    """
+    ops = fla_module_ops()
+    if ops is None:
+        raise RuntimeError(f"fla's causal_conv1d does not import: {FLA_INSTALL_HINT}")
+    causal_conv1d = ops[0]
+    if token_mask is not None:
+        x = x * token_mask.unsqueeze(-1).to(x.dtype)
+    initial = None
+    if state is not None:
+        initial = torch.nn.functional.pad(state.to(x.dtype), (1, 0)).contiguous()
+    packed = cu_seqlens is not None
+    y, final = causal_conv1d(
+        x.contiguous(), weight=weight.to(x.dtype).contiguous(), initial_state=initial,
+        output_final_state=not packed, activation="silu", cu_seqlens=cu_seqlens,
+    )
+    return y, (None if packed else final[..., 1:])
+
+
+def gated_rms_norm_fla(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`norms.gated_rms_normalize` through fla's fused kernel (the released code's ``FusedRMSNormGated``
+    with ``activation="sigmoid"``): ``o, gate [..., D]``, ``weight [D]``; returns o's dtype."""
+    ops = fla_module_ops()
+    if ops is None:
+        raise RuntimeError(f"fla's rms_norm_gated does not import: {FLA_INSTALL_HINT}")
+    shape = o.shape
+    y = ops[1](o.reshape(-1, shape[-1]), gate.reshape(-1, shape[-1]).to(o.dtype), weight, None,
+               activation="sigmoid", eps=eps)
+    return y.view(shape)
+
+
 def kda_fla(
     q: torch.Tensor,
     k: torch.Tensor,

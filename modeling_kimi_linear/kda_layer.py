@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import kda, kda_padded
+from .kernels import gated_rms_norm, kda, kda_padded, short_conv
 from .norms import KimiGatedRMSNorm
 
 if TYPE_CHECKING:
@@ -26,62 +26,6 @@ if TYPE_CHECKING:
     from .configuration_kimi_linear import KimiLinearConfig
 
 FP32_PARAMS = ("A_log", "dt_bias")
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 (no call at all when it already is: a decode step is dispatch-bound)."""
-    return x if x.dtype == torch.float32 else x.float()
-
-
-def short_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    state: torch.Tensor | None,
-    token_mask: torch.Tensor | None = None,
-    pos_in_doc: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Depthwise causal convolution + SiLU over time, continuing from ``state``.
-
-    Args:
-        x: ``[B, T, C]`` raw (pre-convolution) inputs.
-        weight: ``[C, W]`` taps, oldest first.
-        state: ``[B, C, W-1]`` the previous ``W-1`` raw inputs (oldest first), or ``None`` for zeros.
-        token_mask: optional ``[B, T]`` bool, False where ``x`` is padding; padded inputs count as zeros.
-        pos_in_doc: optional ``[T]`` position of each token inside its packed document (``B == 1``, no
-            ``state``): a tap never reaches back across a document start, so each document starts from zeros.
-
-    Returns ``(silu(conv(x)) in x.dtype, new_state [B, C, W-1] in x.dtype)``; computed in fp32. With
-    ``pos_in_doc`` the state is ``None`` (packed documents are never continued).
-    """
-    bsz, seqlen, channels = x.shape
-    width = weight.shape[-1]
-    if token_mask is not None:
-        x = x * token_mask.unsqueeze(-1).to(x.dtype)
-    if state is None:
-        state = x.new_zeros(bsz, channels, width - 1)
-    w = _f32(weight)
-    if seqlen == 1:  # decode: one dot product per channel over the window
-        window = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=2)  # [B, C, W]
-        out = (_f32(window) * w).sum(-1)
-        return F.silu(out).unsqueeze(1).to(x.dtype), window[:, :, 1:]
-    full = torch.cat([state.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, W-1+T, C]
-    wt = w.t()  # [W, C]: one contiguous row of taps per lag
-    out = _f32(full[:, width - 1 :]) * wt[width - 1]
-    for i in range(width - 1):
-        tap = _f32(full[:, i : i + seqlen]) * wt[i]
-        if pos_in_doc is not None:  # lag width-1-i must stay inside the token's document
-            tap = tap * (pos_in_doc >= width - 1 - i).unsqueeze(-1)
-        out = out + tap
-    new_state = None if pos_in_doc is not None else full[:, seqlen:].transpose(1, 2).contiguous()
-    return F.silu(out).to(x.dtype), new_state
-
-
-def positions_in_documents(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """``[T]`` index of each token inside its document, for documents packed along T at ``cu_seqlens``
-    (computed on the device, no host synchronisation)."""
-    idx = torch.arange(seqlen, device=cu_seqlens.device)
-    doc = torch.searchsorted(cu_seqlens[1:], idx, right=True)
-    return idx - cu_seqlens[doc]
 
 
 class KimiDeltaAttention(nn.Module):
@@ -143,7 +87,7 @@ class KimiDeltaAttention(nn.Module):
         With a per-head gate, ``f`` has one value per head and the result is that ``[B, T, H, 1]`` log decay
         expanded (a view) over the ``K`` key channels.
         """
-        f = F.softplus(_f32(f) + self.dt_bias)
+        f = F.softplus(f.float() + self.dt_bias)
         f = f.unflatten(-1, (self.num_heads, 1 if self.per_head_gate else self.head_dim))
         g = f * -self.A_log.exp().squeeze(0)
         return g.expand(*g.shape[:-1], self.head_dim)
@@ -171,11 +115,11 @@ class KimiDeltaAttention(nn.Module):
         if cache is not None:
             conv_state, recurrent_state = cache.kda_state(self.layer_idx)
         qkv, f, b, gate = self.projections(hidden_states)
-        pos_in_doc = positions_in_documents(cu_seqlens, seqlen) if cu_seqlens is not None else None
-        qkv, conv_state_out = short_conv(qkv, self.conv_weight(), conv_state, token_mask, pos_in_doc)
+        qkv, conv_state_out = short_conv(qkv, self.conv_weight(), conv_state, backend=self.backend,
+                                         token_mask=token_mask, cu_seqlens=cu_seqlens)
         q, k, v = qkv.unflatten(-1, (3, heads, dim)).unbind(2)
         g = self.log_decay(f)
-        beta = torch.sigmoid(_f32(b))
+        beta = torch.sigmoid(b.float())
         if token_mask is not None:  # padded batch: unpadded into cu_seqlens for fla, zero gates otherwise
             o, new_state = kda_padded(q, k, v, g, beta, token_mask, backend=self.backend,
                                       initial_state=recurrent_state, output_final_state=cache is not None)
@@ -184,7 +128,8 @@ class KimiDeltaAttention(nn.Module):
                                output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         if cache is not None:
             cache.update_kda_state(self.layer_idx, conv_state_out, new_state)
-        o = self.o_norm(o, gate.unflatten(-1, (heads, dim))).flatten(-2)
+        o = gated_rms_norm(o, gate.unflatten(-1, (heads, dim)), self.o_norm.weight, self.o_norm.variance_epsilon,
+                           backend=self.backend).flatten(-2)
         return self.o_proj(o)
 
 

@@ -1,4 +1,5 @@
-"""The one dispatch seam between the pure-PyTorch kernels and fla's Triton kernels.
+"""The one dispatch seam between the pure-PyTorch kernels and fla's Triton kernels (KDA itself, KDA's short
+convolution for prompts, its gated output norm).
 
 ``backend`` comes from ``config.kda_backend``:
 
@@ -13,8 +14,10 @@ import warnings
 
 import torch
 
-from .kda_fla import FLA_INSTALL_HINT, fla_kda_ops, kda_fla
+from .kda_fla import FLA_INSTALL_HINT, fla_kda_ops, fla_module_ops, gated_rms_norm_fla, kda_fla, short_conv_fla
 from .kda_torch import kda_chunk_torch, kda_recurrent_torch
+from .norms import gated_rms_normalize
+from .short_conv_torch import positions_in_documents, short_conv_torch
 
 _warned_missing_fla = False
 
@@ -122,3 +125,39 @@ def _kda_unpadded(q, k, v, g, beta, token_mask, lengths, backend, initial_state,
                    cu_seqlens=cu_seqlens)
     out = o.new_zeros(bsz * seqlen, heads, dv).index_copy(0, where, o[0])
     return out.view(bsz, seqlen, heads, dv), state
+
+
+def _fla_modules_for(backend: str, device: torch.device) -> bool:
+    """Whether fla's conv / norm kernels serve tensors on ``device`` (fla resolved and its modules import)."""
+    return resolve_kda_backend(backend, device) == "fla" and fla_module_ops() is not None
+
+
+def short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: torch.Tensor | None,
+    *,
+    backend: str = "auto",
+    token_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KDA's depthwise causal convolution + SiLU (``x [B, T, C]``, ``weight [C, W]``, ``state [B, C, W-1]``).
+
+    Prompts on the fla path use fla's ``causal_conv1d``; single-token steps and CPU tensors the PyTorch reference
+    (:func:`short_conv_torch.short_conv_torch`). ``cu_seqlens`` marks packed documents (each from zeros; no state
+    returned); ``token_mask`` zeroes padded inputs.
+    """
+    if x.shape[1] > 1 and _fla_modules_for(backend, x.device):
+        return short_conv_fla(x, weight, state, token_mask, cu_seqlens)
+    pos_in_doc = positions_in_documents(cu_seqlens, x.shape[1]) if cu_seqlens is not None else None
+    return short_conv_torch(x, weight, state, token_mask, pos_in_doc)
+
+
+def gated_rms_norm(
+    o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str = "auto"
+) -> torch.Tensor:
+    """KDA's output norm ``rmsnorm(o) * weight * sigmoid(gate)``: fla's fused kernel on the fla path, the PyTorch
+    reference (:func:`norms.gated_rms_normalize`) otherwise."""
+    if _fla_modules_for(backend, o.device):
+        return gated_rms_norm_fla(o, gate, weight, eps)
+    return gated_rms_normalize(o, gate, weight, eps)

@@ -12,6 +12,12 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def gated_rms_normalize(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rmsnorm(o) * weight * sigmoid(gate)`` over the last dimension, in fp32, returned in o's dtype."""
+    y = rms_normalize(o, eps) * weight.float() * torch.sigmoid(gate.float())
+    return y.to(o.dtype)
+
+
 class KimiRMSNorm(nn.Module):
     """RMSNorm as in the released code: normalise in fp32, cast back to the input dtype, then scale."""
 
@@ -39,8 +45,7 @@ class KimiGatedRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        y = rms_normalize(o, self.variance_epsilon) * self.weight.float() * torch.sigmoid(gate.float())
-        return y.to(o.dtype)
+        return gated_rms_normalize(o, gate, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"

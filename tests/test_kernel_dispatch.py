@@ -21,6 +21,8 @@ def fla_importable_but_broken(monkeypatch):
     """Simulate fla + triton installed on a machine without a GPU: the ops import, and crash if called."""
     monkeypatch.setattr(kernels, "fla_kda_ops", _exploding_ops)
     monkeypatch.setattr(kda_fla, "fla_kda_ops", _exploding_ops)
+    monkeypatch.setattr(kernels, "fla_module_ops", _exploding_ops)  # causal_conv1d, rms_norm_gated
+    monkeypatch.setattr(kda_fla, "fla_module_ops", _exploding_ops)
 
 
 def test_auto_backend_keeps_cpu_tensors_on_torch(fla_importable_but_broken):
@@ -50,9 +52,11 @@ def test_installed_fla_without_triton_imports_cleanly():
         has_triton = True
     except ImportError:
         has_triton = False
-    ops = kda_fla.fla_kda_ops()  # must not raise either way
+    kda_fla.fla_module_ops.cache_clear()
+    ops, module_ops = kda_fla.fla_kda_ops(), kda_fla.fla_module_ops()  # must not raise either way
     if not has_triton:
         assert ops is None, "without triton fla's kernels cannot run; the probe must say so"
+        assert module_ops is None
 
 
 def test_unknown_backend_is_rejected():
