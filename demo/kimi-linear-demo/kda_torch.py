@@ -112,21 +112,25 @@ def _initial_states(
 def _recurrent_core(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence, batched over B and H, looping over T. Inputs ``[B, T, H, *]``, state ``[B, H, K, V]``."""
-    bsz, _, heads, dk = k.shape
-    dv = v.shape[-1]
+    """The recurrence, batched over B and H, looping over T. Inputs ``[B, T, H, *]``, state ``[B, H, K, V]``.
+
+    One step: ``pred = (diag(e^g) S)^T k``, ``S' = diag(e^g) S + k (beta (v - pred))^T``, ``o = S'^T q``; the
+    rank-1 write is an in-place ``addcmul_`` on the freshly decayed state (a decode step has T = 1 and is
+    dispatch-bound: few, cheap calls)."""
     decay = g.exp()
     outs = []
     for t in range(q.shape[1]):
-        k_t = k[:, t]
-        pred = ((k_t * decay[:, t]).unsqueeze(-2) @ state).squeeze(-2)  # (diag(e^g) S)^T k  [B, H, V]
+        k_t, decay_t = k[:, t], decay[:, t]
+        pred = ((k_t * decay_t).unsqueeze(-2) @ state).squeeze(-2)  # [B, H, V]
         delta = beta[:, t].unsqueeze(-1) * (v[:, t] - pred)
-        state = state * decay[:, t].unsqueeze(-1)  # a fresh tensor, so the rank-1 write can be in place
-        state.view(bsz * heads, dk, dv).baddbmm_(k_t.reshape(-1, dk, 1), delta.reshape(-1, 1, dv))
-        outs.append((q[:, t].unsqueeze(-2) @ state).squeeze(-2))
+        state = state * decay_t.unsqueeze(-1)  # a fresh tensor, so the rank-1 write can be in place
+        state.addcmul_(k_t.unsqueeze(-1), delta.unsqueeze(-2))
+        outs.append(q[:, t].unsqueeze(-2) @ state)  # [B, H, 1, V]
     if not outs:
         return v.new_zeros(v.shape), state
-    return torch.stack(outs, 1), state
+    if len(outs) == 1:
+        return outs[0].transpose(1, 2), state  # [B, 1, H, V]
+    return torch.cat(outs, -2).transpose(1, 2), state
 
 
 def kda_recurrent_torch(
