@@ -200,9 +200,9 @@ def _scale_half(x: torch.Tensor, half: int, factor: torch.Tensor, inplace: bool)
     if inplace:
         x[..., half, :, :] *= factor
         return x
-    parts = list(x.unbind(-3))
-    parts[half] = parts[half] * factor
-    return torch.stack(parts, -3)
+    ones = torch.ones_like(factor)
+    scale = torch.stack([factor, ones] if half == 0 else [ones, factor], -3)  # [*, nb, 2, 1, K]: small
+    return x * scale
 
 
 def _decay_grams(
