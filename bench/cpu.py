@@ -3,7 +3,9 @@
 The native model is transformers' own ``kimi_linear`` on its PyTorch fallback (fla does not run on a CPU). Both
 models load one saved directory, and the script first checks they produce the same logits, so the timings compare
 the same computation. Measured: a forward over ``--prompt-len`` tokens, greedy generation of ``--new-tokens``
-tokens, and the time per decoded token after prompts of ``--contexts`` tokens. Prints medians and ratios.
+tokens, and the time per decoded token after prompts of ``--contexts`` tokens. Native and ours alternate round by
+round, so that both see the same load on a shared machine; prints medians, the median per-round speed-up and its
+range.
 
     python bench/cpu.py                   # the README's numbers
     python bench/cpu.py --contexts 512    # quicker
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -47,13 +50,23 @@ def native_tiny():
     return NativeModel(cfg).eval()
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
+def interleaved(run_native, run_ours, rounds: int) -> tuple[float, float, list[float]]:
+    """Run native, then ours, ``rounds`` times (so both see the same load on a shared machine); each call returns
+    seconds. Returns the two medians and the per-round speed-ups (native / ours)."""
+    native_s, ours_s = [], []
+    for _ in range(rounds):
+        native_s.append(run_native())
+        ours_s.append(run_ours())
+    return statistics.median(native_s), statistics.median(ours_s), [n / o for n, o in zip(native_s, ours_s)]
+
+
+def seconds(fn) -> Callable[[], float]:
+    """``fn`` as a timed call."""
+    def run() -> float:
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+    return run
 
 
 def greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
@@ -61,18 +74,22 @@ def greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
                           pad_token_id=0)
 
 
-def decode_step_time(model, context: int, steps: int) -> float:
-    """Median seconds per decoded token after a ``context``-token prompt (cache from one prefill)."""
+def decoder(model, context: int, steps: int) -> Callable[[], float]:
+    """After one ``context``-token prefill, each call decodes ``steps`` more tokens and returns the median seconds
+    per token (the context grows by ``steps`` per call, little against ``context``)."""
     ids = torch.randint(3, 1024, (1, context), generator=torch.Generator().manual_seed(context))
     out = model(ids, use_cache=True, logits_to_keep=1)
-    cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        out = model(nxt, past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - start)
-        cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
-    return statistics.median(times)
+    held = {"cache": output_cache(out), "next": out.logits[:, -1:].argmax(-1)}
+
+    def run() -> float:
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            out = model(held["next"], past_key_values=held["cache"], use_cache=True)
+            times.append(time.perf_counter() - start)
+            held["cache"], held["next"] = output_cache(out), out.logits[:, -1:].argmax(-1)
+        return statistics.median(times)
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,8 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=2048, help="tokens in the timed forward")
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens in the timed greedy generation")
     parser.add_argument("--contexts", default="512,2048,8192", help="contexts for the per-token decode time")
-    parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="median of this many runs (native: 1 if slow)")
+    parser.add_argument("--decode-steps", type=int, default=8, help="decode steps per round")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds, native and ours alternating (decode: twice as many); medians are reported")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -111,30 +129,30 @@ def main(argv: list[str] | None = None) -> None:
         native(check[:, :8])  # warm-up
 
         prompt = torch.randint(3, 1024, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
-        t_ours = timed(lambda: ours(prompt, use_cache=False), args.repeats)
-        t_native = timed(lambda: native(prompt, use_cache=False), 1 if args.prompt_len > 512 else args.repeats)
-        rows.append((f"forward, {args.prompt_len} tokens", t_native, t_ours))
+        rows.append((f"forward, {args.prompt_len} tokens", *interleaved(
+            seconds(lambda: native(prompt, use_cache=False)), seconds(lambda: ours(prompt, use_cache=False)),
+            args.repeats)))
 
         short = prompt[:, :32]
-        seq_ours = greedy(ours, short, args.new_tokens)
-        seq_native = greedy(native, short, args.new_tokens)
-        same = torch.equal(seq_ours, seq_native)
-        t_ours = timed(lambda: greedy(ours, short, args.new_tokens), args.repeats)
-        t_native = timed(lambda: greedy(native, short, args.new_tokens), 1)
-        rows.append((f"greedy generate, {args.new_tokens} new tokens", t_native, t_ours))
+        same = torch.equal(greedy(ours, short, args.new_tokens), greedy(native, short, args.new_tokens))
+        rows.append((f"greedy generate, {args.new_tokens} new tokens", *interleaved(
+            seconds(lambda: greedy(native, short, args.new_tokens)),
+            seconds(lambda: greedy(ours, short, args.new_tokens)), args.repeats)))
 
         for context in (int(c) for c in args.contexts.split(",")):
-            rows.append((f"decode, per token at {context} context", decode_step_time(native, context,
-                                                                                     args.decode_steps),
-                         decode_step_time(ours, context, args.decode_steps)))
+            rows.append((f"decode, per token at {context} context", *interleaved(
+                decoder(native, context, args.decode_steps), decoder(ours, context, args.decode_steps),
+                2 * args.repeats)))
     print(f"greedy tokens identical: {same}")
     print()
-    print("| task | native (s) | ours (s) | speed-up |")
-    print("|---|---|---|---|")
-    for task, t_native, t_ours in rows:
-        print(f"| {task} | {t_native:.4f} | {t_ours:.4f} | {t_native / t_ours:.1f}x |")
+    print("| task | native (s) | ours (s) | speed-up | speed-up per round (min - max) |")
+    print("|---|---|---|---|---|")
+    for task, t_native, t_ours, ratios in rows:
+        print(f"| {task} | {t_native:.4f} | {t_ours:.4f} | {statistics.median(ratios):.1f}x | "
+              f"{min(ratios):.1f}x - {max(ratios):.1f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps([dict(task=r[0], native_s=r[1], ours_s=r[2]) for r in rows], indent=1))
+        Path(args.json).write_text(json.dumps([dict(task=r[0], native_s=r[1], ours_s=r[2], speedups=r[3])
+                                               for r in rows], indent=1))
 
 
 if __name__ == "__main__":
