@@ -135,6 +135,11 @@ def warmup_lengths() -> tuple[int, ...]:
     return (1, 65) + BUCKETS[1:]
 
 
+def _pad_time(parts: list[torch.Tensor], pad: int) -> list[torch.Tensor]:
+    """Right-pad ``[B, T, ...]`` tensors with ``pad`` zero tokens: neutral for KDA (k = 0, g = 0, beta = 0)."""
+    return [torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in parts]
+
+
 def _bucketed_chunk_kda(chunk_kda, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm):
     seqlen = q.shape[1]
     window = BUCKETS[-1]
@@ -147,7 +152,7 @@ def _bucketed_chunk_kda(chunk_kda, q, k, v, g, beta, scale, initial_state, outpu
         pad = bucket - size
         parts = [x[:, start:end] for x in (q, k, v, g, beta)]
         if pad:
-            parts = [torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in parts]
+            parts = _pad_time(parts, pad)
         last = end == seqlen
         o, state = chunk_kda(
             *(x.contiguous() for x in parts), scale=scale, initial_state=state,
@@ -167,7 +172,7 @@ def _bucketed_varlen_chunk_kda(chunk_kda, q, k, v, g, beta, scale, initial_state
     parts = [q, k, v, g, beta]
     if bucket > total:
         pad = bucket - total
-        parts = [torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in parts]
+        parts = _pad_time(parts, pad)
         cu_seqlens = torch.cat([cu_seqlens[:-1], cu_seqlens.new_full((1,), bucket)])
     o, state = chunk_kda(
         *(x.contiguous() for x in parts), scale=scale, initial_state=initial_state,
