@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import faulthandler
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from modeling_kimi_linear.kda_torch import kda_chunk_torch  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
 TARGET = 1e-2
+T0 = time.perf_counter()
 
 
 class Rows(list):
@@ -108,6 +111,8 @@ def kda_layer_checks(rows: list[dict]) -> None:
         xi = xg.clone().requires_grad_(True)
         (layer(xi).float() * weight).sum().backward()
         grads[name] = {"input": xi.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+        torch.cuda.synchronize()
+        print(f"[{time.perf_counter() - T0:.0f}s] gradients through the {name} path done", flush=True)
     # float64 reference: the same layer and inputs entirely in fp64 on the torch path
     ref64 = copy.deepcopy(ref).double()
     ref64.zero_grad(set_to_none=True)
@@ -165,7 +170,6 @@ def graph_decode(rows: list[dict]) -> None:
     """CUDA-graph decode vs op-by-op decode of the same model (3 KDA + 1 MLA, 16 experts top-4, bf16, fla path):
     a left-padded batch of 2 decoded for 100 steps from 250 cached tokens (over two bucket boundaries, the cache
     buffers growing), then greedy ``generate()`` both ways."""
-    import time
 
     torch.manual_seed(0)
     model = set_backend(KimiLinearForCausalLM(check_config(moe=True)).to("cuda", torch.bfloat16).eval(), "fla")
@@ -227,28 +231,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.md / .json")
     parser.add_argument("--only", default="bare,layer,model,graph,stability",
-                        help="comma-separated checks to run (bare, layer, model, graph, stability)")
+                        help="comma-separated checks to run, in this order (bare, layer, model, graph, stability)")
     parser.add_argument("--stability", default="32768,10000", help="prefill,decode-steps of the stability run "
                         "('0,0' skips it)")
+    parser.add_argument("--traceback-after", type=float, default=0,
+                        help="print every thread's stack after this many seconds (to see where a slow run is)")
     args = parser.parse_args(argv)
+    if args.traceback_after:
+        faulthandler.dump_traceback_later(args.traceback_after)
     if not torch.cuda.is_available() or fla_kda_ops() is None:
         sys.exit("gpu_check needs a CUDA GPU and flash-linear-attention (pip install 'fla-core>=0.5.1,<0.7')")
     import fla
     import transformers
 
     rows: list[dict] = Rows()
-    only = set(args.only.split(","))
-    if "bare" in only:
-        bare_op(rows)
-    if "layer" in only:
-        kda_layer_checks(rows)
-    if "model" in only:
-        model_level(rows)
-    if "graph" in only:
-        graph_decode(rows)
     prefill, steps = (int(x) for x in args.stability.split(","))
-    if steps and "stability" in only:
-        stability(rows, prefill, steps)
+    checks = {"bare": lambda: bare_op(rows), "layer": lambda: kda_layer_checks(rows), "model": lambda: model_level(rows),
+              "graph": lambda: graph_decode(rows), "stability": lambda: steps and stability(rows, prefill, steps)}
+    names = args.only.split(",")
+    unknown = [n for n in names if n not in checks]
+    if unknown:
+        parser.error(f"unknown check(s) {unknown}; choose from {sorted(checks)}")
+    for name in names:  # in the order given, so the one that matters most can go first in a short lease
+        checks[name]()
     head = (f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
             f"{transformers.__version__}, fla {fla.__version__}; {datetime.date.today()}; bf16 unless a row says fp32")
     lines = [head, "", "| check | relative error | <= 1e-2 |", "|---|---|---|"]
