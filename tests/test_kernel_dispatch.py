@@ -147,3 +147,28 @@ def test_varlen_bucketing_leaves_every_sequence_unchanged():
     assert seen == [kda_fla.BUCKETS[0]] and o.shape == want.shape
     assert (o - want).abs().max().item() <= 1e-5
     assert (final - want_final).abs().max().item() <= 1e-5
+
+
+
+def test_gated_norm_slices_rows_so_fla_compiles_one_variant(monkeypatch):
+    """fla's gated norm compiles one kernel per ceil(rows / 65536); the wrapper feeds it slices of at most
+    NORM_SLICE_ROWS rows, with the same result as one call. The PyTorch reference (rows normalised independently)
+    stands in for fla's kernel, same call signature."""
+    from modeling_kimi_linear.norms import gated_rms_normalize
+
+    def rms_norm_gated(x, g, weight, bias, *, activation, eps):
+        assert bias is None and activation == "sigmoid"
+        seen.append(x.shape[0])
+        return gated_rms_normalize(x, g, weight, eps)
+
+    monkeypatch.setattr(kda_fla, "fla_module_ops", lambda: (None, rms_norm_gated))
+    monkeypatch.setattr(kda_fla, "NORM_SLICE_ROWS", 12)
+    torch.manual_seed(0)
+    o, gate, weight = torch.randn(2, 15, 1, 8), torch.randn(2, 15, 1, 8), torch.rand(8) + 0.5
+    for rows, calls in ((30, [12, 12, 6]), (12, [12]), (5, [5])):
+        seen = []
+        flat = (o.reshape(-1, 8)[:rows], gate.reshape(-1, 8)[:rows])
+        out = kda_fla.gated_rms_norm_fla(*flat, weight, 1e-6)
+        assert seen == calls
+        assert torch.allclose(out, gated_rms_normalize(*flat, weight, 1e-6), atol=1e-6)
+    assert kda_fla.gated_rms_norm_fla(o, gate, weight, 1e-6).shape == o.shape

@@ -76,9 +76,18 @@ def gated_rms_norm_fla(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor
     if ops is None:
         raise RuntimeError(f"fla's rms_norm_gated does not import: {FLA_INSTALL_HINT}")
     shape = o.shape
-    y = ops[1](o.reshape(-1, shape[-1]), gate.reshape(-1, shape[-1]).to(o.dtype), weight, None,
-               activation="sigmoid", eps=eps)
-    return y.view(shape)
+    rows, gates = o.reshape(-1, shape[-1]), gate.reshape(-1, shape[-1]).to(o.dtype)
+    starts = range(0, max(rows.shape[0], 1), NORM_SLICE_ROWS)
+    pieces = [ops[1](rows[s : s + NORM_SLICE_ROWS], gates[s : s + NORM_SLICE_ROWS], weight, None,
+                     activation="sigmoid", eps=eps) for s in starts]
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(shape)
+
+
+# fla's fused gated norm compiles (and autotunes) its kernel once per NB = ceil(rows / 65536), a compile-time
+# constant: at 32 heads a new NB every 2048 tokens, each costing ~3 s (H200, 2026-12-01), so every long prompt length
+# past the warm-up stalled its first prefill (3.7 s at 40K tokens, 4 s at 132K). Rows go through in slices of at most
+# 65536, so NB is always 1, which any warm-up prompt compiles; a 128K-token prompt makes 64 launches per layer.
+NORM_SLICE_ROWS = 65536
 
 
 def kda_fla(
