@@ -5,7 +5,8 @@ models load one saved directory, and the script first checks they produce the sa
 the same computation. Measured: a forward over ``--prompt-len`` tokens, greedy generation of ``--new-tokens``
 tokens, and the time per decoded token after prompts of ``--contexts`` tokens. Native and ours alternate round by
 round, so that both see the same load on a shared machine; prints medians, the median per-round speed-up and its
-range.
+range. Generation and decode are also timed for ours with ``model.compile_cpu_decode = True`` (the decode step
+through ``torch.compile``), compiled once by ``warmup()`` before the timings; the compile time is printed apart.
 
     python bench/cpu.py                   # the README's numbers
     python bench/cpu.py --contexts 512    # quicker
@@ -50,14 +51,15 @@ def native_tiny():
     return NativeModel(cfg).eval()
 
 
-def interleaved(run_native, run_ours, rounds: int) -> tuple[float, float, list[float]]:
-    """Run native, then ours, ``rounds`` times (so both see the same load on a shared machine); each call returns
-    seconds. Returns the two medians and the per-round speed-ups (native / ours)."""
-    native_s, ours_s = [], []
+def interleaved(runs: list[Callable[[], float]], rounds: int) -> list[tuple[float, list[float]]]:
+    """Run each of ``runs`` in turn, ``rounds`` times (so all see the same load on a shared machine); each call
+    returns seconds, the first is the anchor (native). Returns per run: the median and the per-round speed-ups
+    (anchor / run)."""
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(rounds):
-        native_s.append(run_native())
-        ours_s.append(run_ours())
-    return statistics.median(native_s), statistics.median(ours_s), [n / o for n, o in zip(native_s, ours_s)]
+        for seen, run in zip(times, runs):
+            seen.append(run())
+    return [(statistics.median(t), [a / b for a, b in zip(times[0], t)]) for t in times]
 
 
 def seconds(fn) -> Callable[[], float]:
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds, native and ours alternating (decode: twice as many); medians are reported")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false",
+                        help="skip our compiled decode (model.compile_cpu_decode = True, compiled once up front)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         native.save_pretrained(tmp)
         ours = KimiLinearForCausalLM.from_pretrained(tmp).eval()
+        compiled = KimiLinearForCausalLM.from_pretrained(tmp).eval() if args.compiled else None
     n_params = sum(p.numel() for p in ours.parameters())
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -128,31 +133,54 @@ def main(argv: list[str] | None = None) -> None:
         ours(check[:, :8])
         native(check[:, :8])  # warm-up
 
+        compile_s = None
+        if compiled is not None:
+            compiled.compile_cpu_decode = True
+            start = time.perf_counter()
+            compiled.warmup()
+            compile_s = time.perf_counter() - start
+            print(f"compile_cpu_decode: warmup() compiled the decode step in {compile_s:.1f} s")
+
+        def contenders(make):  # native, ours, ours compiled (when asked for)
+            return [make(native), make(ours)] + ([make(compiled)] if compiled is not None else [])
+
         prompt = torch.randint(3, 1024, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
-        rows.append((f"forward, {args.prompt_len} tokens", *interleaved(
-            seconds(lambda: native(prompt, use_cache=False)), seconds(lambda: ours(prompt, use_cache=False)),
-            args.repeats)))
+        rows.append((f"forward, {args.prompt_len} tokens", interleaved(
+            [seconds(lambda m=m: m(prompt, use_cache=False)) for m in (native, ours)], args.repeats)))
 
         short = prompt[:, :32]
-        same = torch.equal(greedy(ours, short, args.new_tokens), greedy(native, short, args.new_tokens))
-        rows.append((f"greedy generate, {args.new_tokens} new tokens", *interleaved(
-            seconds(lambda: greedy(native, short, args.new_tokens)),
-            seconds(lambda: greedy(ours, short, args.new_tokens)), args.repeats)))
+        reference = greedy(native, short, args.new_tokens)
+        same = all(torch.equal(greedy(m, short, args.new_tokens), reference) for m in contenders(lambda m: m)[1:])
+        rows.append((f"greedy generate, {args.new_tokens} new tokens", interleaved(
+            contenders(lambda m: seconds(lambda: greedy(m, short, args.new_tokens))), args.repeats)))
 
         for context in (int(c) for c in args.contexts.split(",")):
-            rows.append((f"decode, per token at {context} context", *interleaved(
-                decoder(native, context, args.decode_steps), decoder(ours, context, args.decode_steps),
-                2 * args.repeats)))
+            rows.append((f"decode, per token at {context} context", interleaved(
+                contenders(lambda m: decoder(m, context, args.decode_steps)), 2 * args.repeats)))
     print(f"greedy tokens identical: {same}")
     print()
-    print("| task | native (s) | ours (s) | speed-up | speed-up per round (min - max) |")
-    print("|---|---|---|---|---|")
-    for task, t_native, t_ours, ratios in rows:
-        print(f"| {task} | {t_native:.4f} | {t_ours:.4f} | {statistics.median(ratios):.1f}x | "
-              f"{min(ratios):.1f}x - {max(ratios):.1f}x |")
+    head = "| task | native (s) | ours (s) | speed-up | speed-up per round (min - max) |"
+    if compiled is not None:
+        head += " ours, compiled decode (s) | speed-up | per round (min - max) |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for task, results in rows:
+        (t_native, _), *others = results
+        cells = [task, f"{t_native:.4f}"]
+        for t, ratios in others:
+            cells += [f"{t:.4f}", f"{statistics.median(ratios):.1f}x", f"{min(ratios):.1f}x - {max(ratios):.1f}x"]
+        if compiled is not None and len(others) == 1:
+            cells += ["-", "-", "-"]
+        print("| " + " | ".join(cells) + " |")
+    if compile_s is not None:
+        print(f"\ncompiled decode: {compile_s:.1f} s of compiling in warmup() (once per process; inductor's disk cache "
+              "shortens later runs), not in the timings above")
     if args.json:
-        Path(args.json).write_text(json.dumps([dict(task=r[0], native_s=r[1], ours_s=r[2], speedups=r[3])
-                                               for r in rows], indent=1))
+        names = ["native", "ours", "ours_compiled"]
+        Path(args.json).write_text(json.dumps(
+            [dict(task=task, **{f"{n}_s": t for n, (t, _) in zip(names, results)},
+                  **{f"{n}_speedups": r for n, (_, r) in zip(names[1:], results[1:])}) for task, results in rows]
+            + [dict(compile_s=compile_s)], indent=1))
 
 
 if __name__ == "__main__":

@@ -149,9 +149,13 @@ class StaticDecoder:
     def _run(self, step: StaticDecodeStep, ids: torch.Tensor, cache: "KimiLinearCache") -> torch.Tensor:
         cache.graph_step = step
         try:
-            return self.forward_step(ids, cache)
+            return self._call(ids, cache)
         finally:
             cache.graph_step = None
+
+    def _call(self, ids: torch.Tensor, cache: "KimiLinearCache") -> torch.Tensor:
+        """One static step with ``cache.graph_step`` set (a subclass may run it compiled)."""
+        return self.forward_step(ids, cache)
 
     def _capture(self, step: StaticDecodeStep, ids: torch.Tensor, cache: "KimiLinearCache") -> _Captured:
         """Warm up (kernels compile and tune outside the capture; the cache's states are restored after) and

@@ -24,10 +24,11 @@ from transformers.modeling_utils import PreTrainedModel
 from .cache_kimi_linear import KimiLinearCache
 from .checkpoint_layout import conversion_registered, released_state_dict
 from .configuration_kimi_linear import KimiLinearConfig
+from .compiled_decode import CompiledDecoder
 from .cuda_graph_decode import StaticDecoder
 from .kda_layer import KimiDeltaAttention
 from .mla_layer import KimiMLAAttention
-from .transformers_compat import cache_field, one_cache, output_cache
+from .transformers_compat import CACHE_FIELD, build_output, cache_field, one_cache, output_cache
 from .moe import KimiExperts, KimiMLP, KimiMoEGate, KimiSparseMoeBlock
 from .norms import KimiGatedRMSNorm, KimiRMSNorm
 
@@ -223,13 +224,14 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             past_key_values = None
 
         bsz, seqlen, _ = inputs_embeds.shape
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if cu_seqlens is None:
             cu_seqlens = kwargs.get("cu_seq_lens_q")
         if past_key_values is not None and past_key_values.graph_step is not None:
-            # a static decode step (cuda_graph_decode): masks come from device-side inputs, no host reads
+            # a static decode step (cuda_graph_decode, compiled_decode): masks come from device-side inputs, and
+            # the Python token counter is not read (a compiled step would otherwise be specialised on it)
             token_mask, attn_mask = past_key_values.graph_step.masks()
         else:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
             token_mask, attn_mask, cu_seqlens = build_masks(
                 attention_mask, position_ids, cu_seqlens, bsz, seqlen, past, inputs_embeds.device
             )
@@ -250,7 +252,8 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             all_hidden.append(hidden_states)
         if past_key_values is not None:
             past_key_values.advance(seqlen)
-        return MoeModelOutputWithPast(
+        return build_output(
+            MoeModelOutputWithPast,
             last_hidden_state=hidden_states,
             **cache_field(past_key_values),
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
@@ -321,6 +324,13 @@ def build_masks(
     return token_mask, allowed.unsqueeze(1), cu_seqlens
 
 
+#: kwargs generate() passes to a decode step that :meth:`KimiLinearForCausalLM.prepare_inputs_for_generation`
+#: forwards as they are (anything else takes transformers' general path).
+_DECODE_STEP_KWARGS = frozenset(
+    {"use_cache", "logits_to_keep", "position_ids", "output_attentions", "output_hidden_states", "output_router_logits"}
+)
+
+
 class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
     """Kimi Linear with a language-modelling head; plugs into ``generate()`` and ``Trainer``.
 
@@ -328,10 +338,14 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
     replayed as CUDA graphs (:mod:`cuda_graph_decode`): on an H200 a step of an 8-layer full-width model took 2.8 ms
     against 26 ms op by op, with the same greedy tokens (``bench/gpu_check.py --only graph``, ``bench/gpu.py``).
     ``model.cuda_graph_decode = False`` decodes op by op.
+
+    On a CPU, ``model.compile_cpu_decode = True`` runs decode steps through ``torch.compile``
+    (:mod:`compiled_decode`): several times faster per token once compiled, at tens of seconds of compiling first.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     cuda_graph_decode: bool = True
+    compile_cpu_decode: bool = False
 
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__(config)
@@ -352,10 +366,25 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def warmup(self, batch_size: int = 1, padded: bool = True) -> None:
-        """Run each prefill length the GPU kernels are tuned for once - from an empty cache and continuing a cache
-        (kernels are specialised on whether a state comes in) - and a decode step, so that no later prompt length
-        stalls on kernel compilation or autotuning; with ``padded``, also a left-padded batch of two (padded
-        prompts run fla's variable-length kernels). Cheap; a no-op in effect on CPU."""
+        """Prime the kernels so that no later call stalls on compilation.
+
+        On a GPU: run each prefill length the kernels are tuned for once - from an empty cache and continuing a
+        cache (kernels are specialised on whether a state comes in) - and a decode step, so that no later prompt
+        length stalls on kernel compilation or autotuning; with ``padded``, also a left-padded batch of two (padded
+        prompts run fla's variable-length kernels). On a CPU there is nothing to tune; with
+        ``compile_cpu_decode`` a short prompt and a decode step compile the decode step for ``batch_size``.
+        """
+        if self.device.type == "cpu":
+            if self.compile_cpu_decode:
+                ids = torch.full((batch_size, 8), 3, dtype=torch.long, device=self.device)
+                with torch.no_grad():
+                    out = self(input_ids=ids, use_cache=True, logits_to_keep=1)
+                    self(input_ids=ids[:, :1], past_key_values=output_cache(out), use_cache=True)
+            return
+        self._warmup_kernels(batch_size, padded)
+
+    def _warmup_kernels(self, batch_size: int, padded: bool) -> None:
+        """The GPU passes of :meth:`warmup`."""
         from .kda_fla import warmup_lengths
 
         for length in warmup_lengths():
@@ -371,13 +400,62 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 
-    def _graph_step_applies(self, input_ids, inputs_embeds, past_key_values, labels,  # noqa: ANN001
-                            output_hidden_states, output_router_logits, use_cache, kwargs: dict) -> bool:
-        """Whether this forward is a CUDA decode step that :mod:`cuda_graph_decode` can replay."""
-        return (
-            self.cuda_graph_decode
-            and input_ids is not None
-            and input_ids.is_cuda
+    # ------------------------------------------------------------------ generate(): lean decode steps
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: int | None = None,
+                                      cache: KimiLinearCache | None = None,
+                                      attention_mask: torch.Tensor | None = None,
+                                      inputs_embeds: torch.Tensor | None = None, is_first_iteration: bool | None = False,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """``GenerationMixin.prepare_inputs_for_generation``, with a short path for a decode step (one new token,
+        a cache, only the usual kwargs): the same inputs less ``position_ids``, which a one-token step never reads.
+        It skips the general method's per-step work: ``inspect.signature(self.forward)`` (done every step for
+        classes registered for an auto class, as ours are), ``self.device`` and slicing the position ids."""
+        if (
+            not is_first_iteration
+            and next_sequence_length == 1
+            and isinstance(cache, KimiLinearCache)
+            and CACHE_FIELD == "cache"
+            and kwargs.keys() <= _DECODE_STEP_KWARGS
+            and input_ids.device == self.model.embed_tokens.weight.device
+        ):
+            model_inputs = {"input_ids": input_ids[:, -1:].clone(memory_format=torch.contiguous_format), "cache": cache}
+            if attention_mask is not None:
+                model_inputs["attention_mask"] = attention_mask
+            for key, value in kwargs.items():
+                if key != "position_ids":
+                    model_inputs[key] = value
+            return model_inputs
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
+
+    def _update_model_kwargs_for_generation(self, outputs: Any, model_kwargs: dict[str, Any],
+                                            is_encoder_decoder: bool = False, num_new_tokens: int = 1) -> dict[str, Any]:
+        """``GenerationMixin._update_model_kwargs_for_generation``; for one new token with our cache it drops the
+        ``position_ids`` instead of growing them (decode steps do not read them, see
+        :meth:`prepare_inputs_for_generation`) and skips the checks for inputs we have no use for."""
+        cache = outputs.get(CACHE_FIELD) if CACHE_FIELD == "cache" else None
+        if (
+            num_new_tokens == 1
+            and not is_encoder_decoder
+            and isinstance(cache, KimiLinearCache)
+            and model_kwargs.get("token_type_ids") is None
+            and model_kwargs.get("mm_token_type_ids") is None
+        ):
+            model_kwargs["cache"] = cache
+            model_kwargs.pop("position_ids", None)
+            if (mask := model_kwargs.get("attention_mask")) is not None:
+                model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            return model_kwargs
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, num_new_tokens)
+
+    def _static_decoder_for(self, input_ids, inputs_embeds, past_key_values, labels,  # noqa: ANN001
+                            output_hidden_states, output_router_logits, use_cache, kwargs: dict) -> StaticDecoder | None:
+        """The runner of a static decode step for this forward - CUDA graphs (``cuda_graph_decode``) or a compiled
+        CPU step (``compile_cpu_decode``) - or ``None`` when this forward is not such a step."""
+        one_step = (
+            input_ids is not None
             and input_ids.shape[1] == 1
             and isinstance(past_key_values, KimiLinearCache)
             and past_key_values.get_seq_length() > 0
@@ -389,11 +467,17 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             and not self.training
             and not torch.is_grad_enabled()
         )
-
-    def _static_decoder(self) -> StaticDecoder:
-        decoder = self.__dict__.get("_graph_decoder")
+        if not one_step:
+            return None
+        if input_ids.is_cuda and self.cuda_graph_decode:
+            kind, runner = "_graph_decoder", StaticDecoder
+        elif input_ids.device.type == "cpu" and self.compile_cpu_decode:
+            kind, runner = "_compiled_decoder", CompiledDecoder
+        else:
+            return None
+        decoder = self.__dict__.get(kind)
         if decoder is None:
-            decoder = self.__dict__["_graph_decoder"] = StaticDecoder(self._decode_logits)
+            decoder = self.__dict__[kind] = runner(self._decode_logits)
         return decoder
 
     def _decode_logits(self, input_ids: torch.Tensor, cache: KimiLinearCache) -> torch.Tensor:
@@ -422,10 +506,11 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         builds ``[T, vocab]`` logits. The cache may be passed as ``past_key_values`` or ``cache``.
         """
         past_key_values = one_cache(cache, past_key_values)
-        if self._graph_step_applies(input_ids, inputs_embeds, past_key_values, labels, output_hidden_states,
-                                    output_router_logits, use_cache, kwargs):
-            logits = self._static_decoder().step(input_ids, attention_mask, past_key_values)
-            return MoeCausalLMOutputWithPast(logits=logits, **cache_field(past_key_values))
+        decoder = self._static_decoder_for(input_ids, inputs_embeds, past_key_values, labels, output_hidden_states,
+                                           output_router_logits, use_cache, kwargs)
+        if decoder is not None:
+            logits = decoder.step(input_ids, attention_mask, past_key_values)
+            return build_output(MoeCausalLMOutputWithPast, logits=logits, **cache_field(past_key_values))
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -447,7 +532,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             aux_loss = self.router_balance_loss(outputs.router_logits)
             if loss is not None and self.config.router_aux_loss_coef:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
+        return build_output(
+            MoeCausalLMOutputWithPast,
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,

@@ -109,8 +109,9 @@ def test_padded_batch_auto_route_is_zero_gates_on_cpu_and_rows_without_tokens_wo
 
 
 def test_warmup_runs_every_pass(monkeypatch):
-    """model.warmup() (GPU kernel priming) runs its prefill, continuation, decode and padded passes; on CPU at
-    short lengths here, to check the calls themselves."""
+    """model.warmup()'s GPU kernel priming runs its prefill, continuation, decode and padded passes (run on CPU at
+    short lengths here, to check the calls themselves); on a CPU warmup() itself runs nothing, or with
+    compile_cpu_decode one short prompt and one decode step."""
     from modeling_kimi_linear.presets import load_preset
 
     monkeypatch.setattr(kda_fla, "warmup_lengths", lambda: (1, 65))
@@ -118,8 +119,15 @@ def test_warmup_runs_every_pass(monkeypatch):
     model = KimiLinearForCausalLM(load_preset("tiny")).eval()
     model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
                                     with_kwargs=True)
-    model.warmup()
+    model._warmup_kernels(1, padded=True)
     assert calls == [(1, 1), (1, 1), (1, 1), (1, 65), (1, 65), (1, 1), (2, 65)]
+    calls.clear()
+    model.warmup()
+    assert calls == []
+    model.compile_cpu_decode = True
+    monkeypatch.setattr(KimiLinearForCausalLM, "_static_decoder_for", lambda *args: None)  # no compiling here
+    model.warmup(batch_size=2)
+    assert calls == [(2, 8), (2, 1)]
 
 
 def test_varlen_bucketing_leaves_every_sequence_unchanged():

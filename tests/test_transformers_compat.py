@@ -51,3 +51,27 @@ def test_generate_and_outputs_print_no_deprecation_warning():
                              pad_token_id=0)
     assert out.sequences.shape == (1, 9)
     assert output_cache(out).get_seq_length() == 8  # the last new token is not fed back
+
+
+@pytest.mark.parametrize("with_loss", [False, True])
+def test_fast_output_construction_equals_the_dataclass_constructor(with_loss):
+    """build_output() skips ModelOutput's per-field bookkeeping; what it builds must be indistinguishable: type,
+    keys and their order, attributes (None ones included), item access, to_tuple()."""
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+    from modeling_kimi_linear.transformers_compat import build_output, cache_field
+
+    cache = KimiLinearCache(tiny_model(MIXES["3:1"]).config)
+    logits, loss = torch.randn(1, 2, 8), torch.tensor(1.5) if with_loss else None
+    for cls, values in (
+        (MoeCausalLMOutputWithPast, dict(loss=loss, logits=logits, **cache_field(cache), hidden_states=None)),
+        (MoeModelOutputWithPast, dict(last_hidden_state=logits, **cache_field(cache), router_logits=None)),
+    ):
+        fast, slow = build_output(cls, **values), cls(**values)
+        assert type(fast) is type(slow)
+        assert list(fast.keys()) == list(slow.keys())
+        assert all(getattr(fast, f) is getattr(slow, f) for f in cls.__dataclass_fields__)
+        assert all(fast[k] is slow[k] for k in slow.keys())
+        assert len(fast.to_tuple()) == len(slow.to_tuple())
+        assert all(a is b for a, b in zip(fast.to_tuple(), slow.to_tuple()))
+        assert output_cache(fast) is cache

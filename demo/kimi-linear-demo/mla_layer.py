@@ -95,14 +95,25 @@ class KimiMLAAttention(nn.Module):
         # (SDPA has no fused kernel for 576-wide heads and its fallback is slow; one query row per head is two
         # batched products and a softmax, with scores in fp32.)
         q_lat = q_lat.reshape(bsz, heads * seqlen, -1)
-        scores = _scores_fp32(q_lat, latent) * self.scaling  # [B, nh*T, S]
+        # Compiled for the CPU (compiled_decode), the two products are written as broadcast products and sums,
+        # which inductor fuses into loops that read each latent row once; extern bmm calls read them twice.
+        fused = torch.compiler.is_compiling() and not latent.is_cuda
+        if fused:
+            scores = (q_lat.float().unsqueeze(2) * latent.float().unsqueeze(1)).sum(-1)
+        else:
+            scores = _scores_fp32(q_lat, latent)
+        scores = scores * self.scaling  # [B, nh*T, S]
         if attn_mask is not None:
             mask = attn_mask[:, 0]  # [B or 1, T, S]
             if seqlen > 1:
                 mask = mask.unsqueeze(1).expand(-1, heads, -1, -1).flatten(1, 2)
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(-1).to(latent.dtype)
-        out = torch.bmm(probs, latent[..., : self.kv_lora_rank])  # [B, nh*T, r]
+        probs = scores.softmax(-1)
+        values = latent[..., : self.kv_lora_rank]
+        if fused:
+            out = (probs.unsqueeze(-1) * values.float().unsqueeze(1)).sum(2).to(latent.dtype)
+        else:
+            out = torch.bmm(probs.to(latent.dtype), values)  # [B, nh*T, r]
         return torch.matmul(out.view(bsz, heads, seqlen, -1), w_v.transpose(1, 2))  # [B, nh, T, v]
 
     def attend_expanded(self, q: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -146,7 +157,8 @@ class KimiMLAAttention(nn.Module):
         latent = self.latent(hidden_states)
         past = 0
         if cache is not None:
-            past = cache.get_seq_length()
+            # a static decode step always has a past; not reading the token counter keeps it out of compiled guards
+            past = 1 if cache.graph_step is not None else cache.get_seq_length()
             latent = cache.append_latent(self.layer_idx, latent)
         # The absorbed path reads kv_b_proj's weight directly; a wrapped projection (a PEFT LoRA adapter, a
         # quantised layer) must run as a module, so it takes the expanded path.

