@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.output_router_logits = False
+    model.config.use_cache = model.generation_config.use_cache = True  # Trainer leaves use_cache=False behind
     model.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

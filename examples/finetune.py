@@ -689,7 +689,11 @@ def print_summary(metrics: dict[str, Any]) -> None:
 
 
 def save_outputs(args: argparse.Namespace, model, tokenizer, stage: Path) -> None:
-    """Model or adapter (+ merged model), and the tokenizer, into ``stage``."""
+    """Model or adapter (+ merged model), and the tokenizer, into ``stage``. Trainer leaves ``use_cache=False`` in
+    the config (its ``TrainingArguments.use_cache``), which would make every later ``generate()`` re-run the whole
+    sequence each step: the saved model gets the cache back."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.use_cache = base.generation_config.use_cache = True
     model.save_pretrained(stage)
     tokenizer.save_pretrained(stage)
     if args.merge_lora:

@@ -87,6 +87,24 @@ def test_generate_with_the_demo_prints_what_the_model_generates(capsys):
     assert printed.strip() == tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
+def test_the_demo_generates_with_its_cache():
+    """The demo's saved configs keep use_cache on (Trainer had left it off, and every generated token re-ran the
+    whole sequence): a generate() call builds a KimiLinearCache."""
+    from transformers import GenerationConfig
+
+    from modeling_kimi_linear import KimiLinearCache
+    from modeling_kimi_linear.cli import demo_checkpoint
+
+    path = demo_checkpoint()
+    assert GenerationConfig.from_pretrained(path).use_cache
+    model = KimiLinearForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert model.config.use_cache
+    out = model.generate(torch.tensor([[1, 40, 41]]), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    cache = out.get("cache", out.get("past_key_values"))
+    assert isinstance(cache, KimiLinearCache) and cache.get_seq_length() == 5
+
+
 def test_info_on_the_demo_checkpoint_reads_its_config(capsys):
     from modeling_kimi_linear import KimiLinearConfig
     from modeling_kimi_linear.cli import demo_checkpoint

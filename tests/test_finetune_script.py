@@ -122,6 +122,7 @@ def test_full_finetune_loss_falls_and_the_saved_model_reloads_and_generates(tmp_
     assert 0 < metrics["train_tokens"] <= 30 * 4 * 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "full"], "no staging directory is left"
 
+    assert json.loads((out / "config.json").read_text())["use_cache"]  # Trainer turns it off; saving restores it
     model = KimiLinearForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(0)
