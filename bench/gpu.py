@@ -18,7 +18,6 @@ Prints ratios; ``--out`` gets gpu.md and gpu.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.gpu_report import save_report, versions_header  # noqa: E402
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.checkpoint_layout import state_dict_from_released  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
@@ -230,19 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
-    import transformers
-
-    try:
-        import fla
-
-        fla_version = fla.__version__
-    except ImportError:
-        fla_version = "not installed"
     torch.backends.cuda.matmul.allow_tf32 = True
     bw = copy_bandwidth()
-    header = (f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
-              f"{transformers.__version__}, fla {fla_version}; {datetime.date.today()}; bf16, batch 1; "
-              f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    header = versions_header(f"bf16, batch 1; copy bandwidth {bw / 1e12:.2f} TB/s")
     log(header)
     rows: list[dict] = []
     for layout in args.layouts.split(","):
@@ -263,12 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             del native
         gc.collect()
         torch.cuda.empty_cache()
-    text = table(rows, header)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.md").write_text(text + "\n")
-    (out / "gpu.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    save_report(args.out, "gpu", table(rows, header), header, rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import faulthandler
 import json
 import os
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.gpu_report import save_report, versions_header  # noqa: E402
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.kda_fla import fla_kda_ops  # noqa: E402
 from modeling_kimi_linear.kda_torch import kda_chunk_torch  # noqa: E402
@@ -241,9 +241,6 @@ def main(argv: list[str] | None = None) -> None:
         faulthandler.dump_traceback_later(args.traceback_after)
     if not torch.cuda.is_available() or fla_kda_ops() is None:
         sys.exit("gpu_check needs a CUDA GPU and flash-linear-attention (pip install 'fla-core>=0.5.1,<0.7')")
-    import fla
-    import transformers
-
     rows: list[dict] = Rows()
     prefill, steps = (int(x) for x in args.stability.split(","))
     checks = {"bare": lambda: bare_op(rows), "layer": lambda: kda_layer_checks(rows), "model": lambda: model_level(rows),
@@ -254,19 +251,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown check(s) {unknown}; choose from {sorted(checks)}")
     for name in names:  # in the order given, so the one that matters most can go first in a short lease
         checks[name]()
-    head = (f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, fla {fla.__version__}; {datetime.date.today()}; bf16 unless a row says fp32")
+    head = versions_header("bf16 unless a row says fp32")
     lines = [head, "", "| check | relative error | <= 1e-2 |", "|---|---|---|"]
     for r in rows:
         verdict = "-" if r.get("info") else ("yes" if r["rel_err"] <= TARGET else "NO")
         lines.append(f"| {r['check']} | {r['rel_err']:.2e} | {verdict} |")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.md").write_text(text + "\n")
-    (out / "gpu_check.json").write_text(json.dumps({"header": head, "rows": rows}, indent=1))
-
+    save_report(args.out, "gpu_check", "\n".join(lines), head, rows)
 
 if __name__ == "__main__":
     main()

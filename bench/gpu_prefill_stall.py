@@ -11,7 +11,6 @@ shows whether KDA or MLA layers cause it. Prints a markdown table; ``--out`` get
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.gpu_report import save_report, versions_header  # noqa: E402
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 
 KDA, MLA = "linear_attention", "full_attention"
@@ -76,26 +76,11 @@ def main(argv: list[str] | None = None) -> None:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    import transformers
-
-    try:
-        import fla
-
-        fla_version = fla.__version__
-    except ImportError:
-        fla_version = "not installed"
-    head = (f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, fla {fla_version}; {datetime.date.today()}; bf16, batch 1, 8 layers")
+    head = versions_header("bf16, batch 1, 8 layers")
     lines = [head, "", "| layout | prompt | first call (s) | second call (s) | first / second |", "|---|---|---|---|---|"]
     lines += [f"| {r['layout']} | {r['T']} | {r['first_s']} | {r['second_s']} | {r['first_over_second']}x |"
               for r in rows]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prefill_stall.md").write_text(text + "\n")
-    (out / "prefill_stall.json").write_text(json.dumps({"header": head, "rows": rows}, indent=1))
-
+    save_report(args.out, "prefill_stall", "\n".join(lines), head, rows)
 
 if __name__ == "__main__":
     main()

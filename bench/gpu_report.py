@@ -1,0 +1,32 @@
+"""What the GPU scripts in bench/ share: the device-and-versions header and writing a result as .md and .json."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import torch
+
+
+def versions_header(extra: str) -> str:
+    """``device: ...; torch ..., transformers ..., fla ...; <date>; <extra>`` for a result table."""
+    import transformers
+
+    try:
+        import fla
+
+        fla_version = fla.__version__
+    except ImportError:
+        fla_version = "not installed"
+    return (f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, fla {fla_version}; {datetime.date.today()}; {extra}")
+
+
+def save_report(out: str | Path, stem: str, text: str, header: str, rows: list[dict]) -> None:
+    """Print ``text`` and write it to ``out/stem.md``, the header and rows to ``out/stem.json``."""
+    print(text)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
