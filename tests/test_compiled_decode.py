@@ -43,9 +43,8 @@ def test_gathered_experts_equal_per_copy_and_grouped():
         weights = torch.rand(2, 2)
         want = experts.per_copy(x, chosen, weights)
         got = experts.gathered(x, chosen, weights)
-        torch.set_grad_enabled(True)  # the grouped / per-expert route (not the decode one)
-        grouped = experts(x, chosen, weights).detach()
-        torch.set_grad_enabled(False)
+        with torch.enable_grad():  # the grouped / per-expert route (not the decode one)
+            grouped = experts(x, chosen, weights).detach()
     assert (got - want).abs().max().item() <= 1e-5
     assert (grouped - want).abs().max().item() <= 1e-5
 

@@ -377,9 +377,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         if self.device.type == "cpu":
             if self.compile_cpu_decode:
                 ids = torch.full((batch_size, 8), 3, dtype=torch.long, device=self.device)
-                with torch.no_grad():
-                    out = self(input_ids=ids, use_cache=True, logits_to_keep=1)
-                    self(input_ids=ids[:, :1], past_key_values=output_cache(out), use_cache=True)
+                out = self(input_ids=ids, use_cache=True, logits_to_keep=1)  # warmup() runs under no_grad
+                self(input_ids=ids[:, :1], past_key_values=output_cache(out), use_cache=True)
             return
         self._warmup_kernels(batch_size, padded)
 
