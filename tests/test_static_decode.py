@@ -72,6 +72,21 @@ def test_static_step_keeps_tensors_in_place_within_a_bucket():
             assert cache.storage_key() == key
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_reserved_latent_rows_are_zero(exact):
+    """A static step reads the rows past the position with zero attention weight: they must hold finite values
+    (0 * NaN from uninitialised memory would be NaN), and the cached rows must survive."""
+    model = tiny_model(MIXES["3:1"])
+    with torch.no_grad():
+        cache = model(ids(2, 20)).past_key_values
+        before = cache.latent(3).clone()
+        cache.reserve(300, exact=exact)
+    buf = cache._latent[3]
+    assert buf.shape[1] == 300 if exact else buf.shape[1] >= 300
+    assert torch.equal(buf[:, :20], before)
+    assert torch.count_nonzero(buf[:, 20:]) == 0
+
+
 def test_beam_reordering_is_in_place():
     model = tiny_model(MIXES["3:1"])
     with torch.no_grad():

@@ -83,16 +83,23 @@ class KimiLinearCache(Cache):
         """A buffer of at least ``need`` rows (doubling), holding the used rows of ``buf``."""
         used = self.get_seq_length()
         cap = max(need, 2 * (buf.shape[1] if buf is not None else 0), 16)
-        new = like.new_empty(like.shape[0], cap, like.shape[2])
+        # zeros, not empty: a static decode step reads unused rows with zero attention weight, and 0 * NaN garbage
+        # would be NaN
+        new = like.new_zeros(like.shape[0], cap, like.shape[2])
         if buf is not None and used:
             new[:, :used] = buf[:, :used]
         return new
 
-    def reserve(self, rows: int) -> None:
+    def reserve(self, rows: int, exact: bool = False) -> None:
         """Make every MLA latent buffer hold at least ``rows`` tokens (a static decode step reads ``bucket``
-        rows, which must exist)."""
+        rows, which must exist); with ``exact``, exactly ``rows`` (a compiled step takes whole buffers)."""
+        used = self.get_seq_length()
         for i, buf in self._latent.items():
-            if buf.shape[1] < rows:
+            if exact and buf.shape[1] != rows:
+                new = buf.new_zeros(buf.shape[0], rows, buf.shape[2])
+                new[:, :used] = buf[:, :used]
+                self._latent[i] = new
+            elif buf.shape[1] < rows:
                 self._latent[i] = self._grown(buf, buf, rows)
 
     def storage_key(self) -> tuple:
