@@ -62,7 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compile:
         model.compile_cpu_decode = True
         if device.type == "cpu":
-            print("compiling the decode step (tens of seconds the first time) ...", file=sys.stderr, flush=True)
+            print("compiling the decode step (tens of seconds the first time, then loaded from disk) ...", file=sys.stderr, flush=True)
             model.warmup()
     if args.chat:
         prompt_ids = tokenizer.apply_chat_template(
@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--compile", action="store_true",
-                     help="CPU: compile the decode step with torch.compile first (faster per token, after tens of "
-                          "seconds of compiling; worth it for long generations)")
+                     help="CPU: compile the decode step to C++ first (several times faster per token; tens of "
+                          "seconds of compiling the first time a model shape is seen, about a second later)")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="layers, parameters and cache size of a checkpoint, config or preset",

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+from modeling_kimi_linear import compiled_decode
 from modeling_kimi_linear.moe import KimiExperts
 from test_cache_generate import MIXES, ids, tiny_model
 
@@ -85,14 +86,13 @@ def test_compiled_decode_equals_ordinary_decode_and_generate():
     assert torch.equal(sequences[True], sequences[False])
 
 
-def test_a_failing_compile_falls_back_to_op_by_op_decoding(monkeypatch):
-    """Where torch.compile cannot work (no C++ compiler, say), one warning and the ordinary decode step."""
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            raise RuntimeError("no working C++ compiler found")
-        return run
+def test_a_failing_compile_falls_back_to_op_by_op_decoding(monkeypatch, tmp_path):
+    """Where the step cannot be compiled (no C++ compiler, say), one warning and the ordinary decode step."""
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler found")
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken_compile)
+    monkeypatch.setenv(compiled_decode.PROGRAM_DIR_ENV, str(tmp_path))  # no program compiled earlier is found
     model = tiny_model(MIXES["3:1"])
     x = ids(1, 20)
     with torch.no_grad():
@@ -108,3 +108,34 @@ def test_a_failing_compile_falls_back_to_op_by_op_decoding(monkeypatch):
     assert not [w for w in later if "compile_cpu_decode" in str(w.message)]  # warned once only
     assert (got - want).abs().max().item() <= 1e-5
     assert out.past_key_values.get_seq_length() == 22 and again.shape == got.shape
+
+
+@pytest.mark.slow
+def test_compiled_decode_reads_the_models_current_weights():
+    """The compiled program holds no weights of its own: a weight changed in place is seen at once, a replaced
+    parameter or one moved to new memory from the next cache on (each generate() call makes one)."""
+    model = tiny_model(MIXES["3:1"])
+    x = ids(2, 30, seed=2)
+    proj = model.model.layers[3].self_attn.o_proj
+
+    def decode(compiled: bool) -> torch.Tensor:
+        model.compile_cpu_decode = compiled
+        with torch.no_grad():
+            out = model(x)
+            return model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values).logits
+
+    first = decode(True)
+    assert (first - decode(False)).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        proj.weight.mul_(3.0)
+    scaled = decode(True)
+    assert (scaled - first).abs().max().item() > 1e-3
+    assert (scaled - decode(False)).abs().max().item() <= 1e-5
+    proj.weight = torch.nn.Parameter(-proj.weight.detach().clone())
+    replaced = decode(True)
+    assert (replaced - scaled).abs().max().item() > 1e-3
+    assert (replaced - decode(False)).abs().max().item() <= 1e-5
+    proj.weight.data = proj.weight.detach() * 0.5  # the same Parameter object at new memory (what .to() does)
+    moved = decode(True)
+    assert (moved - replaced).abs().max().item() > 1e-3
+    assert (moved - decode(False)).abs().max().item() <= 1e-5

@@ -1,57 +1,238 @@
-"""Compiled CPU decode: the static decode step of :mod:`cuda_graph_decode` through ``torch.compile`` (inductor).
+"""Compiled CPU decode: the static decode step of :mod:`cuda_graph_decode`, ahead-of-time compiled to C++.
 
 A batch-1 decode step of a small model on a CPU is a few hundred tiny PyTorch calls, and their dispatch, not the
 arithmetic, takes most of the time. Compiled, the step becomes one generated C++ function: elementwise chains are
 fused, the MoE's chosen experts and MLA's latent attention become loops that read their weights and cache rows once
-(see ``KimiExperts.gathered`` and ``KimiMLAAttention.attend_latent``), and the matrix products are called from
-C++ (``cpp_wrapper``).
+(see ``KimiExperts.gathered`` and ``KimiMLAAttention.attend_latent``).
 
-Opt in with ``model.compile_cpu_decode = True`` (off by default: compiling takes tens of seconds, which a short
-generation would not win back). The step is compiled with dynamic shapes, so growing context lengths reuse one
-graph; inductor specialises its code once more past 4096 cached rows (one more compile when a generation gets
-there) and per batch size. Inductor keeps compiled code in its on-disk cache, so a later process with the same
-model shapes compiles in seconds. ``model.warmup()`` compiles the first graph up front.
+The step is traced once with ``torch.export`` as a function of tensors only (token ids, position, padding mask,
+the cache's buffers; the number of cached rows it attends over is a dynamic dimension, so one program serves every
+context length) and compiled by AOTInductor into a shared library. A call then runs the library directly: no
+Python-level guard checks, which under ``torch.compile`` cost about as much as the step itself at the tiny size.
+
+The library holds no weights: it reads the model's own parameters (``load_constants(..., user_managed=True)``),
+so it takes no extra memory, does not depend on the weights' values, and is kept on disk
+(:func:`program_dir`) keyed on everything it does depend on - torch version, this package's source, the model's
+configuration, parameter names, shapes and dtypes, batch size and the CPU's vector ISA. The first process with a
+given shape compiles (tens of seconds); later ones load the library in about a second. Before the first step of
+every new cache, the model's parameters are checked against the ones loaded (a parameter replaced, for instance by
+``.to()`` or by adding adapters, reloads them or compiles anew).
+
+Opt in with ``model.compile_cpu_decode = True``; ``model.warmup()`` compiles (or loads) the program up front.
+If compiling fails (no C++ compiler, an unsupported platform, ...) decoding warns once and runs op by op.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import tempfile
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch import nn
 
-from .cuda_graph_decode import StaticDecoder
+from .cuda_graph_decode import StaticDecodeStep, StaticDecoder
 
 if TYPE_CHECKING:
     from .cache_kimi_linear import KimiLinearCache
 
-# generated C++ calls the matrix products directly, rather than through Python (about 1 ms a step at the tiny size)
-COMPILE_OPTIONS = {"cpp_wrapper": True}
+PROGRAM_DIR_ENV = "KIMI_LINEAR_PROGRAM_DIR"
+MAX_ROWS = 1 << 24  # the largest context the program is compiled for
+
+
+def program_dir() -> Path:
+    """Where compiled decode programs are kept: ``$KIMI_LINEAR_PROGRAM_DIR``, else a folder in inductor's cache."""
+    if os.environ.get(PROGRAM_DIR_ENV):
+        return Path(os.environ[PROGRAM_DIR_ENV])
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "kimi_linear_decode"
+
+
+class StepProgram(nn.Module):
+    """The model's static decode step as a function of tensors only (what ``torch.export`` traces).
+
+    ``forward(ids [B, 1], position [1], keys_valid [B, R], latents, convs, states) -> logits [B, 1, V]``:
+    ``latents`` are the MLA layers' latent buffers of exactly the ``R`` rows attended over, ``convs`` / ``states``
+    the KDA layers' convolution tails and recurrent states, all updated in place.
+    """
+
+    def __init__(self, model: nn.Module, mla_layers: list[int], kda_layers: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.mla_layers = mla_layers
+        self.kda_layers = kda_layers
+
+    def forward(self, ids: torch.Tensor, position: torch.Tensor, keys_valid: torch.Tensor,
+                latents: list[torch.Tensor], convs: list[torch.Tensor], states: list[torch.Tensor]) -> torch.Tensor:
+        from .cache_kimi_linear import KimiLinearCache
+
+        cache = KimiLinearCache(self.model.config)
+        cache._latent = dict(zip(self.mla_layers, latents))
+        cache._conv = dict(zip(self.kda_layers, convs))
+        cache._state = dict(zip(self.kda_layers, states))
+        cache.graph_step = StaticDecodeStep(position, keys_valid, keys_valid.shape[1])
+        return self.model._decode_logits(ids, cache)
+
+
+def _source_digest() -> str:
+    """Hash of this folder's Python sources (a compiled program is valid only for the code it was traced from)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _step_inputs(ids: torch.Tensor, cache: "KimiLinearCache", mla: list[int], kda: list[int]) -> list[torch.Tensor]:
+    """The program's inputs, each a whole contiguous tensor: the program reads a row ``b`` at offset
+    ``b * rows * width``, so the latent buffers are made exactly ``bucket`` rows long and the mask is copied."""
+    step = cache.graph_step
+    rows = step.bucket
+    cache.reserve(rows, exact=True)
+    return ([ids, step.position, step.keys_valid[:, :rows].contiguous()] + [cache._latent[i] for i in mla]
+            + [cache._conv[i] for i in kda] + [cache._state[i] for i in kda])
+
+
+class _Program:
+    """One loaded program and the model tensors it reads."""
+
+    def __init__(self, runner, step: StepProgram) -> None:  # noqa: ANN001 - torch's AOTICompiledModel
+        self.runner = runner
+        self.step = step
+        self.fqns: list[str] = runner.get_constant_fqns()
+        named = self._named()
+        missing = [name for name in self.fqns if name not in named]
+        if missing:
+            raise RuntimeError(f"compiled decode program needs tensors the model does not have: {missing[:3]}")
+        tensors = {name: named[name] for name in self.fqns}
+        runner.load_constants(tensors, check_full_update=True, user_managed=True)
+        # the program holds raw pointers: keep each parameter and a view of the memory it had, so that memory
+        # stays alive even if the model moves the parameter elsewhere (``.to()``, ``param.data = ...``)
+        self.bound = [(t, t.detach()) for t in tensors.values()]
+
+    def _named(self) -> dict[str, torch.Tensor]:
+        named = dict(self.step.named_parameters(remove_duplicate=False))
+        named.update(self.step.named_buffers(remove_duplicate=False))
+        return named
+
+    def current(self) -> bool:
+        """Whether the model still holds the very tensors, at the very memory, the program was given."""
+        named = self._named()
+        return all(
+            named.get(name) is tensor and tensor.data_ptr() == memory.data_ptr() and tensor.dtype == memory.dtype
+            for name, (tensor, memory) in zip(self.fqns, self.bound)
+        )
 
 
 class CompiledDecoder(StaticDecoder):
-    """:class:`StaticDecoder` whose step runs through ``torch.compile`` (compiled on the first step)."""
+    """:class:`StaticDecoder` whose step runs an AOTInductor program (compiled or loaded on the first step)."""
 
     def __init__(self, forward_step: Callable[[torch.Tensor, "KimiLinearCache"], torch.Tensor]) -> None:
         super().__init__(forward_step, use_graph=False)
-        self._compiled: Callable | None = None
+        self._programs: dict[tuple, _Program] = {}
+        self._failed = False
+        self._checked_storage: tuple | None = None
 
     def __deepcopy__(self, memo: dict) -> "CompiledDecoder":
-        # compiled code belongs to the original model; the copy compiles its own on its first step
+        # programs read the original model's tensors; the copy loads its own on its first step
         return CompiledDecoder(copy.deepcopy(self.forward_step, memo))
 
+    @property
+    def model(self) -> nn.Module:
+        return self.forward_step.__self__
+
     def _call(self, ids: torch.Tensor, cache: "KimiLinearCache") -> torch.Tensor:
-        if self._compiled is None:
-            compiled = torch.compile(self.forward_step, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
+        if self._failed:
+            return self.forward_step(ids, cache)
+        mla, kda = sorted(cache._latent), sorted(cache._state)
+        key = (ids.shape[0], tuple(mla), tuple(kda))
+        program = self._programs.get(key)
+        if program is not None and self._storage != self._checked_storage:
+            # a new cache (each generate() call) or grown buffers: check that the weights are still the same
+            self._checked_storage = self._storage
+            if not program.current():
+                del self._programs[key]
+                program = None
+        if program is None:
             try:
-                logits = compiled(ids, cache)
+                program = self._programs[key] = self._program(ids, cache, mla, kda)
             except Exception as error:  # noqa: BLE001 - no C++ compiler, an unsupported platform, ...
                 # compiling fails before the step runs, so the cache is untouched: decode op by op from here on
-                warnings.warn(f"compile_cpu_decode: torch.compile failed ({type(error).__name__}: {error}); "
-                              "decoding op by op instead", RuntimeWarning, stacklevel=2)
-                self._compiled = self.forward_step
+                warnings.warn(f"compile_cpu_decode: compiling the decode step failed ({type(error).__name__}: "
+                              f"{error}); decoding op by op instead", RuntimeWarning, stacklevel=2)
+                self._failed = True
                 return self.forward_step(ids, cache)
-            self._compiled = compiled
-            return logits
-        return self._compiled(ids, cache)
+            self._checked_storage = self._storage
+        return program.runner.loader.boxed_run(_step_inputs(ids, cache, mla, kda))[0]
+
+    def _program(self, ids: torch.Tensor, cache: "KimiLinearCache", mla: list[int], kda: list[int]) -> _Program:
+        """Load the program for this model and batch size from :func:`program_dir`, compiling it if absent."""
+        step = StepProgram(self.model, mla, kda)
+        signature = {
+            "torch": torch.__version__,
+            "source": _source_digest(),
+            "config": self.model.config.to_json_string(use_diff=False),
+            "tensors": [(n, list(t.shape), str(t.dtype)) for n, t in step.state_dict(keep_vars=True).items()],
+            "batch": ids.shape[0],
+            "layers": [mla, kda],
+            "isa": str(torch._inductor.cpu_vec_isa.pick_vec_isa()),
+        }
+        digest = hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        path = program_dir() / f"decode-{digest}.pt2"
+        runner = _load(path) if path.exists() else None
+        if runner is None:
+            path = _compile(step, _step_inputs(ids, cache, mla, kda), path)
+            runner = _load(path, strict=True)
+        return _Program(runner, step)
+
+
+def _load(path: Path, strict: bool = False):  # noqa: ANN202 - torch's AOTICompiledModel
+    """The program at ``path``; a file that does not load is removed (and compiled again) unless ``strict``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations while loading
+            return torch._inductor.aoti_load_package(str(path))
+    except Exception:
+        if strict:
+            raise
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _compile(step: StepProgram, inputs: list[torch.Tensor], path: Path) -> Path:
+    """Export ``step`` on example ``inputs`` (rows attended over dynamic) and AOT-compile it to ``path`` (or to
+    a temporary folder where ``path``'s is not writable); returns where the program is."""
+    n_mla = len(step.mla_layers)
+    n_kda = len(step.kda_layers)
+    rows = torch.export.Dim("rows", min=2, max=MAX_ROWS)
+    dynamic = ({}, {}, {1: rows}, [{1: rows}] * n_mla, [{}] * n_kda, [{}] * n_kda)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations while exporting
+        # example inputs only carry shapes; clones are ordinary tensors even if the caller's are inference tensors
+        example = [t.clone() for t in inputs]
+        ids, position, keys_valid = example[:3]
+        latents, convs = example[3 : 3 + n_mla], example[3 + n_mla : 3 + n_mla + n_kda]
+        states = example[3 + n_mla + n_kda :]
+        program = torch.export.export(step, (ids, position, keys_valid, latents, convs, states),
+                                      dynamic_shapes=dynamic)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
+        except OSError:  # no writable program folder: compile for this process only
+            path = Path(tempfile.mkdtemp(prefix="kimi_linear_decode_")) / path.name
+            handle, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
+        os.close(handle)
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": False}
+            )
+            os.replace(tmp, path)  # whole or not at all: another process may be loading it
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path

@@ -339,8 +339,9 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
     against 26 ms op by op, with the same greedy tokens (``bench/gpu_check.py --only graph``, ``bench/gpu.py``).
     ``model.cuda_graph_decode = False`` decodes op by op.
 
-    On a CPU, ``model.compile_cpu_decode = True`` runs decode steps through ``torch.compile``
-    (:mod:`compiled_decode`): several times faster per token once compiled, at tens of seconds of compiling first.
+    On a CPU, ``model.compile_cpu_decode = True`` runs decode steps as one ahead-of-time compiled C++ program
+    (:mod:`compiled_decode`): several times faster per token, at tens of seconds of compiling the first time a
+    model shape is seen (later processes load the program from disk in about a second).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
