@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 
-def versions_header(extra: str) -> str:
-    """``device: ...; torch ..., transformers ..., fla ...; <date>; <extra>`` for a result table."""
+def versions_header(extra: str, device: str | None = None) -> str:
+    """``device: ...; torch ..., transformers ..., fla ...; <date>; <extra>`` for a result table (``device``: the
+    device's name, by default the first GPU's)."""
     import transformers
 
     try:
@@ -19,7 +20,7 @@ def versions_header(extra: str) -> str:
         fla_version = fla.__version__
     except ImportError:
         fla_version = "not installed"
-    return (f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
+    return (f"device: {device or torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
             f"{transformers.__version__}, fla {fla_version}; {datetime.date.today()}; {extra}")
 
 
