@@ -64,6 +64,25 @@ def test_unknown_backend_is_rejected():
         kernels.resolve_kda_backend("cuda-magic", torch.device("cpu"))
 
 
+def test_padded_route_unpads_fla_prompts_but_not_training_steps(monkeypatch):
+    """fla prompts run unpadded; a padded training batch keeps its shape (the unpadded token count would change
+    every step, and fla autotunes anew for each count), as do the PyTorch kernels and single-token steps."""
+    assert kernels.unpads("fla", 100, training=False)
+    assert not kernels.unpads("fla", 100, training=True)
+    assert not kernels.unpads("fla", 1, training=False)
+    assert not kernels.unpads("torch", 100, training=False)
+    seen = []
+    monkeypatch.setattr(kernels, "unpads", lambda backend, seqlen, training: seen.append(training) or False)
+    q, k, v, g, beta = (torch.randn(2, 8, 2, 4), torch.randn(2, 8, 2, 4), torch.randn(2, 8, 2, 4),
+                        -torch.rand(2, 8, 2, 4), torch.rand(2, 8, 2))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    kernels.kda_padded(q, k, v, g, beta, mask, backend="torch")
+    kernels.kda_padded(q.requires_grad_(), k, v, g, beta, mask, backend="torch")
+    with torch.no_grad():
+        kernels.kda_padded(q, k, v, g, beta, mask, backend="torch")
+    assert seen == [False, True, False]
+
+
 @pytest.mark.parametrize("with_state", [False, True])
 def test_padded_batch_unpadded_equals_zero_gates(with_state):
     """The two exact routes of kernels.kda_padded (cu_seqlens unpadding, used with fla; zero gates) agree, on the

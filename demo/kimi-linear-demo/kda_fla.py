@@ -90,6 +90,11 @@ def gated_rms_norm_fla(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor
 NORM_SLICE_ROWS = 65536
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on ``tensors`` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def kda_fla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,19 +116,17 @@ def kda_fla(
     chunk_kda, fused_recurrent_kda = ops
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, g, beta) + ((initial_state,) if initial_state is not None else ())
-    )
-    if q.shape[1] <= 64 and not needs_grad:
+    training = needs_grad(q, k, v, g, beta, initial_state)
+    if q.shape[1] <= 64 and not training:
         return fused_recurrent_kda(
             q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), scale=scale,
             initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens,
         )
-    if cu_seqlens is not None and not needs_grad:
+    if cu_seqlens is not None and not training:
         return _bucketed_varlen_chunk_kda(chunk_kda, q, k, v, g, beta, scale, initial_state, output_final_state,
                                           use_qk_l2norm, cu_seqlens)
-    if needs_grad:
+    if training:
         return chunk_kda(
             q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), scale=scale,
             initial_state=initial_state, output_final_state=output_final_state,

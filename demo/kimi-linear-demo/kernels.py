@@ -14,7 +14,9 @@ import warnings
 
 import torch
 
-from .kda_fla import FLA_INSTALL_HINT, fla_kda_ops, fla_module_ops, gated_rms_norm_fla, kda_fla, short_conv_fla
+from .kda_fla import (
+    FLA_INSTALL_HINT, fla_kda_ops, fla_module_ops, gated_rms_norm_fla, kda_fla, needs_grad, short_conv_fla,
+)
 from .kda_torch import kda_chunk_torch, kda_recurrent_torch
 from .norms import gated_rms_normalize
 from .short_conv_torch import positions_in_documents, short_conv_torch
@@ -94,7 +96,8 @@ def kda_padded(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`kda` over a batch with padding: positions where ``token_mask [B, T]`` is False change no state.
 
-    Two exact routes (``unpad=None`` picks the first for fla's kernels and prompts, the second otherwise):
+    Two exact routes (``unpad=None`` picks the first for fla's kernels on prompts without autograd, the second
+    otherwise, see :func:`unpads`):
 
     * unpadded: the real tokens of every row are packed along T and run as variable-length sequences
       (``cu_seqlens``), so the kernels never see padding; outputs are scattered back, 0 at padded positions;
@@ -106,7 +109,7 @@ def kda_padded(
     """
     resolved = resolve_kda_backend(backend, q.device)
     if unpad is None:
-        unpad = resolved == "fla" and q.shape[1] > 1
+        unpad = unpads(resolved, q.shape[1], needs_grad(q, k, v, g, beta, initial_state))
     if unpad:
         lengths = token_mask.sum(-1)
         if bool((lengths > 0).all()):
@@ -114,6 +117,14 @@ def kda_padded(
     keep = token_mask.unsqueeze(-1)
     return kda(q, k, v, g * keep.unsqueeze(-1), beta * keep, backend=resolved, initial_state=initial_state,
                output_final_state=output_final_state)
+
+
+def unpads(backend: str, seqlen: int, training: bool) -> bool:
+    """The route :func:`kda_padded` takes by default: unpadded for fla prompts (no work on padding), in place for
+    training (every step of a padded training batch then has the same shapes; unpadded, the number of real tokens
+    changes step by step, and fla autotunes its forward and backward kernels anew for each count: ~20 s a step on
+    an H200) and for the PyTorch kernels."""
+    return backend == "fla" and seqlen > 1 and not training
 
 
 def _kda_unpadded(q, k, v, g, beta, token_mask, lengths, backend, initial_state, output_final_state):  # noqa: ANN001
