@@ -49,8 +49,10 @@ def program_dir() -> Path:
     """Where compiled decode programs are kept: ``$KIMI_LINEAR_PROGRAM_DIR``, else a folder in inductor's cache."""
     if os.environ.get(PROGRAM_DIR_ENV):
         return Path(os.environ[PROGRAM_DIR_ENV])
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # a torch that moved it: the system's temporary folder
+        return Path(tempfile.gettempdir()) / "kimi_linear_decode"
     return Path(cache_dir()) / "kimi_linear_decode"
 
 
