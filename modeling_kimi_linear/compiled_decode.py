@@ -106,6 +106,8 @@ class _Program:
     def __init__(self, runner, step: StepProgram) -> None:  # noqa: ANN001 - torch's AOTICompiledModel
         self.runner = runner
         self.step = step
+        # the loader's flat-list entry point (the model's __call__ re-parses its input spec on every call)
+        self.run: Callable[[list[torch.Tensor]], list[torch.Tensor]] = runner.loader.boxed_run
         self.fqns: list[str] = runner.get_constant_fqns()
         named = self._named()
         missing = [name for name in self.fqns if name not in named]
@@ -170,7 +172,7 @@ class CompiledDecoder(StaticDecoder):
                 self._failed = True
                 return self.forward_step(ids, cache)
             self._checked_storage = self._storage
-        return program.runner.loader.boxed_run(_step_inputs(ids, cache, mla, kda))[0]
+        return program.run(_step_inputs(ids, cache, mla, kda))[0]
 
     def _program(self, ids: torch.Tensor, cache: "KimiLinearCache", mla: list[int], kda: list[int]) -> _Program:
         """Load the program for this model and batch size from :func:`program_dir`, compiling it if absent."""

@@ -79,10 +79,11 @@ class KimiLinearCache(Cache):
         buf[:, used:need] = latent
         return buf[:, :need]
 
-    def _grown(self, buf: torch.Tensor | None, like: torch.Tensor, need: int) -> torch.Tensor:
-        """A buffer of at least ``need`` rows (doubling), holding the used rows of ``buf``."""
+    def _grown(self, buf: torch.Tensor | None, like: torch.Tensor, need: int, exact: bool = False) -> torch.Tensor:
+        """A buffer of at least ``need`` rows (doubling; exactly ``need`` with ``exact``), holding the used rows of
+        ``buf``."""
         used = self.get_seq_length()
-        cap = max(need, 2 * (buf.shape[1] if buf is not None else 0), 16)
+        cap = need if exact else max(need, 2 * (buf.shape[1] if buf is not None else 0), 16)
         # zeros, not empty: a static decode step reads unused rows with zero attention weight, and 0 * NaN garbage
         # would be NaN
         new = like.new_zeros(like.shape[0], cap, like.shape[2])
@@ -93,14 +94,9 @@ class KimiLinearCache(Cache):
     def reserve(self, rows: int, exact: bool = False) -> None:
         """Make every MLA latent buffer hold at least ``rows`` tokens (a static decode step reads ``bucket``
         rows, which must exist); with ``exact``, exactly ``rows`` (a compiled step takes whole buffers)."""
-        used = self.get_seq_length()
         for i, buf in self._latent.items():
-            if exact and buf.shape[1] != rows:
-                new = buf.new_zeros(buf.shape[0], rows, buf.shape[2])
-                new[:, :used] = buf[:, :used]
-                self._latent[i] = new
-            elif buf.shape[1] < rows:
-                self._latent[i] = self._grown(buf, buf, rows)
+            if buf.shape[1] < rows or (exact and buf.shape[1] != rows):
+                self._latent[i] = self._grown(buf, buf, rows, exact)
 
     def storage_key(self) -> tuple:
         """Addresses of every cached tensor: a captured CUDA graph is valid only while these stay the same."""
