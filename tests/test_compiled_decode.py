@@ -139,3 +139,18 @@ def test_compiled_decode_reads_the_models_current_weights():
     moved = decode(True)
     assert (moved - replaced).abs().max().item() > 1e-3
     assert (moved - decode(False)).abs().max().item() <= 1e-5
+
+
+def test_compiled_program_key_ignores_where_a_model_came_from(tmp_path):
+    """The configuration part of a program's key: the same for a model saved and loaded from elsewhere with
+    use_cache switched off (as Trainer leaves it), different when an architectural value differs."""
+    from modeling_kimi_linear import KimiLinearForCausalLM
+
+    model = tiny_model(MIXES["3:1"])
+    model.config.use_cache = False
+    model.save_pretrained(tmp_path / "elsewhere")
+    loaded = KimiLinearForCausalLM.from_pretrained(tmp_path / "elsewhere")
+    loaded.config.use_cache = True
+    assert compiled_decode._traced_config(loaded.config) == compiled_decode._traced_config(model.config)
+    other = tiny_model(MIXES["3:1"], routed_scaling_factor=2.0)
+    assert compiled_decode._traced_config(other.config) != compiled_decode._traced_config(model.config)

@@ -90,6 +90,18 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
+# configuration entries that do not change what a decode step computes: a model loaded from another folder, or
+# with use_cache switched off and on again (Trainer does), finds the same program
+_UNTRACED_CONFIG = {"transformers_version", "architectures", "auto_map", "use_cache", "return_dict",
+                    "output_hidden_states", "output_attentions", "output_router_logits"}
+
+
+def _traced_config(config) -> dict:  # noqa: ANN001 - a KimiLinearConfig
+    """The configuration entries a compiled program depends on (the key of its file, with the rest)."""
+    return {key: value for key, value in config.to_dict().items()
+            if key not in _UNTRACED_CONFIG and not key.startswith("_")}
+
+
 def _step_inputs(ids: torch.Tensor, cache: "KimiLinearCache", mla: list[int], kda: list[int]) -> list[torch.Tensor]:
     """The program's inputs, each a whole contiguous tensor: the program reads a row ``b`` at offset
     ``b * rows * width``, so the latent buffers are made exactly ``bucket`` rows long and the mask is copied."""
@@ -180,7 +192,7 @@ class CompiledDecoder(StaticDecoder):
         signature = {
             "torch": torch.__version__,
             "source": _source_digest(),
-            "config": self.model.config.to_json_string(use_diff=False),
+            "config": _traced_config(self.model.config),
             "tensors": [(n, list(t.shape), str(t.dtype)) for n, t in step.state_dict(keep_vars=True).items()],
             "batch": ids.shape[0],
             "layers": [mla, kda],
