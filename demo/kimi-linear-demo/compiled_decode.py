@@ -59,9 +59,10 @@ def program_dir() -> Path:
 class StepProgram(nn.Module):
     """The model's static decode step as a function of tensors only (what ``torch.export`` traces).
 
-    ``forward(ids [B, 1], position [1], keys_valid [B, R], latents, convs, states) -> logits [B, 1, V]``:
-    ``latents`` are the MLA layers' latent buffers of exactly the ``R`` rows attended over, ``convs`` / ``states``
-    the KDA layers' convolution tails and recurrent states, all updated in place.
+    ``forward(ids [B, 1], position [1], keys_valid [B, R], *latents, *convs, *states) -> logits [B, 1, V]``, the
+    flat list :func:`_step_inputs` builds: ``latents`` are the MLA layers' latent buffers of exactly the ``R`` rows
+    attended over, ``convs`` / ``states`` the KDA layers' convolution tails and recurrent states, all updated in
+    place.
     """
 
     def __init__(self, model: nn.Module, mla_layers: list[int], kda_layers: list[int]) -> None:
@@ -71,13 +72,14 @@ class StepProgram(nn.Module):
         self.kda_layers = kda_layers
 
     def forward(self, ids: torch.Tensor, position: torch.Tensor, keys_valid: torch.Tensor,
-                latents: list[torch.Tensor], convs: list[torch.Tensor], states: list[torch.Tensor]) -> torch.Tensor:
+                *buffers: torch.Tensor) -> torch.Tensor:
         from .cache_kimi_linear import KimiLinearCache
 
+        n_mla, n_kda = len(self.mla_layers), len(self.kda_layers)
         cache = KimiLinearCache(self.model.config)
-        cache._latent = dict(zip(self.mla_layers, latents))
-        cache._conv = dict(zip(self.kda_layers, convs))
-        cache._state = dict(zip(self.kda_layers, states))
+        cache._latent = dict(zip(self.mla_layers, buffers[:n_mla]))
+        cache._conv = dict(zip(self.kda_layers, buffers[n_mla : n_mla + n_kda]))
+        cache._state = dict(zip(self.kda_layers, buffers[n_mla + n_kda :]))
         cache.graph_step = StaticDecodeStep(position, keys_valid, keys_valid.shape[1])
         return self.model._decode_logits(ids, cache)
 
@@ -104,10 +106,10 @@ def _traced_config(config) -> dict:  # noqa: ANN001 - a KimiLinearConfig
 
 def _step_inputs(ids: torch.Tensor, cache: "KimiLinearCache", mla: list[int], kda: list[int]) -> list[torch.Tensor]:
     """The program's inputs, each a whole contiguous tensor: the program reads a row ``b`` at offset
-    ``b * rows * width``, so the latent buffers are made exactly ``bucket`` rows long and the mask is copied."""
+    ``b * rows * width``, so the latent buffers are exactly ``bucket`` rows long (``exact_buffers``) and the mask
+    is copied."""
     step = cache.graph_step
     rows = step.bucket
-    cache.reserve(rows, exact=True)
     return ([ids, step.position, step.keys_valid[:, :rows].contiguous()] + [cache._latent[i] for i in mla]
             + [cache._conv[i] for i in kda] + [cache._state[i] for i in kda])
 
@@ -147,6 +149,8 @@ class _Program:
 
 class CompiledDecoder(StaticDecoder):
     """:class:`StaticDecoder` whose step runs an AOTInductor program (compiled or loaded on the first step)."""
+
+    exact_buffers = True  # the program takes whole latent buffers of exactly the rows attended over
 
     def __init__(self, forward_step: Callable[[torch.Tensor, "KimiLinearCache"], torch.Tensor]) -> None:
         super().__init__(forward_step, use_graph=False)
@@ -223,19 +227,14 @@ def _load(path: Path, strict: bool = False):  # noqa: ANN202 - torch's AOTICompi
 def _compile(step: StepProgram, inputs: list[torch.Tensor], path: Path) -> Path:
     """Export ``step`` on example ``inputs`` (rows attended over dynamic) and AOT-compile it to ``path`` (or to
     a temporary folder where ``path``'s is not writable); returns where the program is."""
-    n_mla = len(step.mla_layers)
-    n_kda = len(step.kda_layers)
     rows = torch.export.Dim("rows", min=2, max=MAX_ROWS)
-    dynamic = ({}, {}, {1: rows}, [{1: rows}] * n_mla, [{}] * n_kda, [{}] * n_kda)
+    n_mla, n_kda = len(step.mla_layers), len(step.kda_layers)
+    dynamic = ({}, {}, {1: rows}, ({1: rows},) * n_mla + ({},) * (2 * n_kda))  # *buffers: one entry, a tuple
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations while exporting
         # example inputs only carry shapes; clones are ordinary tensors even if the caller's are inference tensors
-        example = [t.clone() for t in inputs]
-        ids, position, keys_valid = example[:3]
-        latents, convs = example[3 : 3 + n_mla], example[3 + n_mla : 3 + n_mla + n_kda]
-        states = example[3 + n_mla + n_kda :]
-        program = torch.export.export(step, (ids, position, keys_valid, latents, convs, states),
-                                      dynamic_shapes=dynamic)
+        example = tuple(t.clone() for t in inputs)
+        program = torch.export.export(step, example, dynamic_shapes=dynamic)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)

@@ -73,6 +73,8 @@ class StaticDecoder:
     its masks from ``cache.graph_step`` (the model does).
     """
 
+    exact_buffers = False  # latent buffers of at least the bucket's rows (a graph reads the first ``bucket``)
+
     def __init__(self, forward_step: Callable[[torch.Tensor, "KimiLinearCache"], torch.Tensor],
                  use_graph: bool = True) -> None:
         self.forward_step = forward_step
@@ -115,7 +117,7 @@ class StaticDecoder:
         past = cache.get_seq_length()
         bucket = decode_bucket(past + 1)
         cache.make_writable()
-        cache.reserve(bucket)
+        cache.reserve(bucket, exact=self.exact_buffers)
         ids, position, keys_valid = self._static_inputs(input_ids, bucket)
         storage = (cache.storage_key(), keys_valid.data_ptr())
         if storage != self._storage:  # new cache, grown buffers, other batch: every graph is stale
