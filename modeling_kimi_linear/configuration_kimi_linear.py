@@ -26,6 +26,7 @@ DENSE = "dense"
 SPARSE = "sparse"
 
 KDA_BACKENDS = ("auto", "torch", "fla")
+DECODE_KERNELS = ("auto", "torch", "triton")
 # "channel": KDA's per-channel forget gate (the release); "head": one scalar decay per head (Gated DeltaNet).
 KDA_GATE_GRANULARITIES = ("channel", "head")
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
@@ -76,6 +77,10 @@ class KimiLinearConfig(PreTrainedConfig):
         kda_gate_granularity: ``"channel"`` (default, released KDA: one forget gate per head and key channel) or
             ``"head"`` (one scalar forget gate per head, as in Gated DeltaNet; an ablation, not loadable by other
             implementations). Written to ``config.json`` only when it is not the default.
+        decode_kernels: ``"auto"`` (default: this package's Triton decode kernels - MLA flash-decoding, the MoE's
+            chosen experts, the fused KDA step - for CUDA tensors when ``triton`` imports, PyTorch otherwise),
+            ``"torch"`` (always the PyTorch reference) or ``"triton"`` (CUDA tensors only; a clear error
+            otherwise). Written to ``config.json`` only when it is not the default.
     """
 
     model_type = "kimi_linear"
@@ -132,6 +137,7 @@ class KimiLinearConfig(PreTrainedConfig):
         # ours
         kda_backend: str = "auto",
         kda_gate_granularity: str = "channel",
+        decode_kernels: str = "auto",
         **kwargs: Any,
     ) -> None:
         given = dict(
@@ -191,6 +197,7 @@ class KimiLinearConfig(PreTrainedConfig):
         self.num_nextn_predict_layers = num_nextn_predict_layers
         self.kda_backend = kda_backend
         self.kda_gate_granularity = kda_gate_granularity
+        self.decode_kernels = decode_kernels
 
         self.linear_attn_config = _resolve_linear_attn_config(
             num_hidden_layers, linear_attn_config, layer_types, kwargs
@@ -265,6 +272,8 @@ class KimiLinearConfig(PreTrainedConfig):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not a known activation")
         if self.kda_backend not in KDA_BACKENDS:
             raise ValueError(f"kda_backend={self.kda_backend!r} must be one of {KDA_BACKENDS}")
+        if self.decode_kernels not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernels={self.decode_kernels!r} must be one of {DECODE_KERNELS}")
         if self.kda_gate_granularity not in KDA_GATE_GRANULARITIES:
             raise ValueError(
                 f"kda_gate_granularity={self.kda_gate_granularity!r} must be one of {KDA_GATE_GRANULARITIES}"
@@ -320,6 +329,8 @@ class KimiLinearConfig(PreTrainedConfig):
             out.pop(key, None)
         if out.get("kda_gate_granularity") == KDA_GATE_GRANULARITIES[0]:
             del out["kda_gate_granularity"]
+        if out.get("decode_kernels") == DECODE_KERNELS[0]:
+            del out["decode_kernels"]
         out["linear_attn_config"] = copy.deepcopy(self.linear_attn_config)
         return out
 

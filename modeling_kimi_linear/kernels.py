@@ -1,15 +1,19 @@
-"""The one dispatch seam between the pure-PyTorch kernels and fla's Triton kernels (KDA itself, KDA's short
-convolution for prompts, its gated output norm).
+"""The one dispatch seam between the pure-PyTorch kernels and the Triton ones: fla's (KDA itself, KDA's short
+convolution for prompts, its gated output norm) and this package's own decode kernels (``*_triton.py``).
 
-``backend`` comes from ``config.kda_backend``:
+fla's kernels follow ``config.kda_backend``:
 
 * ``"torch"``: always the PyTorch reference (:mod:`kda_torch`), any device;
 * ``"fla"``: always fla (CUDA tensors only; a clear error otherwise);
 * ``"auto"``: fla for CUDA tensors when it imports, PyTorch otherwise. CPU tensors never touch fla.
+
+This package's decode kernels follow ``config.decode_kernels`` the same way (:func:`resolve_decode_kernels`:
+``"torch"``, ``"triton"`` or ``"auto"``); each has a PyTorch reference that stays the CPU path.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -49,6 +53,33 @@ def resolve_kda_backend(backend: str, device: torch.device) -> str:
             _warned_missing_fla = True
         return "torch"
     return "fla"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_imports() -> bool:
+    """Whether ``triton`` imports (checked once; only asked for CUDA tensors)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or triton failing to initialise
+        return False
+    return True
+
+
+def resolve_decode_kernels(choice: str, device: torch.device) -> str:
+    """Return ``"torch"`` or ``"triton"``: which implementation of this package's decode kernels serves tensors on
+    ``device`` for ``config.decode_kernels == choice``."""
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if device.type != "cuda":
+            raise RuntimeError(f"decode_kernels='triton' needs CUDA tensors, got tensors on {device}")
+        if not triton_imports():
+            raise RuntimeError("decode_kernels='triton' but triton does not import: pip install triton")
+        return "triton"
+    if choice != "auto":
+        raise ValueError(f"decode_kernels={choice!r} must be one of 'auto', 'torch', 'triton'")
+    return "triton" if device.type == "cuda" and triton_imports() else "torch"
 
 
 def kda(

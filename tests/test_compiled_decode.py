@@ -46,8 +46,9 @@ def test_gathered_experts_equal_per_copy_and_grouped():
         got = experts.gathered(x, chosen, weights)
         with torch.enable_grad():  # the grouped / per-expert route (not the decode one)
             grouped = experts(x, chosen, weights).detach()
-    assert (got - want).abs().max().item() <= 1e-5
-    assert (grouped - want).abs().max().item() <= 1e-5
+    scale = want.abs().max().item()  # outputs reach ~60: fp32 rounding of different summation orders is relative
+    assert (got - want).abs().max().item() <= 1e-6 * scale
+    assert (grouped - want).abs().max().item() <= 1e-6 * scale
 
 
 @pytest.mark.slow

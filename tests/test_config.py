@@ -469,6 +469,7 @@ INVALID = {
     "router_activation": (dict(moe_router_activation_func="relu"), r"moe_router_activation_func"),
     "hidden_act": (dict(hidden_act="not_an_activation"), r"hidden_act"),
     "kda_backend": (dict(kda_backend="cuda"), r"kda_backend"),
+    "decode_kernels": (dict(decode_kernels="cuda"), r"decode_kernels"),
     "hidden_size_zero": (dict(hidden_size=0), r"hidden_size"),
     "hidden_size_negative": (dict(hidden_size=-64), r"hidden_size"),
     "vocab_size_zero": (dict(vocab_size=0), r"vocab_size"),

@@ -64,6 +64,32 @@ def test_unknown_backend_is_rejected():
         kernels.resolve_kda_backend("cuda-magic", torch.device("cpu"))
 
 
+def test_decode_kernels_resolve_by_device_and_choice(monkeypatch):
+    """This package's Triton decode kernels: never for CPU tensors, a clear error when forced there, and
+    ``"auto"`` on CUDA only when triton imports."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kernels.resolve_decode_kernels("auto", cpu) == "torch"
+    assert kernels.resolve_decode_kernels("torch", cuda) == "torch"
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        kernels.resolve_decode_kernels("triton", cpu)
+    with pytest.raises(ValueError, match="decode_kernels='fast'"):
+        kernels.resolve_decode_kernels("fast", cpu)
+    monkeypatch.setattr(kernels, "triton_imports", lambda: False)
+    assert kernels.resolve_decode_kernels("auto", cuda) == "torch"
+    with pytest.raises(RuntimeError, match="triton does not import"):
+        kernels.resolve_decode_kernels("triton", cuda)
+    monkeypatch.setattr(kernels, "triton_imports", lambda: True)
+    assert kernels.resolve_decode_kernels("auto", cuda) == "triton"
+
+
+def test_decode_kernels_default_stays_out_of_config_json():
+    """Like ``kda_gate_granularity``: a default config's JSON stays what other implementations read."""
+    from modeling_kimi_linear.presets import load_preset
+
+    assert "decode_kernels" not in load_preset("tiny").to_dict()
+    assert load_preset("tiny", decode_kernels="torch").to_dict()["decode_kernels"] == "torch"
+
+
 def test_padded_route_unpads_fla_prompts_but_not_training_steps(monkeypatch):
     """fla prompts run unpadded; a padded training batch keeps its shape (the unpadded token count would change
     every step, and fla autotunes anew for each count), as do the PyTorch kernels and single-token steps."""
