@@ -212,6 +212,80 @@ def graph_decode(rows: list[dict]) -> None:
                  "rel_err": 1.0 - same, "info": True})
 
 
+@torch.no_grad()
+def guard_checks(rows: list[dict]) -> None:
+    """CUDA-graph decode after the model changes under it (modeling_kimi_linear/decode_guard.py): for each change a
+    user can make, decode 8 steps from a 40-token prompt op by op and through graphs side by side, apply the change
+    after step 4 (graphs for this cache are already captured), and compare logits (fp32, so a stale graph would
+    show as an O(1) error, not as bf16 noise). Then the same for changes between two ``generate()`` calls."""
+    from modeling_kimi_linear.cuda_graph_decode import StaticDecoder
+
+    torch.manual_seed(0)
+    model = set_backend(KimiLinearForCausalLM(check_config(moe=True)).to("cuda").eval(), "fla")
+    other = set_backend(KimiLinearForCausalLM(check_config(moe=True)).to("cuda").eval(), "fla")
+    ids = torch.randint(3, 4096, (2, 40), device="cuda")
+
+    def side_by_side(change, target=model) -> float:  # noqa: ANN001
+        caches, tokens, worst = {}, {}, 0.0
+        for mode in ("eager", "graph"):
+            model.cuda_graph_decode = mode == "graph"
+            out = target(input_ids=ids)
+            caches[mode], tokens[mode] = output_cache(out), out.logits[:, -1:].argmax(-1)
+        for step in range(8):
+            if step == 4:
+                change()
+            logits = {}
+            for mode in ("eager", "graph"):
+                model.cuda_graph_decode = mode == "graph"
+                logits[mode] = target(input_ids=tokens["eager"], past_key_values=caches[mode]).logits
+            worst = max(worst, rel(logits["graph"], logits["eager"]))
+            tokens["eager"] = logits["eager"][:, -1:].argmax(-1)
+        assert isinstance(model.__dict__.get("_graph_decoder"), StaticDecoder)
+        return worst
+
+    gate = model.model.layers[3].block_sparse_moe.gate
+    proj = model.model.layers[3].self_attn.o_proj
+    changes = {
+        "nothing changed (baseline)": lambda: None,
+        "load_state_dict(other weights, assign=True)": lambda: model.load_state_dict(other.state_dict(), assign=True),
+        "router bias replaced by a new nn.Parameter": lambda: setattr(
+            gate, "e_score_correction_bias", torch.nn.Parameter(torch.randn(16, device="cuda"), requires_grad=False)),
+        "o_proj weight moved (param.data = ...)": lambda: setattr(proj.weight, "data", -proj.weight.detach().clone()),
+    }
+    for what, change in changes.items():
+        rows.append({"check": f"guard, mid-decode: {what}: graph vs op by op, logits (worst step, fp32)",
+                     "rel_err": side_by_side(change)})
+    try:
+        import peft
+    except ImportError:
+        rows.append({"check": "guard: LoRA rows skipped (peft not importable)", "rel_err": 0.0, "info": True})
+        return
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj", "o_proj", "kv_a_proj_with_mqa"]))
+    lora.add_adapter("second", peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj", "kv_a_proj_with_mqa"]))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0.0, 0.05)
+    lora.eval()
+    adapter_changes = {
+        "LoRA adapter switched off (disable_adapters)": lambda: lora.base_model.disable_adapter_layers(),
+        "LoRA adapter switched on again": lambda: lora.base_model.enable_adapter_layers(),
+        "set_adapter to a second adapter": lambda: lora.set_adapter("second"),
+        "adapter merged into the weights": lambda: lora.base_model.merge_adapter(),
+    }
+    for what, change in adapter_changes.items():
+        rows.append({"check": f"guard, mid-decode: {what}: graph vs op by op, logits (worst step, fp32)",
+                     "rel_err": side_by_side(change, target=lora)})
+    lora.base_model.unmerge_adapter()
+    model.to(torch.bfloat16)  # between two generate() calls: a cast model
+    seqs = {}
+    for mode in ("eager", "graph"):
+        model.cuda_graph_decode = mode == "graph"
+        seqs[mode] = lora.generate(input_ids=ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    rows.append({"check": "guard: model.to(bfloat16) after fp32 decoding, generate(): share of greedy tokens that "
+                          "differ, graph vs eager", "rel_err": 1.0 - (seqs["eager"] == seqs["graph"]).float().mean().item(),
+                 "info": True})
+
+
 def bare_op(rows: list[dict]) -> None:
     chunk_kda, fused_recurrent_kda = fla_kda_ops()
     torch.manual_seed(1)
@@ -230,8 +304,9 @@ def bare_op(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.md / .json")
-    parser.add_argument("--only", default="bare,layer,model,graph,stability",
-                        help="comma-separated checks to run, in this order (bare, layer, model, graph, stability)")
+    parser.add_argument("--only", default="bare,layer,model,graph,guard,stability",
+                        help="comma-separated checks to run, in this order (bare, layer, model, graph, guard, "
+                             "stability)")
     parser.add_argument("--stability", default="32768,10000", help="prefill,decode-steps of the stability run "
                         "('0,0' skips it)")
     parser.add_argument("--traceback-after", type=float, default=0,
@@ -244,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = Rows()
     prefill, steps = (int(x) for x in args.stability.split(","))
     checks = {"bare": lambda: bare_op(rows), "layer": lambda: kda_layer_checks(rows), "model": lambda: model_level(rows),
-              "graph": lambda: graph_decode(rows), "stability": lambda: steps and stability(rows, prefill, steps)}
+              "graph": lambda: graph_decode(rows), "guard": lambda: guard_checks(rows), "stability": lambda: steps and stability(rows, prefill, steps)}
     names = args.only.split(",")
     unknown = [n for n in names if n not in checks]
     if unknown:

@@ -10,13 +10,19 @@ the cache's buffers; the number of cached rows it attends over is a dynamic dime
 context length) and compiled by AOTInductor into a shared library. A call then runs the library directly: no
 Python-level guard checks, which under ``torch.compile`` cost about as much as the step itself at the tiny size.
 
-The library holds no weights: it reads the model's own parameters (``load_constants(..., user_managed=True)``),
-so it takes no extra memory, does not depend on the weights' values, and is kept on disk
-(:func:`program_dir`) keyed on everything it does depend on - torch version, this package's source, the model's
-configuration, parameter names, shapes and dtypes, batch size and the CPU's vector ISA. The first process with a
-given shape compiles (tens of seconds); later ones load the library in about a second. Before the first step of
-every new cache, the model's parameters are checked against the ones loaded (a parameter replaced, for instance by
-``.to()`` or by adding adapters, reloads them or compiles anew).
+The library holds no weights: it reads the model's own parameters and buffers (``load_constants(...,
+user_managed=True)``), so it takes no extra memory and does not depend on the weights' values. Inductor would
+otherwise inline small tensors (a 1-D tensor of up to 8 values, such as the router's correction bias of an
+8-expert model) into the generated code as literals: programs are compiled with ``always_keep_tensor_constants``,
+and a freshly compiled program is used (and kept) only if every parameter and buffer the exported step reads is
+one of its inputs; otherwise decoding falls back to op by op. Programs are kept on disk (:func:`program_dir`),
+keyed on everything they do depend on - torch version, this package's source, the model's configuration, its
+modules, their attributes, parameter names, shapes and dtypes (:attr:`decode_guard.ModelGuard.key`), batch size
+and the CPU's vector ISA - so checkpoints of one shape (Base and Instruct, fine-tunes) share one program. The
+first process with a given shape compiles (tens of seconds); later ones load the library in about a second.
+Before every step the model is checked (:class:`decode_guard.ModelGuard`): a parameter replaced or cast, adapters
+added, switched off, switched to another or merged, drop the loaded programs, and the next step loads (or
+compiles) the one for the model as it now is.
 
 Opt in with ``model.compile_cpu_decode = True``; ``model.warmup()`` compiles (or loads) the program up front.
 If compiling fails (no C++ compiler, an unsupported platform, ...) decoding warns once and runs op by op.
@@ -138,14 +144,6 @@ class _Program:
         named.update(self.step.named_buffers(remove_duplicate=False))
         return named
 
-    def current(self) -> bool:
-        """Whether the model still holds the very tensors, at the very memory, the program was given."""
-        named = self._named()
-        return all(
-            named.get(name) is tensor and tensor.data_ptr() == memory.data_ptr() and tensor.dtype == memory.dtype
-            for name, (tensor, memory) in zip(self.fqns, self.bound)
-        )
-
 
 class CompiledDecoder(StaticDecoder):
     """:class:`StaticDecoder` whose step runs an AOTInductor program (compiled or loaded on the first step)."""
@@ -156,15 +154,14 @@ class CompiledDecoder(StaticDecoder):
         super().__init__(forward_step, use_graph=False)
         self._programs: dict[tuple, _Program] = {}
         self._failed = False
-        self._checked_storage: tuple | None = None
 
     def __deepcopy__(self, memo: dict) -> "CompiledDecoder":
         # programs read the original model's tensors; the copy loads its own on its first step
         return CompiledDecoder(copy.deepcopy(self.forward_step, memo))
 
-    @property
-    def model(self) -> nn.Module:
-        return self.forward_step.__self__
+    def _model_changed(self) -> None:
+        # loaded programs hold the old tensors' addresses (and may have been built for another structure)
+        self._programs.clear()
 
     def _call(self, ids: torch.Tensor, cache: "KimiLinearCache") -> torch.Tensor:
         if self._failed:
@@ -172,12 +169,6 @@ class CompiledDecoder(StaticDecoder):
         mla, kda = sorted(cache._latent), sorted(cache._state)
         key = (ids.shape[0], tuple(mla), tuple(kda))
         program = self._programs.get(key)
-        if program is not None and self._storage != self._checked_storage:
-            # a new cache (each generate() call) or grown buffers: check that the weights are still the same
-            self._checked_storage = self._storage
-            if not program.current():
-                del self._programs[key]
-                program = None
         if program is None:
             try:
                 program = self._programs[key] = self._program(ids, cache, mla, kda)
@@ -187,7 +178,6 @@ class CompiledDecoder(StaticDecoder):
                               f"{error}); decoding op by op instead", RuntimeWarning, stacklevel=2)
                 self._failed = True
                 return self.forward_step(ids, cache)
-            self._checked_storage = self._storage
         return program.run(_step_inputs(ids, cache, mla, kda))[0]
 
     def _program(self, ids: torch.Tensor, cache: "KimiLinearCache", mla: list[int], kda: list[int]) -> _Program:
@@ -197,7 +187,7 @@ class CompiledDecoder(StaticDecoder):
             "torch": torch.__version__,
             "source": _source_digest(),
             "config": _traced_config(self.model.config),
-            "tensors": [(n, list(t.shape), str(t.dtype)) for n, t in step.state_dict(keep_vars=True).items()],
+            "model": self._guard.key,  # modules, their attributes, tensor names / shapes / dtypes
             "batch": ids.shape[0],
             "layers": [mla, kda],
             "isa": str(torch._inductor.cpu_vec_isa.pick_vec_isa()),
@@ -209,6 +199,17 @@ class CompiledDecoder(StaticDecoder):
             path = _compile(step, _step_inputs(ids, cache, mla, kda), path)
             runner = _load(path, strict=True)
         return _Program(runner, step)
+
+
+def _model_inputs(program: "torch.export.ExportedProgram") -> list[str]:
+    """Names of the parameters and buffers an exported step reads (each must be an input of the compiled program,
+    never a value baked into it). Export lifts every parameter of the module; those the step does not use (an
+    inactive adapter's, say) have no users in the graph and are left out."""
+    from torch.export.graph_signature import InputKind
+
+    used = {node.name for node in program.graph.nodes if node.op == "placeholder" and node.users}
+    return [spec.target for spec in program.graph_signature.input_specs
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.arg.name in used]
 
 
 def _load(path: Path, strict: bool = False):  # noqa: ANN202 - torch's AOTICompiledModel
@@ -244,8 +245,16 @@ def _compile(step: StepProgram, inputs: list[torch.Tensor], path: Path) -> Path:
         os.close(handle)
         try:
             torch._inductor.aoti_compile_and_package(
-                program, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": False}
+                program, package_path=tmp,
+                # weights stay inputs: none are written into the library, and none (however small) are inlined
+                # into its code as literals
+                inductor_configs={"aot_inductor.package_constants_in_so": False,
+                                  "always_keep_tensor_constants": True},
             )
+            baked = sorted(set(_model_inputs(program)) - set(_load(Path(tmp), strict=True).get_constant_fqns()))
+            if baked:
+                raise RuntimeError(f"the compiled program bakes in {len(baked)} model tensor(s) instead of reading "
+                                   f"them, e.g. {baked[:3]}")
             os.replace(tmp, path)  # whole or not at all: another process may be loading it
         finally:
             if os.path.exists(tmp):

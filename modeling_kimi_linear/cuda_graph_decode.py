@@ -13,7 +13,10 @@ waits on the host most of the time. Here the step is captured once per *bucket* 
 
 A graph is valid only while the cache keeps the same tensors: when a cache buffer grows, when the batch size
 changes, or for a new cache (each ``generate()`` call), graphs are captured again (a warm-up step and a
-capture, a few tens of ms per bucket). :class:`~modeling_kimi_linear.KimiLinearForCausalLM` uses this path for
+capture, a few tens of ms per bucket). It is equally valid only while the model is the one it was captured from:
+a :class:`~modeling_kimi_linear.decode_guard.ModelGuard` is checked before every step (parameters replaced or
+cast, modules added or swapped, adapters switched on, off or merged) and at every new cache (any module attribute,
+hooks); a change drops every graph. :class:`~modeling_kimi_linear.KimiLinearForCausalLM` uses this path for
 CUDA decode steps unless ``model.cuda_graph_decode`` is set to false (checked against op-by-op decoding on an
 H200: ``bench/gpu_check.py --only graph``); the same static step also runs
 without a graph (``use_graph=False``), which is how CPU tests check it against the ordinary decode.
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from .decode_guard import ModelGuard
 
 if TYPE_CHECKING:
     from .cache_kimi_linear import KimiLinearCache
@@ -83,6 +88,12 @@ class StaticDecoder:
         self._storage: tuple | None = None
         self._inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._pool = None
+        self._guard: ModelGuard | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model whose step this runs (``forward_step`` is its bound method)."""
+        return self.forward_step.__self__
 
     def __deepcopy__(self, memo: dict) -> "StaticDecoder":
         # graphs belong to the original's tensors; the step function is re-bound to the copied model
@@ -97,6 +108,21 @@ class StaticDecoder:
         # a memory pool whose graphs are all gone is released by PyTorch: later captures need a new one
         self._graphs.clear()
         self._pool = None
+
+    def _model_changed(self) -> None:
+        """The model changed under the static step (see :mod:`decode_guard`): nothing built from it may run."""
+        self._drop_graphs()
+
+    def _check_model(self, new_cache: bool) -> None:
+        """Rebuild what was built from the model if it changed: the cheap check every step, the thorough one at
+        every new cache."""
+        guard = self._guard
+        if guard is None:
+            self._guard = ModelGuard(self.model)
+            return
+        if guard.signature_changed() if new_cache else guard.changed():
+            guard.refresh()
+            self._model_changed()
 
     def _static_inputs(self, input_ids: torch.Tensor, capacity: int) -> tuple[torch.Tensor, ...]:
         bsz = input_ids.shape[0]
@@ -120,9 +146,11 @@ class StaticDecoder:
         cache.reserve(bucket, exact=self.exact_buffers)
         ids, position, keys_valid = self._static_inputs(input_ids, bucket)
         storage = (cache.storage_key(), keys_valid.data_ptr())
-        if storage != self._storage:  # new cache, grown buffers, other batch: every graph is stale
+        new_storage = storage != self._storage
+        if new_storage:  # new cache, grown buffers, other batch: every graph is stale
             self._drop_graphs()
             self._storage = storage
+        self._check_model(new_cache=new_storage)
         ids.copy_(input_ids)
         position.fill_(past)
         if attention_mask is not None and attention_mask.shape[1] == past + 1:

@@ -1,0 +1,224 @@
+"""What a static decode step bakes in from the model, and the check that it still holds.
+
+A captured CUDA graph (:mod:`cuda_graph_decode`) replays fixed kernels on fixed memory addresses, and a compiled
+CPU program (:mod:`compiled_decode`) replays the Python-level decisions made while it was traced. Both give wrong
+tokens, with no error, if the model changed after they were built in a way that eager decoding would see:
+
+* a parameter or buffer replaced (``load_state_dict(..., assign=True)``, a new ``nn.Parameter``), moved or cast
+  (``model.to(dtype)``, ``param.data = ...``): the step would read the old memory;
+* modules added, removed or swapped (PEFT wrapping a projection with a LoRA layer, ``merge_and_unload()``): the
+  step would run the old structure;
+* a module's plain attributes changed (PEFT's ``disable_adapter()``, ``set_adapter()``, ``merge()``, a layer's
+  ``backend`` switched by hand): the step would take the old branch;
+* hooks added or removed (eager decoding would call them, a replayed step does not).
+
+:class:`ModelGuard` records all of this and answers two questions: :meth:`ModelGuard.changed` (cheap, before every
+step: a global counter of module/parameter/buffer registrations, each parameter's address and dtype, the state of
+the modules this package does not know, such as adapter layers, and the autocast state) and
+:meth:`ModelGuard.signature_changed` (thorough, at every new cache, i.e. every ``generate()`` call: the same plus
+every module's plain attributes and hooks). A static step is rebuilt whenever either says the model changed.
+
+:meth:`ModelGuard.key` is what a compiled program's file name covers besides the code and configuration: module
+types and attributes, parameter names, shapes and dtypes (not addresses), so two checkpoints of one shape share a
+program (a program reads the weights as inputs and bakes none in), and an adapter switched off finds another one.
+
+Not covered: a module keeping a plain (non-parameter, non-buffer) tensor attribute that its forward reads, and
+global switches other than autocast (for instance TF32 matmul flags). Values written in place into the same
+parameters (an optimizer step, ``load_state_dict`` without ``assign``) need no rebuild: every static step reads
+the parameters' current memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_utils import PreTrainedModel
+
+_registrations = 0  # bumped by torch's global registration hooks: any module/parameter/buffer set on any module
+_hooks_installed = False
+
+
+def _count_registration(*_args: Any) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def _install_registration_hooks() -> None:
+    """Count every module / parameter / buffer registration in the process (``setattr`` of a module or
+    parameter, ``register_buffer``, ``load_state_dict(assign=True)``...). The hooks return None, so registrations
+    are unchanged; their cost is one Python call each."""
+    global _hooks_installed
+    if not _hooks_installed:
+        from torch.nn.modules import module as torch_module
+
+        torch_module.register_module_parameter_registration_hook(_count_registration)
+        torch_module.register_module_buffer_registration_hook(_count_registration)
+        torch_module.register_module_module_registration_hook(_count_registration)
+        _hooks_installed = True
+
+
+_SCALARS = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A hashable, comparable copy of ``value`` if it is plain data (scalars, and lists / tuples / sets / dicts
+    of them, two levels deep), else a marker that the attribute exists but is not tracked."""
+    if isinstance(value, _SCALARS):
+        return value
+    if depth < 2:
+        if isinstance(value, (list, tuple)):
+            return tuple(_plain(v, depth + 1) for v in value)
+        if isinstance(value, (set, frozenset)):
+            return tuple(sorted((_plain(v, depth + 1) for v in value), key=repr))
+        if isinstance(value, dict):
+            return tuple(sorted(((str(k), _plain(v, depth + 1)) for k, v in value.items()), key=repr))
+    return "<untracked>"
+
+
+# Module attributes that hold no decision of the forward (bookkeeping of torch and transformers).
+_IGNORED_ATTRIBUTES = frozenset({"_is_hf_initialized", "_compiled_call_impl", "call_super_init", "dump_patches",
+                                 "_graph_decoder", "_compiled_decoder", "name_or_path"})
+
+
+def module_state(module: nn.Module) -> tuple:
+    """The plain attributes of ``module`` (what a forward may branch on), in a comparable form. On a transformers
+    ``PreTrainedModel`` the private ones are loading bookkeeping (``_weight_conversions``, ``_use_kernels``...),
+    different for a model loaded from disk and one built in memory, and are left out."""
+    private_too = not isinstance(module, PreTrainedModel)
+    return tuple((key, _plain(value)) for key, value in sorted(vars(module).items())
+                 if not key.startswith(_STRUCTURE_ATTRIBUTES) and key not in _IGNORED_ATTRIBUTES
+                 and (private_too or not key.startswith("_")))
+
+
+# torch's own bookkeeping (tensors, submodules, hooks: covered separately)
+_STRUCTURE_ATTRIBUTES = ("_parameters", "_buffers", "_modules", "_non_persistent", "_state_dict", "_load_state_dict",
+                         "_forward", "_backward", "_version")
+
+
+def _untracked_inside(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return any(_untracked_inside(v) for v in value)
+    return value == "<untracked>"
+
+
+class _AttributeWatch:
+    """Before-every-step check of one module's plain attributes: the attributes holding plain data at
+    :meth:`ModelGuard.refresh` are kept as copies and compared with ``!=`` (a few microseconds for an adapter
+    layer's ~20 attributes; attributes added later are caught by the thorough check at the next cache)."""
+
+    __slots__ = ("module", "values")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.values = {key: copy.deepcopy(value) for key, value in vars(module).items()
+                       if key not in _IGNORED_ATTRIBUTES and not key.startswith(_STRUCTURE_ATTRIBUTES)
+                       and not _untracked_inside(_plain(value))}
+
+    def changed(self) -> bool:
+        attributes = vars(self.module)
+        return any(attributes.get(key, _MISSING) != value for key, value in self.values.items())
+
+
+_MISSING = object()
+
+
+def _hook_counts(module: nn.Module) -> tuple[int, ...]:
+    return tuple(len(getattr(module, name, ())) for name in ("_forward_hooks", "_forward_pre_hooks",
+                                                             "_backward_hooks", "_backward_pre_hooks"))
+
+
+def _global_hook_counts() -> tuple[int, ...]:
+    from torch.nn.modules import module as torch_module
+
+    return tuple(len(getattr(torch_module, name, ())) for name in ("_global_forward_hooks",
+                                                                   "_global_forward_pre_hooks",
+                                                                   "_global_backward_hooks",
+                                                                   "_global_backward_pre_hooks"))
+
+
+def _known_types() -> tuple[type, ...]:
+    """Module types whose forward depends only on their tensors and on attributes fixed at construction: their
+    attributes are compared at every new cache, not before every step."""
+    from transformers.activations import ACT2CLS
+
+    from . import kda_layer, mla_layer, modeling_kimi_linear, moe, norms
+
+    ours = [cls for mod in (kda_layer, mla_layer, modeling_kimi_linear, moe, norms) for cls in vars(mod).values()
+            if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == mod.__name__]
+    torch_types = [nn.Linear, nn.Embedding, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict,
+                   nn.Sequential, nn.Identity, nn.Dropout, nn.SiLU, nn.GELU]
+    activations = [cls[0] if isinstance(cls, tuple) else cls for cls in ACT2CLS.values()]
+    return tuple(ours + torch_types + [cls for cls in activations if isinstance(cls, type)])
+
+
+class ModelGuard:
+    """The parts of ``model`` a static decode step depends on, and whether they changed since :meth:`refresh`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        _install_registration_hooks()
+        self.model = model
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Record the model as it is now."""
+        known = _known_types()
+        self._registrations = _registrations
+        self._autocast = _autocast_state()
+        named = list(self.model.named_parameters(remove_duplicate=False))
+        named += list(self.model.named_buffers(remove_duplicate=False))
+        self._tensors = [(t, t.data_ptr(), t.dtype) for _, t in named]
+        modules = list(self.model.named_modules(remove_duplicate=False))
+        self._foreign = [_AttributeWatch(m) for _, m in modules if not isinstance(m, known)]
+        self._signature = self._full_signature(named, modules)
+        self._key = hashlib.sha256(json.dumps(self._portable(named, modules), default=str).encode()).hexdigest()
+
+    @property
+    def key(self) -> str:
+        """A digest of everything but memory addresses (the compiled-program cache key's share of the model)."""
+        return self._key
+
+    def changed(self) -> bool:
+        """Cheap check before every step: registrations, parameter addresses and dtypes, the state of modules this
+        package does not know (adapter layers), autocast."""
+        if _registrations != self._registrations or _autocast_state() != self._autocast:
+            return True
+        for tensor, address, dtype in self._tensors:
+            if tensor.data_ptr() != address or tensor.dtype != dtype:
+                return True
+        return any(watch.changed() for watch in self._foreign)
+
+    def signature_changed(self) -> bool:
+        """Thorough check (every module's attributes and hooks too), for every new cache."""
+        if self.changed():
+            return True
+        named = list(self.model.named_parameters(remove_duplicate=False))
+        named += list(self.model.named_buffers(remove_duplicate=False))
+        return self._full_signature(named, list(self.model.named_modules(remove_duplicate=False))) != self._signature
+
+    def _portable(self, named: list, modules: list) -> list:
+        return [
+            [(name, type(m).__module__ + "." + type(m).__qualname__, module_state(m), _hook_counts(m))
+             for name, m in modules],
+            [(name, list(t.shape), list(t.stride()), str(t.dtype), t.device.type) for name, t in named],
+            _global_hook_counts(),
+        ]
+
+    def _full_signature(self, named: list, modules: list) -> tuple:
+        portable = self._portable(named, modules)
+        addresses = [(id(t), t.data_ptr(), str(t.device)) for _, t in named]
+        return json.dumps(portable, default=str), tuple(addresses), tuple(id(m) for _, m in modules)
+
+
+def _autocast_state() -> tuple:
+    """Autocast on/off and dtype for the device types the model can run on (a step traced without autocast must
+    not be replayed under it, nor the other way round)."""
+    state = []
+    for device_type in ("cpu", "cuda"):
+        enabled = torch.is_autocast_enabled(device_type)
+        state.append((enabled, torch.get_autocast_dtype(device_type) if enabled else None))
+    return tuple(state)
