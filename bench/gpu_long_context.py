@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu import active_weight_bytes, copy_bandwidth, log  # noqa: E402
 from bench.gpu_report import save_report, versions_header  # noqa: E402
-from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
+from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.cuda_graph_decode import decode_bucket  # noqa: E402
 from modeling_kimi_linear.presets import available_presets, load_preset  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
@@ -43,11 +43,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(preset: str, device: torch.device, dtype: torch.dtype) -> KimiLinearForCausalLM:
-    """Meta-device model, allocated on ``device`` and initialised there module by module (experts are fused
-    3-D tensors, so no loop over experts); fails if any parameter was left uninitialised."""
+def build(preset: "str | KimiLinearConfig", device: torch.device, dtype: torch.dtype) -> KimiLinearForCausalLM:
+    """Meta-device model of a preset (or a configuration), allocated on ``device`` and initialised there module by
+    module (experts are fused 3-D tensors, so no loop over experts); fails if any parameter was left
+    uninitialised."""
+    config = load_preset(preset) if isinstance(preset, str) else preset
     with torch.device("meta"):
-        model = KimiLinearForCausalLM(load_preset(preset)).to(dtype)  # A_log / dt_bias stay float32
+        model = KimiLinearForCausalLM(config).to(dtype)  # A_log / dt_bias stay float32
     model.to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():

@@ -366,14 +366,16 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         return torch.stack([l.to(losses[0].device) for l in losses]).mean()
 
     @torch.no_grad()
-    def warmup(self, batch_size: int = 1, padded: bool = True) -> None:
+    def warmup(self, batch_size: int = 1, padded: bool = True, progress: bool = True) -> None:
         """Prime the kernels so that no later call stalls on compilation.
 
         On a GPU: run each prefill length the kernels are tuned for once - from an empty cache and continuing a
         cache (kernels are specialised on whether a state comes in) - and a decode step, so that no later prompt
         length stalls on kernel compilation or autotuning; with ``padded``, also a left-padded batch of two (padded
-        prompts run fla's variable-length kernels). On a CPU there is nothing to tune; with
-        ``compile_cpu_decode`` a short prompt and a decode step compile the decode step for ``batch_size``.
+        prompts run fla's variable-length kernels). On a fresh machine this compiles and autotunes Triton kernels
+        for minutes (Triton keeps the results on disk, so a second process takes seconds); ``progress`` shows a
+        progress bar with the pass under way. On a CPU there is nothing to tune; with ``compile_cpu_decode`` a short
+        prompt and a decode step compile the decode step for ``batch_size``.
         """
         if self.device.type == "cpu":
             if self.compile_cpu_decode:
@@ -381,21 +383,34 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
                 out = self(input_ids=ids, use_cache=True, logits_to_keep=1)  # warmup() runs under no_grad
                 self(input_ids=ids[:, :1], past_key_values=output_cache(out), use_cache=True)
             return
-        self._warmup_kernels(batch_size, padded)
+        self._warmup_kernels(batch_size, padded, progress)
 
-    def _warmup_kernels(self, batch_size: int, padded: bool) -> None:
+    def _warmup_kernels(self, batch_size: int, padded: bool, progress: bool) -> None:
         """The GPU passes of :meth:`warmup`."""
+        from tqdm.auto import tqdm
+
         from .kda_fla import warmup_lengths
 
-        for length in warmup_lengths():
-            ids = torch.full((batch_size, length), 3, dtype=torch.long, device=self.device)
-            out = self(input_ids=ids, use_cache=True, logits_to_keep=1)
-            out = self(input_ids=ids, past_key_values=output_cache(out), use_cache=True, logits_to_keep=1)
-            self(input_ids=ids[:, :1], past_key_values=output_cache(out), use_cache=True)
-            if padded and length > 1:
-                mask = torch.ones(2, length, dtype=torch.long, device=self.device)
-                mask[1, 0] = 0
-                self(input_ids=ids[:1].expand(2, -1), attention_mask=mask, use_cache=True, logits_to_keep=1)
+        lengths = warmup_lengths()
+        passes = 3 * len(lengths) + (sum(length > 1 for length in lengths) if padded else 0)
+        with tqdm(total=passes, desc="warmup (compiling kernels)", unit="pass", disable=not progress) as bar:
+            for length in lengths:
+                ids = torch.full((batch_size, length), 3, dtype=torch.long, device=self.device)
+                bar.set_postfix_str(f"prompt of {length}")
+                out = self(input_ids=ids, use_cache=True, logits_to_keep=1)
+                bar.update()
+                bar.set_postfix_str(f"prompt of {length} after a cache")
+                out = self(input_ids=ids, past_key_values=output_cache(out), use_cache=True, logits_to_keep=1)
+                bar.update()
+                bar.set_postfix_str("decode step")
+                self(input_ids=ids[:, :1], past_key_values=output_cache(out), use_cache=True)
+                bar.update()
+                if padded and length > 1:
+                    bar.set_postfix_str(f"left-padded prompts of {length}")
+                    mask = torch.ones(2, length, dtype=torch.long, device=self.device)
+                    mask[1, 0] = 0
+                    self(input_ids=ids[:1].expand(2, -1), attention_mask=mask, use_cache=True, logits_to_keep=1)
+                    bar.update()
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value

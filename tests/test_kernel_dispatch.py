@@ -153,7 +153,7 @@ def test_padded_batch_auto_route_is_zero_gates_on_cpu_and_rows_without_tokens_wo
         assert o.shape == v.shape
 
 
-def test_warmup_runs_every_pass(monkeypatch):
+def test_warmup_runs_every_pass(monkeypatch, capsys):
     """model.warmup()'s GPU kernel priming runs its prefill, continuation, decode and padded passes (run on CPU at
     short lengths here, to check the calls themselves); on a CPU warmup() itself runs nothing, or with
     compile_cpu_decode one short prompt and one decode step."""
@@ -164,8 +164,10 @@ def test_warmup_runs_every_pass(monkeypatch):
     model = KimiLinearForCausalLM(load_preset("tiny")).eval()
     model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
                                     with_kwargs=True)
-    model._warmup_kernels(1, padded=True)
+    model._warmup_kernels(1, padded=True, progress=True)
     assert calls == [(1, 1), (1, 1), (1, 1), (1, 65), (1, 65), (1, 1), (2, 65)]
+    progress = capsys.readouterr().err
+    assert "warmup (compiling kernels)" in progress and "7/7" in progress
     calls.clear()
     model.warmup()
     assert calls == []

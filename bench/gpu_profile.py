@@ -1,0 +1,248 @@
+"""Where a decode step of the 48B-A3B layout spends its time, part by part, against each part's bytes.
+
+The model (random bf16 weights, built on the GPU) decodes one token per sequence from a synthetic context (a real
+``--prefill``-token prefill, the MLA latents repeated up to ``--context``). Each step is run op by op under
+``torch.profiler`` with every part of the model inside a labelled range, so each kernel's device time is charged
+to the part that launched it: KDA (projections, short convolution, gate, delta-rule step, gated norm, output
+projection; or the fused decode step), MLA, router, routed experts, shared expert, norms, embedding, lm_head.
+Next to it: the part's bytes (weights it reads at batch 1 plus the cache it reads and writes) over the copy
+bandwidth measured in the same run, and the CUDA-graph step time (what ``generate()`` replays), whose excess over
+the summed kernel times is launch and tail overhead between kernels. ``--kernels torch,triton`` profiles the same
+model with ``config.decode_kernels`` set each way (the PyTorch reference path vs this package's Triton decode
+kernels).
+
+    python bench/gpu_profile.py --contexts 4096,1048576 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.gpu import copy_bandwidth, log  # noqa: E402
+from bench.gpu_long_context import build, extend_cache  # noqa: E402
+from bench.gpu_report import save_report, versions_header  # noqa: E402
+from modeling_kimi_linear import kda_layer  # noqa: E402
+from modeling_kimi_linear.cuda_graph_decode import decode_bucket  # noqa: E402
+from modeling_kimi_linear.kda_layer import KimiDeltaAttention  # noqa: E402
+from modeling_kimi_linear.mla_layer import KimiMLAAttention  # noqa: E402
+from modeling_kimi_linear.moe import KimiExperts, KimiMoEGate, KimiSparseMoeBlock  # noqa: E402
+from modeling_kimi_linear.presets import available_presets  # noqa: E402
+from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
+
+PARTS = ("kda: projections", "kda: short conv", "kda: gate", "kda: delta-rule step", "kda: gated norm",
+         "kda: fused decode step", "kda: output projection", "mla", "router", "routed experts", "shared expert",
+         "dense MLP", "norms", "embedding", "lm_head")
+_KDA_FUNCTIONS = {"short_conv": "kda: short conv", "kda": "kda: delta-rule step", "kda_padded": "kda: delta-rule step",
+                  "gated_rms_norm": "kda: gated norm", "kda_decode_step": "kda: fused decode step"}
+
+
+def label(name: str) -> str:
+    return f"part::{name}"
+
+
+@contextlib.contextmanager
+def labelled(model) -> None:  # noqa: ANN001
+    """Wrap every part of ``model`` in a profiler range (module hooks, and the KDA layer's kernel functions)."""
+    handles, saved = [], {}
+
+    def wrap(module, part: str) -> None:  # noqa: ANN001
+        ranges = []
+
+        def pre(*_):  # noqa: ANN002
+            ranges.append(record_function(label(part)))
+            ranges[-1].__enter__()
+
+        def post(*_):  # noqa: ANN002
+            ranges.pop().__exit__(None, None, None)
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+
+    for module in model.modules():
+        if isinstance(module, KimiDeltaAttention):
+            for name in ("q_proj", "k_proj", "v_proj", "f_a_proj", "f_b_proj", "b_proj", "g_a_proj", "g_b_proj"):
+                wrap(getattr(module, name), "kda: projections")
+            wrap(module.o_proj, "kda: output projection")
+        elif isinstance(module, KimiMLAAttention):
+            wrap(module, "mla")
+        elif isinstance(module, KimiMoEGate):
+            wrap(module, "router")
+        elif isinstance(module, KimiExperts):
+            wrap(module, "routed experts")
+        elif isinstance(module, KimiSparseMoeBlock) and module.shared_experts is not None:
+            wrap(module.shared_experts, "shared expert")
+    for layer in model.model.layers:  # the decoder's norms (those inside attention count with their layer)
+        wrap(layer.input_layernorm, "norms")
+        wrap(layer.post_attention_layernorm, "norms")
+        if hasattr(layer, "mlp"):
+            wrap(layer.mlp, "dense MLP")
+    wrap(model.model.norm, "norms")
+    wrap(model.model.embed_tokens, "embedding")
+    wrap(model.lm_head, "lm_head")
+    for fn_name, part in _KDA_FUNCTIONS.items():
+        fn = getattr(kda_layer, fn_name, None)
+        if fn is None:
+            continue
+
+        def ranged(*args, _fn=fn, _part=part, **kwargs):  # noqa: ANN002, ANN003
+            with record_function(label(_part)):
+                return _fn(*args, **kwargs)
+
+        saved[fn_name] = fn
+        setattr(kda_layer, fn_name, ranged)
+    original_log_decay = KimiDeltaAttention.log_decay
+
+    def log_decay(self, f):  # noqa: ANN001
+        with record_function(label("kda: gate")):
+            return original_log_decay(self, f)
+
+    KimiDeltaAttention.log_decay = log_decay
+    try:
+        yield
+    finally:
+        KimiDeltaAttention.log_decay = original_log_decay
+        for fn_name, fn in saved.items():
+            setattr(kda_layer, fn_name, fn)
+        for h in handles:
+            h.remove()
+
+
+def part_bytes(model, context: int) -> dict[str, float]:  # noqa: ANN001
+    """Bytes each part must move for one token at batch 1."""
+    cfg = model.config
+    out: dict[str, float] = defaultdict(float)
+    element = next(model.parameters()).element_size()
+    for module in model.modules():
+        if isinstance(module, KimiDeltaAttention):
+            for name, p in module.named_parameters():
+                part = ("kda: output projection" if name.startswith("o_proj") else "kda: projections"
+                        if name.endswith("proj.weight") else "kda: fused decode step")
+                out[part] += p.numel() * p.element_size()
+            out["kda: fused decode step"] += cfg.kda_num_heads * cfg.kda_head_dim ** 2 * 4 * 2  # state read + write
+        elif isinstance(module, KimiMLAAttention):
+            out["mla"] += sum(p.numel() * p.element_size() for p in module.parameters())
+            out["mla"] += context * cfg.mla_latent_dim * element
+        elif isinstance(module, KimiMoEGate):
+            out["router"] += sum(p.numel() * p.element_size() for p in module.parameters())
+        elif isinstance(module, KimiExperts):
+            out["routed experts"] += sum(p.numel() * p.element_size() for p in module.parameters()) \
+                * cfg.num_experts_per_token / cfg.num_experts
+        elif isinstance(module, KimiSparseMoeBlock) and module.shared_experts is not None:
+            out["shared expert"] += sum(p.numel() * p.element_size() for p in module.shared_experts.parameters())
+    for layer in model.model.layers:
+        out["norms"] += sum(p.numel() * p.element_size() for norm in (layer.input_layernorm,
+                                                                      layer.post_attention_layernorm)
+                            for p in norm.parameters())
+        if hasattr(layer, "mlp"):
+            out["dense MLP"] += sum(p.numel() * p.element_size() for p in layer.mlp.parameters())
+    out["norms"] += model.model.norm.weight.numel() * element
+    out["embedding"] = cfg.hidden_size * element
+    out["lm_head"] = model.lm_head.weight.numel() * element
+    return out
+
+
+def set_decode_kernels(model, choice: str) -> None:  # noqa: ANN001
+    model.config.decode_kernels = choice
+    for module in model.modules():
+        if hasattr(module, "decode_kernels"):
+            module.decode_kernels = choice
+
+
+@torch.no_grad()
+def profile_context(model, context: int, args, bw: float) -> list[dict]:  # noqa: ANN001
+    ids = torch.randint(3, model.config.vocab_size, (1, args.prefill), device="cuda")
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = output_cache(out)
+    extend_cache(cache, context, decode_bucket(context + 64))
+    token = out.logits[:, -1:].argmax(-1)
+    rows = []
+    for choice in args.kernels:
+        set_decode_kernels(model, choice)
+        model.cuda_graph_decode = False
+        for _ in range(3):  # warm: compile / autotune outside the profile
+            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        with labelled(model), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+        parts: dict[str, float] = defaultdict(float)
+        kernels_total = 0.0
+        for event in prof.key_averages():
+            device_us = getattr(event, "device_time_total", 0.0)
+            if event.key.startswith("part::"):
+                parts[event.key.removeprefix("part::")] += device_us / args.steps
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                kernels_total += event.time_range.elapsed_us() / args.steps
+        model.cuda_graph_decode = True
+        for _ in range(3):
+            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        graph_us = 1e6 * (time.perf_counter() - start) / args.steps
+        nbytes = part_bytes(model, context)
+        for part in PARTS:
+            if parts.get(part) or nbytes.get(part):
+                roof = 1e6 * nbytes.get(part, 0.0) / bw
+                rows.append({"context": context, "kernels": choice, "part": part,
+                             "device_us": round(parts.get(part, 0.0), 1), "roofline_us": round(roof, 1)})
+        core = ("kda: short conv", "kda: gate", "kda: delta-rule step", "kda: gated norm", "kda: fused decode step")
+        rows.append({"context": context, "kernels": choice, "part": "kda: all between projections (sum of the above)",
+                     "device_us": round(sum(parts.get(p, 0.0) for p in core), 1),
+                     "roofline_us": round(1e6 * nbytes.get("kda: fused decode step", 0.0) / bw, 1)})
+        rows.append({"context": context, "kernels": choice, "part": "all kernels (sum)",
+                     "device_us": round(kernels_total, 1), "roofline_us": round(1e6 * sum(nbytes.values()) / bw, 1)})
+        rows.append({"context": context, "kernels": choice, "part": "CUDA-graph step (wall)",
+                     "device_us": round(graph_us, 1), "roofline_us": round(1e6 * sum(nbytes.values()) / bw, 1)})
+        log(f"context {context}, decode_kernels={choice}: graph step {graph_us:.0f} us, kernels {kernels_total:.0f} us")
+        if args.trace:
+            prof.export_chrome_trace(str(Path(args.out) / f"trace_{context}_{choice}.json"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="kimi_linear_48b_a3b", choices=available_presets())
+    parser.add_argument("--contexts", default="4096,1048576")
+    parser.add_argument("--kernels", default="torch,triton", help="decode_kernels settings to profile, in order")
+    parser.add_argument("--prefill", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--trace", action="store_true", help="also write a chrome trace per context and setting")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args(argv)
+    args.kernels = args.kernels.split(",")
+    if not torch.cuda.is_available():
+        sys.exit("gpu_profile needs a CUDA GPU")
+    bw = copy_bandwidth()
+    torch.manual_seed(0)
+    model = build(args.preset, torch.device("cuda"), torch.bfloat16)
+    rows = []
+    for context in (int(c) for c in args.contexts.split(",")):
+        rows += profile_context(model, context, args, bw)
+    head = versions_header(f"bf16, batch 1, preset {args.preset}; copy bandwidth {bw / 1e12:.2f} TB/s")
+    lines = [head, "", "| context | decode_kernels | part | device time per step (us) | roofline (us) | x roofline |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['device_us'] / r['roofline_us']:.1f}" if r["roofline_us"] else "-"
+        lines.append(f"| {r['context']} | {r['kernels']} | {r['part']} | {r['device_us']} | {r['roofline_us']} | "
+                     f"{ratio} |")
+    save_report(args.out, "gpu_profile", "\n".join(lines), head, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""The released 48B-A3B layout at scale on one GPU: decode TPOT through ``generate()``, batched throughput (3:1
+hybrid against all-MLA of the same width), cold start. Writes gpu_scale.json / gpu_scale.md under ``--out``.
+
+Models have random bf16 weights, built on the meta device and initialised on the GPU (98 GB: no checkpoint of the
+48B fits the lent machine's 64 GB disk). Each measurement fills a cache with a real prefill of ``--prefill`` tokens
+per sequence and extends the MLA latents to the context by repeating the prefill's rows (decode cost does not
+depend on the values; the KDA states are the real prefill's); the table says so.
+
+* **decode** (batch 1): TPOT = (time of ``generate()`` for n+1 new tokens - time for 1) / n, greedy with
+  ``min_new_tokens`` so nothing stops early, after one untimed ``generate()`` that captures the CUDA graphs of the
+  buckets the timed calls use. Roofline = bytes a step must move / the copy bandwidth measured in the same run:
+  every weight but the unchosen experts (one embedding row), the MLA latents attended over, and each KDA state
+  read and written once.
+* **batched**: tokens/s = batch x n / (time for n+1 tokens - time for 1), for each layout, context and batch
+  (``max`` = the largest batch whose caches fit beside the weights); batch roofline from the same byte count with
+  the experts a step actually touches (counted in one eager step: the distinct experts each MoE layer routes the
+  batch to) and every sequence's cache.
+* **cold**: a small checkpoint of the release's width (``--cold-layers`` layers) is saved, then loaded by two fresh
+  processes sharing one empty Triton cache folder: ``from_pretrained`` to the first generated token of a
+  ``--cold-prompt``-token prompt, (a) first process (nothing compiled: what a fresh machine pays), (b) second.
+
+    python bench/gpu_scale.py --out $OUT                          # everything (one H200)
+    python bench/gpu_scale.py --parts decode --contexts 4096 --out $OUT
+    python bench/gpu_scale.py --preset tiny --device cpu --dtype float32 --contexts 512 --batched-contexts 512 \\
+        --batches 1,2 --cold-layers 2 --out /tmp/scale                # smoke run on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.gpu import copy_bandwidth, log  # noqa: E402
+from bench.gpu_long_context import build, extend_cache, memory_line, sync  # noqa: E402
+from bench.gpu_report import save_report, versions_header  # noqa: E402
+from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
+from modeling_kimi_linear.cuda_graph_decode import decode_bucket  # noqa: E402
+from modeling_kimi_linear.presets import available_presets, load_preset  # noqa: E402
+from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
+
+GB = 1e9
+PAPER_TPOT_MS = {4096: 5.09, 131072: 5.74, 1048576: 7.99}  # Kimi Linear, Fig. 7b of the paper, batch 1
+
+
+def layout_config(preset: str, layout: str, layers: int | None = None):  # noqa: ANN201 - a KimiLinearConfig
+    """The preset, or its all-MLA twin of the same width, optionally cut to ``layers`` layers (3:1 kept)."""
+    base = load_preset(preset)
+    n = layers or base.num_hidden_layers
+    lac = dict(base.linear_attn_config)
+    if layout == "all_mla":
+        lac.update(kda_layers=[], full_attn_layers=list(range(1, n + 1)))
+    elif layers is not None:
+        full = [i for i in range(1, n + 1) if i % 4 == 0] or [n]
+        lac.update(kda_layers=[i for i in range(1, n + 1) if i not in full], full_attn_layers=full)
+    return load_preset(preset, num_hidden_layers=n, linear_attn_config=lac)
+
+
+class Bytes:
+    """What one decode step must move, from the model's parameters and configuration."""
+
+    def __init__(self, model: KimiLinearForCausalLM) -> None:
+        cfg = model.config
+        self.experts = self.other = 0
+        for name, p in model.named_parameters():
+            size = p.numel() * p.element_size()
+            if ".experts." in name:
+                self.experts += size
+            elif "embed_tokens" in name:
+                self.other += p.shape[1] * p.element_size()  # one row per token
+            else:
+                self.other += size
+        self.moe_layers = sum(hasattr(layer, "block_sparse_moe") for layer in model.model.layers)
+        self.num_experts, self.top_k = cfg.num_experts or 1, cfg.num_experts_per_token or 1
+        element = next(model.parameters()).element_size()
+        self.latent_per_token = len(cfg.mla_layers) * cfg.mla_latent_dim * element
+        self.kda_state = len(cfg.kda_layers) * cfg.kda_num_heads * cfg.kda_head_dim ** 2 * 4 * 2  # read + write
+
+    def step(self, batch: int, context: int, expert_share: float | None = None) -> float:
+        """Bytes of one step: ``expert_share`` of the routed experts (batch 1: top-k of E)."""
+        share = self.top_k / self.num_experts if expert_share is None else expert_share
+        return self.other + share * self.experts + batch * (context * self.latent_per_token + self.kda_state)
+
+
+def fill(model: KimiLinearForCausalLM, batch: int, context: int, prefill: int, spare: int):
+    """A cache holding ``context`` tokens per sequence (a real prefill, then repeated latents) with room for
+    ``spare`` more, and the ids ``generate()`` continues from."""
+    device = model.device
+    ids = torch.randint(3, model.config.vocab_size, (batch, prefill), device=device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = output_cache(out)
+    extend_cache(cache, context, decode_bucket(context + spare))
+    full = torch.cat([ids, ids.new_zeros(batch, context - prefill), out.logits[:, -1:].argmax(-1)], 1)
+    return cache, full
+
+
+def timed_generate(model, ids: torch.Tensor, cache, new_tokens: int) -> tuple[float, torch.Tensor]:  # noqa: ANN001
+    sync(model.device)
+    start = time.perf_counter()
+    seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=model.config.pad_token_id)
+    sync(model.device)
+    return time.perf_counter() - start, seq
+
+
+@torch.no_grad()
+def step_time(model, batch: int, context: int, args) -> dict:  # noqa: ANN001
+    """Seconds per generated token (per step) of ``model`` at ``batch`` x ``context``, through ``generate()``."""
+    n = args.new_tokens
+    cache, ids = fill(model, batch, context, args.prefill, spare=3 * n + 8)
+    _, ids = timed_generate(model, ids, cache, n)  # captures the graphs of the buckets the timed calls use
+    t1, ids = timed_generate(model, ids, cache, 1)
+    tn, ids = timed_generate(model, ids, cache, n + 1)
+    experts = distinct_experts(model, ids[:, -1:], cache)
+    del cache
+    return {"step_s": (tn - t1) / n, "expert_share": experts}
+
+
+def distinct_experts(model, token: torch.Tensor, cache) -> float:  # noqa: ANN001
+    """Mean share of each MoE layer's experts that one eager step of the batch routes to."""
+    shares, hooks = [], []
+    for layer in model.model.layers:
+        if hasattr(layer, "block_sparse_moe"):
+            gate = layer.block_sparse_moe.gate
+            hooks.append(gate.register_forward_hook(
+                lambda mod, inp, out: shares.append(out[0].unique().numel() / mod.num_experts)))
+    graphs, model.cuda_graph_decode = model.cuda_graph_decode, False
+    try:
+        model(input_ids=token, past_key_values=cache)
+    finally:
+        model.cuda_graph_decode = graphs
+        for h in hooks:
+            h.remove()
+    return sum(shares) / max(len(shares), 1)
+
+
+def largest_batch(model, context: int, bytes_: Bytes, reserve_gb: float) -> int:  # noqa: ANN001
+    """The largest batch whose caches (latent buffers of the bucket, KDA states, a prefill's activations) fit in
+    the free device memory, keeping ``reserve_gb`` for graphs and workspaces."""
+    if model.device.type != "cuda":
+        return 4
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    per_seq = decode_bucket(context + 64) * bytes_.latent_per_token + bytes_.kda_state
+    return max(1, int((free - reserve_gb * GB) // per_seq))
+
+
+def run_decode(model, args, bw: float | None, bytes_: Bytes) -> list[dict]:  # noqa: ANN001
+    rows = []
+    for context in args.contexts:
+        log(f"decode: batch 1 at {context} tokens")
+        got = step_time(model, 1, context, args)
+        row = {"layers": model.config.num_hidden_layers, "context": context, "batch": 1,
+               "tpot_ms": round(1e3 * got["step_s"], 3), "synthetic_context": context > args.prefill,
+               "paper_tpot_ms": PAPER_TPOT_MS.get(context)}
+        if bw:
+            row["roofline_ms"] = round(1e3 * bytes_.step(1, context) / bw, 3)
+            row["tpot_over_roofline"] = round(row["tpot_ms"] / row["roofline_ms"], 2)
+        log(f"  {row}")
+        rows.append(row)
+    return rows
+
+
+def run_batched(model, layout: str, args, bw: float | None, bytes_: Bytes) -> list[dict]:  # noqa: ANN001
+    rows = []
+    for context in args.batched_contexts:
+        cap = largest_batch(model, context, bytes_, args.reserve_gb)
+        batches = sorted({min(b, cap) if b != "max" else cap for b in args.batches})
+        for batch in batches:
+            log(f"batched: {layout} at {context} tokens, batch {batch} (largest that fits: {cap}); {memory_line(model.device)}")
+            try:
+                got = step_time(model, batch, context, args)
+            except torch.OutOfMemoryError:
+                log("  out of memory: skipped")
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            row = {"layout": layout, "context": context, "batch": batch, "largest_batch": cap,
+                   "tokens_per_s": round(batch / got["step_s"], 1), "expert_share": round(got["expert_share"], 3),
+                   "synthetic_context": context > args.prefill}
+            if bw:
+                row["roofline_tokens_per_s"] = round(batch * bw / bytes_.step(batch, context, got["expert_share"]), 1)
+                row["share_of_roofline"] = round(row["tokens_per_s"] / row["roofline_tokens_per_s"], 3)
+            log(f"  {row}")
+            rows.append(row)
+            gc.collect()
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+_COLD = """
+import json, sys, time
+start = time.perf_counter()
+import torch
+sys.path.insert(0, {repo!r})
+from modeling_kimi_linear import KimiLinearForCausalLM
+model = KimiLinearForCausalLM.from_pretrained({path!r}, dtype=getattr(torch, {dtype!r}), device_map={device!r}).eval()
+loaded = time.perf_counter()
+ids = torch.randint(3, model.config.vocab_size, (1, {prompt}), device=model.device)
+model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+               pad_token_id=model.config.pad_token_id)
+if model.device.type == "cuda":
+    torch.cuda.synchronize()
+done = time.perf_counter()
+print(json.dumps({{"total_s": done - start, "load_s": loaded - start, "first_token_s": done - loaded}}))
+"""
+
+
+def run_cold(args, device: torch.device, dtype: torch.dtype) -> dict:
+    """Two fresh processes, one empty Triton cache folder: from_pretrained to the first token."""
+    work = Path(tempfile.mkdtemp(prefix="kimi_cold_"))
+    log(f"cold start: saving a {args.cold_layers}-layer checkpoint of the {args.preset} width")
+    model = build_model(layout_config(args.preset, "hybrid", args.cold_layers), device, dtype)
+    model.save_pretrained(work / "ckpt")
+    del model
+    gc.collect()
+    env = dict(os.environ, TRITON_CACHE_DIR=str(work / "triton"), PYTHONUNBUFFERED="1")
+    script = _COLD.format(repo=str(Path(__file__).resolve().parent.parent), path=str(work / "ckpt"),
+                          dtype=str(dtype).removeprefix("torch."), device=str(device), prompt=args.cold_prompt)
+    result = {"layers": args.cold_layers, "prompt_tokens": args.cold_prompt}
+    for name in ("fresh_machine", "second_process"):
+        log(f"cold start: {name.replace('_', ' ')}")
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1500)
+        if done.returncode:
+            raise RuntimeError(f"cold-start process failed:\n{done.stderr[-3000:]}")
+        times = json.loads(done.stdout.strip().splitlines()[-1])
+        result[f"{name}_s"] = round(times["total_s"], 2)
+        result[f"{name}_load_s"] = round(times["load_s"], 2)
+        log(f"  {times}")
+    return result
+
+
+def build_model(config, device: torch.device, dtype: torch.dtype) -> KimiLinearForCausalLM:  # noqa: ANN001
+    start = time.perf_counter()
+    model = build(config, device, dtype)
+    sync(device)
+    log(f"built {config.num_hidden_layers} layers ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA) in "
+        f"{time.perf_counter() - start:.1f} s; {memory_line(device)}")
+    return model
+
+
+def report(result: dict) -> str:
+    lines = [result["header"], "",
+             f"Contexts beyond the {result['prefill']}-token real prefill are filled by repeating the prefill's MLA "
+             "latents (decode cost does not depend on the values). TPOT through `generate()`: (time for n+1 new "
+             "tokens - time for 1) / n.", ""]
+    if result.get("decode"):
+        lines += ["| layers | context | batch | TPOT (ms) | roofline (ms) | TPOT / roofline | paper TPOT (ms) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["decode"]:
+            lines.append(f"| {r['layers']} | {r['context']} | 1 | {r['tpot_ms']} | {r.get('roofline_ms', '-')} | "
+                         f"{r.get('tpot_over_roofline', '-')} | {r.get('paper_tpot_ms') or '-'} |")
+        lines.append("")
+    if result.get("batched"):
+        lines += ["| layout | context | batch | tokens/s | roofline tokens/s | share of roofline | experts touched |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["batched"]:
+            lines.append(f"| {r['layout']} | {r['context']} | {r['batch']} | {r['tokens_per_s']} | "
+                         f"{r.get('roofline_tokens_per_s', '-')} | {r.get('share_of_roofline', '-')} | "
+                         f"{r['expert_share']:.0%} |")
+        best = {}
+        for r in result["batched"]:
+            key = (r["layout"], r["context"])
+            best[key] = max(best.get(key, 0.0), r["tokens_per_s"])
+        ratios = [f"{c}: {best[('hybrid', c)] / best[('all_mla', c)]:.2f}x" for (lay, c) in sorted(best)
+                  if lay == "hybrid" and ("all_mla", c) in best]
+        if ratios:
+            lines += ["", "hybrid / all-MLA throughput, each at its largest batch: " + ", ".join(ratios)]
+        lines.append("")
+    if result.get("cold_start"):
+        c = result["cold_start"]
+        lines += [f"Cold start ({c['layers']} layers of the release's width, {c['prompt_tokens']}-token prompt, "
+                  "from `from_pretrained` to the first token): fresh machine (empty Triton cache) "
+                  f"{c['fresh_machine_s']} s (load {c['fresh_machine_load_s']} s), second process "
+                  f"{c['second_process_s']} s (load {c['second_process_load_s']} s)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x]
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="kimi_linear_48b_a3b", choices=available_presets())
+    parser.add_argument("--parts", default="cold,decode,batched", help="comma-separated: cold, decode, batched")
+    parser.add_argument("--contexts", type=ints, default=[4096, 131072, 1048576], help="batch-1 decode contexts")
+    parser.add_argument("--batched-contexts", type=ints, default=[4096, 131072, 1048576])
+    parser.add_argument("--batches", default="1,8,32,max", help="batch sizes ('max': the largest that fits)")
+    parser.add_argument("--layouts", default="hybrid,all_mla", help="layouts for the batched part")
+    parser.add_argument("--new-tokens", type=int, default=32, help="n in the TPOT formula")
+    parser.add_argument("--prefill", type=int, default=64, help="real prefill tokens per sequence")
+    parser.add_argument("--reserve-gb", type=float, default=6.0, help="device memory kept free when sizing batches")
+    parser.add_argument("--cold-layers", type=int, default=2)
+    parser.add_argument("--cold-prompt", type=int, default=512)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--merge", action="store_true", help="update gpu_scale.json in --out instead of replacing it")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args(argv)
+    args.batches = [b if b == "max" else int(b) for b in args.batches.split(",")]
+    parts = set(args.parts.split(","))
+    if parts - {"cold", "decode", "batched"}:
+        parser.error(f"unknown parts {sorted(parts - {'cold', 'decode', 'batched'})}")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    out = Path(args.out)
+    path = out / "gpu_scale.json"
+    result = json.loads(path.read_text()) if args.merge and path.exists() else {}
+    result.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  header=versions_header(f"{args.dtype}, random weights, preset {args.preset}",
+                                         device=None if device.type == "cuda" else "cpu"),
+                  prefill=args.prefill, new_tokens=args.new_tokens)
+    import datetime
+    import transformers
+
+    result["date"] = str(datetime.date.today())
+    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import fla
+        import triton
+
+        result["versions"].update(fla=fla.__version__, triton=triton.__version__)
+    except ImportError:
+        pass
+    if "cold" in parts:  # first: the cold processes must not find kernels this process compiled
+        result["cold_start"] = run_cold(args, device, dtype)
+    bw = copy_bandwidth() if device.type == "cuda" else None
+    if bw:
+        result["copy_bandwidth_TBps"] = round(bw / 1e12, 3)
+        log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layout in ("hybrid", "all_mla"):
+            wants_decode = layout == "hybrid" and "decode" in parts
+            wants_batched = "batched" in parts and layout in args.layouts.split(",")
+            if not (wants_decode or wants_batched):
+                continue
+            model = build_model(layout_config(args.preset, layout), device, dtype)
+            bytes_ = Bytes(model)
+            if wants_decode:
+                result["decode"] = run_decode(model, args, bw, bytes_)
+            if wants_batched:
+                result["batched"] = [r for r in result.get("batched", []) if r["layout"] != layout]
+                result["batched"] += run_batched(model, layout, args, bw, bytes_)
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    text = report(result)
+    save_report(out, "gpu_scale", text, result["header"], [])
+    path.write_text(json.dumps(result, indent=1))  # the issue's JSON shape (save_report wrote header + rows)
+
+
+if __name__ == "__main__":
+    main()
