@@ -213,7 +213,13 @@ model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_token
 if model.device.type == "cuda":
     torch.cuda.synchronize()
 done = time.perf_counter()
-print(json.dumps({{"total_s": done - start, "load_s": loaded - start, "first_token_s": done - loaded}}))
+recorded = 0
+if model.device.type == "cuda" and {record!r}:
+    from pathlib import Path
+    from modeling_kimi_linear import triton_tuning
+    recorded = triton_tuning.dump(Path({record!r}))
+print(json.dumps({{"total_s": done - start, "load_s": loaded - start, "first_token_s": done - loaded,
+                  "tuning_entries_recorded": recorded}}))
 """
 
 
@@ -227,8 +233,12 @@ def run_cold(args, device: torch.device, dtype: torch.dtype) -> dict:
     gc.collect()
     env = dict(os.environ, TRITON_CACHE_DIR=str(work / "triton"), PYTHONUNBUFFERED="1")
     script = _COLD.format(repo=str(Path(__file__).resolve().parent.parent), path=str(work / "ckpt"),
-                          dtype=str(dtype).removeprefix("torch."), device=str(device), prompt=args.cold_prompt)
-    result = {"layers": args.cold_layers, "prompt_tokens": args.cold_prompt}
+                          dtype=str(dtype).removeprefix("torch."), device=str(device), prompt=args.cold_prompt,
+                          record=args.record_tuning)
+    from modeling_kimi_linear import triton_tuning
+
+    shipped = sum(len(v) for v in triton_tuning.read().get(triton_tuning.machine_key() or "", {}).values())
+    result = {"layers": args.cold_layers, "prompt_tokens": args.cold_prompt, "shipped_tuning_entries": shipped}
     for name in ("fresh_machine", "second_process"):
         log(f"cold start: {name.replace('_', ' ')}")
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1500)
@@ -305,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cold-prompt", type=int, default=512)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--record-tuning", default="",
+                        help="add the Triton autotuning choices of the run to this JSON file (see "
+                             "modeling_kimi_linear/triton_tuning.py); default: none")
     parser.add_argument("--merge", action="store_true", help="update gpu_scale.json in --out instead of replacing it")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
@@ -356,6 +369,10 @@ def main(argv: list[str] | None = None) -> None:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if args.record_tuning and device.type == "cuda":
+        from modeling_kimi_linear import triton_tuning
+
+        log(f"recorded {triton_tuning.dump(Path(args.record_tuning))} Triton tuning entries in {args.record_tuning}")
     text = report(result)
     save_report(out, "gpu_scale", text, result["header"], [])
     path.write_text(json.dumps(result, indent=1))  # the issue's JSON shape (save_report wrote header + rows)

@@ -24,6 +24,7 @@ def fla_kda_ops() -> tuple[Callable, Callable] | None:
         from fla.ops.kda import chunk_kda, fused_recurrent_kda
     except Exception:  # ImportError, or triton failing to initialise
         return None
+    _apply_tuned_configs()
     return chunk_kda, fused_recurrent_kda
 
 
@@ -35,7 +36,23 @@ def fla_module_ops() -> tuple[Callable, Callable] | None:
         from fla.modules.fused_norm_gate import rms_norm_gated
     except Exception:  # ImportError, or triton failing to initialise
         return None
+    _apply_tuned_configs()
     return causal_conv1d, rms_norm_gated
+
+
+def _apply_tuned_configs() -> None:
+    """Give fla's freshly imported autotuners the configurations recorded on this GPU type (see
+    :mod:`triton_tuning`): a fresh machine then compiles each kernel once instead of benchmarking every
+    candidate."""
+    from . import triton_tuning
+
+    try:
+        triton_tuning.apply()
+    except Exception as error:  # noqa: BLE001 - a damaged record file must not stop the model from running
+        import warnings
+
+        warnings.warn(f"ignoring recorded Triton tuning ({type(error).__name__}: {error}); kernels autotune as "
+                      "usual", RuntimeWarning, stacklevel=3)
 
 
 def short_conv_fla(
