@@ -23,7 +23,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+if os.environ.get("TRITON_INTERPRET") != "1":  # set to something else by the caller
     pytest.skip("TRITON_INTERPRET=1 is needed to run Triton kernels on the CPU", allow_module_level=True)
 
 from modeling_kimi_linear import KimiLinearCache, kda_layer  # noqa: E402
