@@ -1,8 +1,9 @@
 """FLA path vs PyTorch path on the same random weights (GPU, bf16).
 
 At the release's width (hidden 2304, KDA 32 heads x 128) and with identical bf16 inputs: the bare KDA op, then one
-KDA layer through prefill, 32 decode steps, a left-padded batch and gradients, CUDA-graph decode against op-by-op
-decode, each as a relative error
+KDA layer through prefill, 32 decode steps, a left-padded batch and gradients, the fused KDA decode step (this
+package's Triton kernel) against the fla and PyTorch paths with its time per layer step, CUDA-graph decode against
+op-by-op decode, each as a relative error
 ``||fla - torch|| / ||torch||`` against the 1e-2 target. Whole-model logits are reported for information next to
 the model's own bf16 noise floor (the same rows computed in a different batch). Prints a markdown table and
 writes it (plus JSON) under ``--out``.
@@ -127,6 +128,124 @@ def kda_layer_checks(rows: list[dict]) -> None:
         for path in ("fla", "torch"):
             rows.append({"check": f"  {n} gradient, {path} path (bf16) vs fp64 reference", "info": True,
                          "rel_err": rel(grads[path][n], grads["fp64"][n])})
+
+
+def set_decode_kernels(layer: torch.nn.Module, choice: str) -> torch.nn.Module:
+    layer.decode_kernels = choice
+    return layer
+
+
+def replay_us(step, repeats: int = 20, iters: int = 50) -> float:
+    """Microseconds per call of ``step()`` (CUDA work only, no host writes), from replays of a CUDA graph holding
+    ``repeats`` calls in a row (as a model's graph holds its layers one after another; one call per graph would time
+    the graph launch instead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and autotune outside the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            step()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (iters * repeats)
+
+
+@torch.no_grad()
+def kda_decode_step_checks(rows: list[dict]) -> None:
+    """The fused KDA decode step (``decode_kernels="triton"``, one Triton kernel between the projections and
+    ``o_proj``) against the fla path (``decode_kernels="torch"``: PyTorch conv update and gate math, fla's
+    fused_recurrent_kda and gated norm) and the PyTorch path, one KDA layer at full width in bf16: a left-padded
+    prefill of 2 x 300 tokens, then 32 decode steps (one with a padded token), outputs every step and the cached
+    states at the end. Then the time of one layer step (CUDA-graph replays, cache updated in place) both ways, at
+    batch 1 and 8, the projections + o_proj alone (what the two paths share), and the kernel alone at 4, 8 and 16
+    warps."""
+    from modeling_kimi_linear import KimiLinearCache, kda_decode_triton, kda_layer
+
+    ref_model, fla_model = pair(torch.bfloat16, layers=["linear_attention"])
+    cfg = ref_model.config
+    ref = set_decode_kernels(ref_model.model.layers[0].self_attn, "torch")
+    fla = set_decode_kernels(fla_model.model.layers[0].self_attn, "torch")
+    fused = set_decode_kernels(copy.deepcopy(fla), "triton")
+    launches = []
+    fused_step = kda_layer.kda_decode_step
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return fused_step(*args, **kwargs)
+
+    kda_layer.kda_decode_step = counted
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(2, 300, 2304, device="cuda", dtype=torch.bfloat16, generator=gen)
+        mask = torch.ones(2, 300, dtype=torch.bool, device="cuda")
+        mask[1, :40] = False
+        caches = {name: KimiLinearCache(cfg) for name in ("fused", "fla", "torch")}
+        layers = {"fused": fused, "fla": fla, "torch": ref}
+        for name, layer in layers.items():
+            layer(x, token_mask=mask, cache=caches[name])
+        worst = {"fla": 0.0, "torch": 0.0}
+        for step in range(32):
+            xt = torch.randn(2, 1, 2304, device="cuda", dtype=torch.bfloat16, generator=gen)
+            step_mask = torch.tensor([[True], [step != 10]], device="cuda")
+            out = {name: layer(xt, token_mask=step_mask, cache=caches[name]) for name, layer in layers.items()}
+            for other in worst:
+                worst[other] = max(worst[other], rel(out["fused"], out[other]))
+    finally:
+        kda_layer.kda_decode_step = fused_step
+    rows.append({"check": f"fused KDA decode step: kernel launches in 32 steps (a count, must be 32): {len(launches)}",
+                 "rel_err": 0.0 if len(launches) == 32 else float("inf")})
+    for other, label in (("fla", "fla path"), ("torch", "PyTorch path")):
+        conv_a, state_a = caches["fused"].kda_state(0)
+        conv_b, state_b = caches[other].kda_state(0)
+        rows.append({"check": f"fused KDA decode step vs {label}: output, 32 steps after a padded prefill, B=2, one "
+                              "padded step (worst step)", "rel_err": worst[other]})
+        rows.append({"check": "  same, recurrent state after the 32 steps", "rel_err": rel(state_a, state_b)})
+        rows.append({"check": "  same, conv tail after the 32 steps", "rel_err": rel(conv_a, conv_b)})
+
+    for bsz in (1, 8):
+        xt = torch.randn(bsz, 1, 2304, device="cuda", dtype=torch.bfloat16, generator=gen)
+        times = {}
+        for name, layer in (("fused", fused), ("fla", fla)):
+            cache = KimiLinearCache(cfg)
+            layer(torch.randn(bsz, 16, 2304, device="cuda", dtype=torch.bfloat16, generator=gen), cache=cache)
+            cache.make_writable()
+            cache.graph_step = object()  # a static step: the layer updates the cached tensors in place
+            try:
+                times[name] = replay_us(lambda: layer(xt, cache=cache))
+            finally:
+                cache.graph_step = None
+        proj = fused.split_projections(xt)
+        times["shared"] = replay_us(lambda: (fused.split_projections(xt), fused.o_proj(proj[0])))
+        speedup = times["fla"] / times["fused"]
+        rows.append({"check": f"KDA layer decode step, B={bsz}, us per layer (graph replay; a time, not an error): fla "
+                              f"path {times['fla']:.1f}, fused {times['fused']:.1f} ({speedup:.2f}x);"
+                              f" projections + o_proj alone {times['shared']:.1f}, so the part between them: fla "
+                              f"{times['fla'] - times['shared']:.1f}, fused {times['fused'] - times['shared']:.1f}",
+                     "rel_err": times["fused"], "info": True})
+        conv, state = (t.clone() for t in caches["fused"].kda_state(0))
+        if bsz != conv.shape[0]:
+            conv = conv[:1].expand(bsz, -1, -1).contiguous()
+            state = state[:1].expand(bsz, -1, -1, -1).contiguous()
+        q, k, v, f, b, gate = proj
+        kernel = {}
+        for warps in (4, 8, 16):
+            kernel[warps] = replay_us(lambda: kda_decode_triton.kda_decode_step(
+                q, k, v, f, b, gate, (fused.q_conv1d.weight, fused.k_conv1d.weight, fused.v_conv1d.weight),
+                fused.A_log, fused.dt_bias, fused.o_norm.weight, fused.o_norm.variance_epsilon, conv, state,
+                in_place=True, num_warps=warps))
+        rows.append({"check": f"  fused kernel alone, B={bsz}, us per call at 4 / 8 / 16 warps (default "
+                              f"{kda_decode_triton.DEFAULT_NUM_WARPS}): "
+                              + " / ".join(f"{kernel[w]:.1f}" for w in (4, 8, 16)),
+                     "rel_err": kernel[kda_decode_triton.DEFAULT_NUM_WARPS], "info": True})
 
 
 @torch.no_grad()
@@ -304,8 +423,8 @@ def bare_op(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.md / .json")
-    parser.add_argument("--only", default="bare,layer,model,graph,guard,stability",
-                        help="comma-separated checks to run, in this order (bare, layer, model, graph, guard, "
+    parser.add_argument("--only", default="bare,layer,kdastep,model,graph,guard,stability",
+                        help="comma-separated checks to run, in this order (bare, layer, kdastep, model, graph, guard, "
                              "stability)")
     parser.add_argument("--stability", default="32768,10000", help="prefill,decode-steps of the stability run "
                         "('0,0' skips it)")
@@ -318,8 +437,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("gpu_check needs a CUDA GPU and flash-linear-attention (pip install 'fla-core>=0.5.1,<0.7')")
     rows: list[dict] = Rows()
     prefill, steps = (int(x) for x in args.stability.split(","))
-    checks = {"bare": lambda: bare_op(rows), "layer": lambda: kda_layer_checks(rows), "model": lambda: model_level(rows),
-              "graph": lambda: graph_decode(rows), "guard": lambda: guard_checks(rows), "stability": lambda: steps and stability(rows, prefill, steps)}
+    checks = {"bare": lambda: bare_op(rows), "layer": lambda: kda_layer_checks(rows),
+              "kdastep": lambda: kda_decode_step_checks(rows), "model": lambda: model_level(rows),
+              "graph": lambda: graph_decode(rows), "guard": lambda: guard_checks(rows),
+              "stability": lambda: steps and stability(rows, prefill, steps)}
     names = args.only.split(",")
     unknown = [n for n in names if n not in checks]
     if unknown:

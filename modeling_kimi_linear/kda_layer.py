@@ -8,6 +8,10 @@ With ``config.kda_gate_granularity == "head"`` (an ablation: Gated DeltaNet's sc
 gate path shrinks to ``f_b_proj`` ``[H, K]`` (rank ``K`` projection ``D -> K -> H``) and ``dt_bias`` ``[H]``; the
 per-head log decay is broadcast over the key channels, so the same KDA kernels compute the gated delta rule.
 Everything else is unchanged.
+
+A decode step of CUDA tensors (one token, a cached state, no autograd) runs everything between the projections and
+``o_proj`` as one Triton kernel (:mod:`kda_decode_triton`) when ``config.decode_kernels`` resolves to ``"triton"``
+and ``kda_backend`` not to ``"torch"``; the path below is its reference and serves every other call.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import gated_rms_norm, kda, kda_padded, short_conv
+from .kernels import fused_kda_decode, gated_rms_norm, kda, kda_decode_step, kda_padded, needs_grad, short_conv
 from .norms import KimiGatedRMSNorm
 
 if TYPE_CHECKING:
@@ -40,6 +44,7 @@ class KimiDeltaAttention(nn.Module):
         self.head_dim = dim = config.kda_head_dim
         self.conv_size = width = config.kda_conv_size
         self.backend = config.kda_backend
+        self.decode_kernels = getattr(config, "decode_kernels", "auto")
         self.per_head_gate = getattr(config, "kda_gate_granularity", "channel") == "head"
         proj = heads * dim
         gate_width = heads if self.per_head_gate else proj  # forget-gate values per token
@@ -77,8 +82,13 @@ class KimiDeltaAttention(nn.Module):
         """``x [B, T, D]`` -> raw ``qkv [B, T, 3P]``, gate logits ``f_b(f_a(x)) [B, T, P or H]``, beta logits
         ``b_proj(x) [B, T, H]`` and output-gate logits ``g_b(g_a(x)) [B, T, P]`` (each module called, so wrappers
         such as PEFT LoRA adapters take part)."""
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
-        return qkv, self.f_b_proj(self.f_a_proj(x)), self.b_proj(x), self.g_b_proj(self.g_a_proj(x))
+        q, k, v, f, b, gate = self.split_projections(x)
+        return torch.cat([q, k, v], -1), f, b, gate
+
+    def split_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`projections` with the raw q, k and v ``[B, T, P]`` kept apart: ``(q, k, v, f, b, gate)``."""
+        return (self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_b_proj(self.f_a_proj(x)), self.b_proj(x),
+                self.g_b_proj(self.g_a_proj(x)))
 
     def log_decay(self, f: torch.Tensor) -> torch.Tensor:
         """``g = -exp(A_log) * softplus(f + dt_bias)`` in fp32 from the gate logits ``f [B, T, P or H]``, shape
@@ -114,6 +124,8 @@ class KimiDeltaAttention(nn.Module):
         conv_state = recurrent_state = None
         if cache is not None:
             conv_state, recurrent_state = cache.kda_state(self.layer_idx)
+            if seqlen == 1 and cu_seqlens is None and self._decodes_fused(hidden_states, conv_state, recurrent_state):
+                return self._fused_decode_step(hidden_states, token_mask, cache, conv_state, recurrent_state)
         qkv, f, b, gate = self.projections(hidden_states)
         qkv, conv_state_out = short_conv(qkv, self.conv_weight(), conv_state, backend=self.backend,
                                          token_mask=token_mask, cu_seqlens=cu_seqlens)
@@ -130,6 +142,32 @@ class KimiDeltaAttention(nn.Module):
             cache.update_kda_state(self.layer_idx, conv_state_out, new_state)
         o = gated_rms_norm(o, gate.unflatten(-1, (heads, dim)), self.o_norm.weight, self.o_norm.variance_epsilon,
                            backend=self.backend).flatten(-2)
+        return self.o_proj(o)
+
+    def _decodes_fused(self, x: torch.Tensor, conv_state: torch.Tensor | None, state: torch.Tensor | None) -> bool:
+        """Whether this decode step (one token, a cached state) runs as one fused Triton kernel: ``decode_kernels``
+        resolves to ``"triton"`` and ``kda_backend`` not to ``"torch"`` (:func:`kernels.fused_kda_decode`), nothing
+        needs gradients, and the shapes are the kernel's (float32 state, power-of-two head_dim)."""
+        return (
+            conv_state is not None and state is not None and state.dtype == torch.float32
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and self.head_dim & (self.head_dim - 1) == 0
+            and fused_kda_decode(self.decode_kernels, self.backend, x.device)
+            and not needs_grad(x, state, *self.parameters())
+        )
+
+    def _fused_decode_step(self, x: torch.Tensor, token_mask: torch.Tensor | None, cache: "KimiLinearCache",
+                           conv_state: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The decode step with everything between the projections and ``o_proj`` in one kernel
+        (:func:`kernels.kda_decode_step`); the projections stay module calls (adapters take part). In a static
+        CUDA-graph step the cached tail and state are updated in place; otherwise new ones are stored."""
+        q, k, v, f, b, gate = self.split_projections(x)
+        conv_weights = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
+        o, conv_out, state_out = kda_decode_step(
+            q, k, v, f, b, gate, conv_weights, self.A_log, self.dt_bias, self.o_norm.weight,
+            self.o_norm.variance_epsilon, conv_state, state, token_mask, in_place=cache.graph_step is not None,
+        )
+        cache.update_kda_state(self.layer_idx, conv_out, state_out)  # in place: a copy onto itself, a no-op
         return self.o_proj(o)
 
 

@@ -82,6 +82,24 @@ def resolve_decode_kernels(choice: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton_imports() else "torch"
 
 
+def fused_kda_decode(decode_kernels: str, kda_backend: str, device: torch.device) -> bool:
+    """Whether a KDA layer's decode step on ``device`` runs as this package's one fused Triton kernel
+    (:func:`kda_decode_step`): ``decode_kernels`` resolves to ``"triton"`` and ``kda_backend`` does not resolve to
+    ``"torch"`` (which asks for the PyTorch reference throughout). CPU tensors never do."""
+    if resolve_decode_kernels(decode_kernels, device) != "triton":
+        return False
+    return resolve_kda_backend(kda_backend, device) != "torch"
+
+
+def kda_decode_step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A KDA layer's decode step from the raw projections to ``o_proj``'s input, fused into one Triton kernel:
+    :func:`kda_decode_triton.kda_decode_step` (imported here, on first use; only for CUDA tensors that
+    :func:`fused_kda_decode` sent here). Its PyTorch reference is the layer's ordinary path."""
+    from .kda_decode_triton import kda_decode_step as fused_step
+
+    return fused_step(*args, **kwargs)
+
+
 def kda(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -90,6 +90,62 @@ def test_decode_kernels_default_stays_out_of_config_json():
     assert load_preset("tiny", decode_kernels="torch").to_dict()["decode_kernels"] == "torch"
 
 
+def test_fused_kda_decode_only_for_cuda_tensors_with_triton_and_fla(monkeypatch):
+    """The fused KDA decode step: never for CPU tensors (even with triton and fla importable), a clear error when
+    forced there, and on CUDA only when decode_kernels resolves to triton and kda_backend not to torch."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(kernels, "triton_imports", lambda: True)
+    monkeypatch.setattr(kernels, "fla_kda_ops", lambda: (object(), object()))
+    assert not kernels.fused_kda_decode("auto", "auto", cpu)
+    assert not kernels.fused_kda_decode("auto", "fla", cpu)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        kernels.fused_kda_decode("triton", "auto", cpu)
+    assert kernels.fused_kda_decode("auto", "auto", cuda)
+    assert kernels.fused_kda_decode("triton", "fla", cuda)
+    assert not kernels.fused_kda_decode("torch", "fla", cuda)
+    assert not kernels.fused_kda_decode("auto", "torch", cuda)  # kda_backend="torch": the reference throughout
+    monkeypatch.setattr(kernels, "fla_kda_ops", lambda: None)
+    with pytest.warns(UserWarning, match="flash-linear-attention is not installed"):
+        monkeypatch.setattr(kernels, "_warned_missing_fla", False)
+        assert not kernels.fused_kda_decode("auto", "auto", cuda)
+
+
+def test_cpu_decode_never_takes_the_fused_kda_step(monkeypatch, fla_importable_but_broken):
+    """CPU decoding with triton 'installed': every KDA decode step stays on the PyTorch path, and the kernel
+    module is never imported."""
+    import sys
+
+    from modeling_kimi_linear import kda_layer
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the fused KDA decode step ran for CPU tensors")
+
+    monkeypatch.setattr(kernels, "triton_imports", lambda: True)
+    monkeypatch.setattr(kernels, "kda_decode_step", boom)
+    monkeypatch.setattr(kda_layer, "kda_decode_step", boom)
+    monkeypatch.delitem(sys.modules, "modeling_kimi_linear.kda_decode_triton", raising=False)
+    model = KimiLinearForCausalLM(load_preset("tiny")).eval()
+    assert model.model.layers[0].self_attn.decode_kernels == "auto"
+    with torch.no_grad():
+        out = model.generate(torch.randint(3, 512, (2, 9)), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 13)
+    assert "modeling_kimi_linear.kda_decode_triton" not in sys.modules
+
+
+def test_checkpoint_code_does_not_require_triton():
+    """transformers' remote-code loader refuses a checkpoint whose module files import a missing package (outside
+    try blocks); the Triton kernel modules are copied into checkpoints with the rest, so they must pass on a
+    machine without triton."""
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_imports
+
+    import modeling_kimi_linear
+
+    for path in sorted(Path(modeling_kimi_linear.__file__).parent.glob("*.py")):
+        assert "triton" not in get_imports(path), path.name
+
+
 def test_padded_route_unpads_fla_prompts_but_not_training_steps(monkeypatch):
     """fla prompts run unpadded; a padded training batch keeps its shape (the unpadded token count would change
     every step, and fla autotunes anew for each count), as do the PyTorch kernels and single-token steps."""

@@ -1,0 +1,289 @@
+"""One Triton kernel for a KDA layer's decode step: everything between the projections and ``o_proj``.
+
+A decode step (one new token per sequence) on the PyTorch / fla path launches some 25-30 small kernels per KDA layer
+(the concatenations of the projections and of the conv taps, the short-convolution update, the gate's softplus /
+exp arithmetic, sigmoid(beta), fla's ``fused_recurrent_kda`` with its l2norm, the gated RMS norm, casts and
+copies). Each moves a few kilobytes, so a step replayed as a CUDA graph is dominated by per-kernel launch and tail
+time. This module does all of it in one launch: one program per (sequence ``b``, head ``h``).
+
+Math, per program (fp32 throughout; ``D`` = head_dim = K = V, ``P = H * D``, ``W`` = conv width):
+
+* short convolution, for each of the head's q, k and v channels ``c``::
+
+      x_c    = raw projection of the new token (0 when ``token_mask[b]`` is False)
+      window = [tail[b, c, 0], ..., tail[b, c, W-2], x_c]         (oldest first, in the model dtype)
+      y_c    = silu(sum_j weight[c, j] * window[j])                (rounded to the model dtype, as the reference)
+      tail'  = window[1:]                                          (a masked token shifts in a zero, as the reference)
+
+* ``q <- q / sqrt(sum q^2 + 1e-6) * D**-0.5``, ``k <- k / sqrt(sum k^2 + 1e-6)`` (fla's in-kernel l2norm);
+* forget gate ``g = softplus(f + dt_bias) * -exp(A_log[h])`` per key channel (one value per head, broadcast over
+  the key channels, with ``kda_gate_granularity="head"``); ``beta = sigmoid(b)``; both 0 for a masked token, so its
+  step leaves the state unchanged (:func:`kernels.kda_padded`'s in-place route);
+* the gated delta rule on the fp32 state ``S [D, D]`` (:func:`kda_torch._recurrent_core`)::
+
+      pred = (k * e^g)^T S,   S' = diag(e^g) S + k (beta (v - pred))^T,   o = S'^T q   (rounded to the model dtype)
+
+* the output norm ``rmsnorm(o) * weight * sigmoid(gate)`` over the head's ``D`` values (:func:`norms.
+  gated_rms_normalize`, ``eps = o_norm.variance_epsilon``), written in the model dtype at ``out[b, h*D : (h+1)*D]``.
+
+Layouts (as the cache and the PyTorch reference keep them): raw q / k / v, gate logits ``[B, 1, P]``; forget-gate
+logits ``[B, 1, P]`` (``[B, 1, H]`` per head); beta logits ``[B, 1, H]``; conv weights ``[P, 1, W]`` each (the
+checkpoint's ``q_conv1d.weight`` etc.: no concatenation per step); conv tail ``[B, 3P, W-1]``, q channels first, then
+k, then v, oldest tap first, any strides (an eager cache holds a strided view of the previous step's window);
+state ``[B, H, D, D]`` float32, any strides. The tail and the state may be written in place (the outputs may be the
+inputs' memory): every program reads all of its own head's channels and state before a barrier and writes after
+it, and touches no other head's. No host synchronisation, fixed shapes: safe under CUDA-graph capture.
+
+Why one program per (b, h) and not finer: the gated norm needs all ``D`` outputs of a head, and each output column
+needs the whole ``D x D`` state column, so splitting a head across programs would need a cross-program reduction
+(a second kernel or a grid-wide handshake). A head's state is ``D*D*4`` bytes (64 KB at D = 128), read once and
+written once. With B * H = 32 programs at batch 1 the kernel does not fill an H100's 132 SMs; it still replaces ~25
+launches with one, which is what a graph-replayed step pays for.
+
+Registers: at ``num_warps=8`` (the default, 256 threads) the state tile is 64 fp32 registers per thread. Compiled
+for sm_90a by Triton 3.6 (no GPU needed; ``tests/test_kda_decode_triton.py`` does it) the kernel takes 186
+registers at 8 warps, 254 at 4 and 128 (the cap for 512 threads) at 16, with no spills in any. That needs the
+per-channel vectors (conv taps, gates, q / k) to be computed one tap at a time as ``[D]`` vectors: a ``[D, W]``
+tile in the arithmetic made the compiler pass the whole state through shared memory to match its layout, and
+spill. ``num_warps`` is an argument so that ``bench/gpu_check.py --only kdastep`` compares 4, 8 and 16 on the device.
+
+The PyTorch path (:func:`short_conv_torch.short_conv_torch`, :func:`kda_torch.kda_recurrent_torch`,
+:func:`norms.gated_rms_normalize`) is the reference; ``tests/test_kda_decode_triton.py`` checks this kernel against
+it (float32 and float16) and against a float64 recurrence under Triton's interpreter (bfloat16 only on the GPU: the
+interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest). Only :func:`kernels.kda_decode_step`
+imports this module, and only for CUDA tensors with ``config.decode_kernels`` resolving to ``"triton"``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # inside try: transformers' remote-code loader then does not require triton to load a checkpoint's code
+    import triton
+    import triton.language as tl
+except ImportError as err:  # only :func:`kernels.kda_decode_step` imports this module, for CUDA tensors
+    raise ImportError("the fused KDA decode kernel needs triton: pip install triton") from err
+
+DEFAULT_NUM_WARPS = 8
+
+
+@triton.jit
+def _log1p(u):
+    """``log(1 + u)`` accurate for small ``u >= 0`` (Kahan's trick: the rounding of ``1 + u`` cancels)."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+
+
+@triton.jit
+def _conv(x_ptr, keep, w_ptr, tail_ptr, stride_tc, stride_tw, offs_d, W: tl.constexpr, DTYPE: tl.constexpr):
+    """One head's q, k or v block of the short convolution, ``[D]`` fp32: ``silu(sum_j weight[c, j] * window[c, j])``
+    rounded to the model dtype, the window being the old tail (``tail_ptr``: the block's first channel) and the new
+    input (0 when masked), taps oldest first (``w_ptr``: the block's first channel's ``W`` taps).
+
+    Vectors of D channels, one tap at a time: a ``[D, W]`` tile here would be the kernel's anchor layout and make
+    the compiler shuffle the ``[D, D]`` state through shared memory to match it."""
+    acc = tl.zeros(offs_d.shape, dtype=tl.float32)
+    for j in tl.static_range(W - 1):
+        old = tl.load(tail_ptr + offs_d * stride_tc + j * stride_tw).to(DTYPE).to(tl.float32)
+        acc += old * tl.load(w_ptr + offs_d * W + j).to(tl.float32)
+    x = (tl.load(x_ptr + offs_d).to(tl.float32) * keep).to(DTYPE).to(tl.float32)  # the reference multiplies too
+    acc += x * tl.load(w_ptr + offs_d * W + (W - 1)).to(tl.float32)
+    y = acc * tl.sigmoid(acc)
+    return y.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _new_tail(x_ptr, keep, tail_ptr, stride_tc, stride_tw, offs_d, offs_w, W: tl.constexpr):
+    """One block's new tail ``[D, WP]`` fp32 (columns past W-2 unused): the old tail shifted by one, the new input
+    (0 when masked) last. Read on its own (the input loaded again as a ``[D, WP]`` broadcast), so that this tile's
+    layout stays apart from the arithmetic's."""
+    col = offs_w[None, :]
+    rows = tail_ptr + offs_d[:, None] * stride_tc
+    shifted = tl.load(rows + (col + 1) * stride_tw, mask=col + 1 < W - 1, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs_d[:, None] + col * 0).to(tl.float32) * keep
+    return tl.where(col == W - 2, x, shifted)
+
+
+@triton.jit
+def _store_tail(tail_out, vals, stride_oc, stride_ow, offs_d, offs_w, W: tl.constexpr, DTYPE: tl.constexpr):
+    """Write one block's new tail (``[D, WP]``, the first W-1 columns) in the model dtype."""
+    ptrs = tail_out + offs_d[:, None] * stride_oc + offs_w[None, :] * stride_ow
+    tl.store(ptrs, vals.to(DTYPE).to(tail_out.dtype.element_ty), mask=offs_w[None, :] < W - 1)
+
+
+@triton.jit
+def _kda_decode_kernel(
+    q_ptr, k_ptr, v_ptr, f_ptr, b_ptr, gate_ptr,
+    stride_qb, stride_kb, stride_vb, stride_fb, stride_bb, stride_gb,
+    wq_ptr, wk_ptr, wv_ptr, a_log_ptr, dt_bias_ptr, norm_w_ptr,
+    tail_ptr, stride_tb, stride_tc, stride_tw,
+    tail_out_ptr, stride_ob, stride_oc, stride_ow,
+    state_ptr, stride_sb, stride_sh, stride_sk, stride_sv,
+    state_out_ptr, stride_zb, stride_zh, stride_zk, stride_zv,
+    mask_ptr, stride_mb, out_ptr, stride_outb,
+    H, scale, eps,
+    D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HAS_MASK: tl.constexpr, PER_HEAD_GATE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    P = H * D
+    DTYPE = out_ptr.dtype.element_ty
+    offs_d = tl.arange(0, D)
+    offs_w = tl.arange(0, WP)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + b * stride_mb).to(tl.float32)  # 1.0 real token, 0.0 padding
+    else:
+        keep = 1.0
+
+    # ---- every read first (the tail and the state may be overwritten below)
+    s_ptrs = (state_ptr + b * stride_sb + h * stride_sh
+              + offs_d[:, None] * stride_sk + offs_d[None, :] * stride_sv)
+    state = tl.load(s_ptrs)  # [D (key), D (value)] fp32
+    tail = tail_ptr + b * stride_tb
+    q_x, k_x, v_x = q_ptr + b * stride_qb + h * D, k_ptr + b * stride_kb + h * D, v_ptr + b * stride_vb + h * D
+    q_tail = tail + h * D * stride_tc  # the head's first q channel; k and v channels follow P and 2P later
+    k_tail = tail + (P + h * D) * stride_tc
+    v_tail = tail + (2 * P + h * D) * stride_tc
+    # short convolution (SiLU, rounded to the model dtype); each conv weight is [P, W]
+    q = _conv(q_x, keep, wq_ptr + h * D * W, q_tail, stride_tc, stride_tw, offs_d, W, DTYPE)
+    k = _conv(k_x, keep, wk_ptr + h * D * W, k_tail, stride_tc, stride_tw, offs_d, W, DTYPE)
+    v = _conv(v_x, keep, wv_ptr + h * D * W, v_tail, stride_tc, stride_tw, offs_d, W, DTYPE)
+    q_tail_new = _new_tail(q_x, keep, q_tail, stride_tc, stride_tw, offs_d, offs_w, W)
+    k_tail_new = _new_tail(k_x, keep, k_tail, stride_tc, stride_tw, offs_d, offs_w, W)
+    v_tail_new = _new_tail(v_x, keep, v_tail, stride_tc, stride_tw, offs_d, offs_w, W)
+    if PER_HEAD_GATE:
+        f = tl.load(f_ptr + b * stride_fb + h).to(tl.float32) + tl.load(dt_bias_ptr + h)
+    else:
+        f = tl.load(f_ptr + b * stride_fb + h * D + offs_d).to(tl.float32) + tl.load(dt_bias_ptr + h * D + offs_d)
+    beta_logit = tl.load(b_ptr + b * stride_bb + h).to(tl.float32)
+    gate = tl.load(gate_ptr + b * stride_gb + h * D + offs_d).to(tl.float32)
+    norm_w = tl.load(norm_w_ptr + offs_d).to(tl.float32)
+    a_log = tl.load(a_log_ptr + h)
+
+    # ---- l2norm (eps 1e-6 inside the root, as fla's use_qk_l2norm_in_kernel and kda_torch.l2norm), query scale
+    q = q * (tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * scale)
+    k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+    # ---- gates: softplus as torch computes it (x itself above 20), in the overflow-free form max(x, 0) + log1p(e^-|x|)
+    sp = tl.where(f > 20.0, f, tl.maximum(f, 0.0) + _log1p(tl.exp(-tl.abs(f))))
+    g = sp * -tl.exp(a_log) * keep
+    beta = tl.sigmoid(beta_logit) * keep
+    decay = tl.exp(g)
+    if PER_HEAD_GATE:
+        decay = tl.zeros([D], dtype=tl.float32) + decay
+
+    # ---- gated delta rule: decay, delta-rule write, read
+    pred = tl.sum((k * decay)[:, None] * state, axis=0)  # [D (value)]
+    delta = beta * (v - pred)
+    state = state * decay[:, None] + k[:, None] * delta[None, :]
+    o = tl.sum(q[:, None] * state, axis=0)
+    o = o.to(DTYPE).to(tl.float32)  # the op's output is in the model dtype, the norm reads it from there
+
+    # ---- gated RMS norm of the head
+    rstd = tl.rsqrt(tl.sum(o * o, axis=0) / D + eps)
+    y = o * rstd * norm_w * tl.sigmoid(gate)
+
+    # ---- every write last
+    tl.debug_barrier()
+    z_ptrs = (state_out_ptr + b * stride_zb + h * stride_zh
+              + offs_d[:, None] * stride_zk + offs_d[None, :] * stride_zv)
+    tl.store(z_ptrs, state)
+    tail_out = tail_out_ptr + b * stride_ob
+    _store_tail(tail_out + h * D * stride_oc, q_tail_new, stride_oc, stride_ow, offs_d, offs_w, W, DTYPE)
+    _store_tail(tail_out + (P + h * D) * stride_oc, k_tail_new, stride_oc, stride_ow, offs_d, offs_w, W, DTYPE)
+    _store_tail(tail_out + (2 * P + h * D) * stride_oc, v_tail_new, stride_oc, stride_ow, offs_d, offs_w, W, DTYPE)
+    tl.store(out_ptr + b * stride_outb + h * D + offs_d, y.to(DTYPE))
+
+
+def _rows(x: torch.Tensor, name: str, bsz: int, width: int) -> torch.Tensor:
+    """``x [B, 1, width]`` (or ``[B, width]``) with a unit last stride, as ``[B, width]``."""
+    if x.shape[0] != bsz or x.shape[-1] != width or x.numel() != bsz * width:
+        raise ValueError(f"{name} must be [B, 1, {width}] with B = {bsz}, got {tuple(x.shape)}")
+    x = x.reshape(bsz, width)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def kda_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    f: torch.Tensor,
+    beta_logits: torch.Tensor,
+    gate: torch.Tensor,
+    conv_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    conv_tail: torch.Tensor,
+    state: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    *,
+    in_place: bool = False,
+    num_warps: int = DEFAULT_NUM_WARPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One KDA decode step for every sequence, fused (see the module docstring for the math).
+
+    Args:
+        q, k, v: raw projections of the new token ``[B, 1, P]`` (model dtype).
+        f: forget-gate logits ``[B, 1, P]`` (``[B, 1, H]`` for a per-head gate). beta_logits: ``[B, 1, H]``.
+        gate: output-gate logits ``[B, 1, P]``.
+        conv_weights: the q, k and v taps, ``[P, 1, W]`` (or ``[P, W]``) each.
+        a_log: ``[H]`` values (any shape, e.g. ``[1, 1, H, 1]``), float32. dt_bias: ``[P]`` or ``[H]``, float32.
+        norm_weight: ``[D]``, the output norm's weight. eps: its epsilon.
+        conv_tail: ``[B, 3P, W-1]``, any strides. state: ``[B, H, D, D]`` float32, any strides.
+        token_mask: optional ``[B, 1]`` (or ``[B]``) bool, False for a padded token.
+        in_place: write the new tail and state into ``conv_tail`` and ``state``; otherwise into new contiguous
+            tensors.
+        num_warps: warps per program (see the module docstring).
+
+    Returns:
+        ``(o [B, 1, P] in the model dtype (o_proj's input), new conv tail, new state)``.
+    """
+    bsz, heads, dim, dim_v = state.shape
+    width = conv_weights[0].shape[-1]
+    proj = heads * dim
+    if dim != dim_v or dim & (dim - 1) or state.dtype != torch.float32:
+        raise ValueError(f"state must be [B, H, D, D] float32 with D a power of two, got {tuple(state.shape)} "
+                         f"{state.dtype}")
+    if width < 2 or tuple(conv_tail.shape) != (bsz, 3 * proj, width - 1):
+        raise ValueError(f"conv_tail must be [B, 3P, W-1] = {(bsz, 3 * proj, width - 1)}, got "
+                         f"{tuple(conv_tail.shape)}")
+    per_head_gate = f.shape[-1] == heads and heads != proj
+    q, k, v, gate = (_rows(x, n, bsz, proj) for x, n in ((q, "q"), (k, "k"), (v, "v"), (gate, "gate")))
+    f = _rows(f, "f", bsz, heads if per_head_gate else proj)
+    beta_logits = _rows(beta_logits, "beta_logits", bsz, heads)
+    weights = []
+    for w, name in zip(conv_weights, "qkv"):
+        if w.numel() != proj * width:
+            raise ValueError(f"{name} conv weight must be [P, 1, W] = [{proj}, 1, {width}], got {tuple(w.shape)}")
+        weights.append(w.reshape(proj, width).contiguous())
+    a_log = a_log.reshape(heads).float().contiguous()
+    dt_bias = dt_bias.reshape(-1).float().contiguous()
+    if dt_bias.numel() != f.shape[-1]:
+        raise ValueError(f"dt_bias must have {f.shape[-1]} values, got {dt_bias.numel()}")
+    norm_weight = norm_weight.reshape(dim).contiguous()
+    if token_mask is not None:
+        token_mask = token_mask.reshape(bsz)
+    if in_place:
+        tail_out, state_out = conv_tail, state
+    else:
+        # the reference's new tail is in the model dtype (it concatenates the old tail cast to it and the input)
+        tail_out = torch.empty(conv_tail.shape, dtype=v.dtype, device=conv_tail.device)
+        state_out = torch.empty(state.shape, dtype=state.dtype, device=state.device)
+    out = torch.empty(bsz, 1, proj, dtype=v.dtype, device=v.device)
+    mask_arg = token_mask if token_mask is not None else out  # unread without HAS_MASK
+    _kda_decode_kernel[(bsz * heads,)](
+        q, k, v, f, beta_logits, gate,
+        q.stride(0), k.stride(0), v.stride(0), f.stride(0), beta_logits.stride(0), gate.stride(0),
+        weights[0], weights[1], weights[2], a_log, dt_bias, norm_weight,
+        conv_tail, *conv_tail.stride(),
+        tail_out, *tail_out.stride(),
+        state, *state.stride(),
+        state_out, *state_out.stride(),
+        mask_arg, mask_arg.stride(0), out, out.stride(0),
+        heads, dim ** -0.5, float(eps),
+        D=dim, W=width, WP=triton.next_power_of_2(width), HAS_MASK=token_mask is not None,
+        PER_HEAD_GATE=per_head_gate, num_warps=num_warps,
+    )
+    return out, tail_out, state_out
