@@ -48,8 +48,10 @@ def machine_key() -> str | None:
 def autotuners(prefix: str = "fla.") -> dict[str, Any]:
     """Every Triton autotuner defined at module level in the imported modules under ``prefix``, by
     ``"module:attribute"`` (decorator wrappers such as ``triton.heuristics`` are looked through)."""
-    from triton.runtime.autotuner import Autotuner
-
+    try:  # (in a try: transformers' remote-code check then does not require triton where a checkpoint loads)
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return {}
     found = {}
     for name, module in list(sys.modules.items()):
         if not name.startswith(prefix) or module is None:
