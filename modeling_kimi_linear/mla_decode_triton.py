@@ -24,10 +24,11 @@ host-side function of ``S``, ``B``, the SM count and the tile size only (no devi
 captured for one bucket size replays the same launch.
 
 Bytes per call: ``B * S * L * elem`` latent bytes (1.2 GB for ``S = 2**20`` rows of 576 bf16 values), read once, plus
-the workspace ``B * splits * H * (value_dim + 1) * 4`` bytes written and read back (about 17 MB at ``B = 1`` and 264
-splits: 1.4 % of the latent) and the small ``q`` / ``out``. At that size the kernel is memory bound on Hopper
-(~60 flop per latent byte with bf16 tensor-core products), so its speed is measured as latent bytes / time against
-the copy bandwidth (``bench/gpu_check.py --only mla``).
+the workspace ``B * splits * H * (value_dim + 1) * 4`` bytes, written once and read back once (17 MB at ``B = 1``
+and 264 splits: 1.4 % of the latent each way), and the small ``q`` / ``out``. The kernel does about 60 flop per
+latent byte (bf16 tensor-core products), well under what a Hopper GPU computes per byte it reads, so it is memory
+bound, and its speed is measured as latent bytes / time against the copy bandwidth
+(``bench/gpu_check.py --only mla``).
 
 Rows whose whole mask is False give 0 (the PyTorch path gives NaN there: a softmax over nothing); a decode row
 always sees at least its own new token. The PyTorch path (``attend_latent``) is the reference and the CPU path;
@@ -65,21 +66,26 @@ class MLADecodeConfig:
     wants as a multiple of 64, instead of the heads (32); ``num_warps`` / ``num_stages`` as in Triton.
     """
 
-    block_s: int = 64
-    kv_major: bool = True
+    block_s: int = 32
+    kv_major: bool = False
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 4
 
 
 # The few configurations the GPU check times (``bench/gpu_check.py --only mla``); the first is the default for
-# 16-bit latents. Shared memory per stage is block_s * L * 2 bytes (72 KB at 64 x 576 bf16).
+# 16-bit latents. Compiled for sm_90 (``bench/mla_kernel_compile_check.py``, no GPU needed): 128-170 registers a
+# thread at 8 warps, no spills, 127-184 KB of shared memory, so one block per SM, and the loads must overlap the
+# arithmetic through the pipeline's stages. Triton keeps ``num_stages - 1`` tiles in shared memory (one more for
+# ``kv_major``, whose asynchronous wgmma holds its operand) and waits for the current tile while the next ones are
+# in flight; with 2 stages it waits for every copy before computing (no overlap), and 64-row ``kv_major`` tiles
+# need 256 KB at 3 stages (too much), so those are left out. A tile is block_s * 576 * 2 bytes (36 KB at 32 rows).
 CONFIGS: tuple[MLADecodeConfig, ...] = (
-    MLADecodeConfig(block_s=64, kv_major=True, num_warps=8, num_stages=2),
-    MLADecodeConfig(block_s=32, kv_major=True, num_warps=4, num_stages=3),
-    MLADecodeConfig(block_s=32, kv_major=False, num_warps=8, num_stages=3),
-    MLADecodeConfig(block_s=64, kv_major=False, num_warps=8, num_stages=2),
+    MLADecodeConfig(block_s=32, kv_major=False, num_warps=8, num_stages=4),  # 2 tiles in flight, mma.sync
+    MLADecodeConfig(block_s=32, kv_major=True, num_warps=8, num_stages=5),  # 3 in flight, wgmma for p @ tile
+    MLADecodeConfig(block_s=64, kv_major=False, num_warps=8, num_stages=3),  # 1 large tile in flight
+    MLADecodeConfig(block_s=16, kv_major=False, num_warps=8, num_stages=6),  # 4 small tiles in flight
 )
-FP32_CONFIG = MLADecodeConfig(block_s=16, kv_major=False, num_warps=4, num_stages=2)  # fp32 rows are twice as wide
+FP32_CONFIG = MLADecodeConfig(block_s=16, kv_major=False, num_warps=8, num_stages=3)  # fp32 rows are twice as wide
 
 
 def default_config(dtype: torch.dtype) -> MLADecodeConfig:
@@ -127,8 +133,10 @@ def _mla_decode_split_kernel(
     offs_r = tl.arange(0, BLOCK_DR)
     offs_s = tl.arange(0, BLOCK_S)
     h_ok = offs_h < H
-    v_ok = offs_v < DV
-    r_ok = offs_r < DR
+    # column masks only where a width is not a power of two: a mask along the contiguous axis would stop the
+    # loads from being vectorised (and from becoming asynchronous copies that the pipeliner can prefetch)
+    v_ok = offs_v < DV if DV != BLOCK_DV else offs_v >= 0
+    r_ok = offs_r < DR if DR != BLOCK_DR else offs_r >= 0
 
     q_base = q_ptr + b * stride_qb
     kv_base = kv_ptr + b * stride_kb
@@ -148,6 +156,12 @@ def _mla_decode_split_kernel(
         acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    # The mask is prefetched one tile ahead by hand: Triton's pipeliner makes asynchronous copies only of loads
+    # that feed a tl.dot, and a plain load in the loop would wait a full memory latency every tile.
+    mask_base = mask_ptr + b * stride_mb
+    keep = tl.zeros([BLOCK_S], dtype=tl.int8)
+    if HAS_MASK:
+        keep = tl.load(mask_base + (start + offs_s).to(tl.int64) * stride_ms, mask=start + offs_s < end, other=0)
 
     for s0 in range(start, end, BLOCK_S):
         rows = s0 + offs_s
@@ -158,8 +172,9 @@ def _mla_decode_split_kernel(
                          other=0.0)
         valid = row_ok
         if HAS_MASK:
-            keep = tl.load(mask_ptr + b * stride_mb + rows.to(tl.int64) * stride_ms, mask=row_ok, other=0)
             valid = valid & (keep != 0)
+            ahead = rows + BLOCK_S
+            keep = tl.load(mask_base + ahead.to(tl.int64) * stride_ms, mask=ahead < end, other=0)
         if KV_MAJOR:  # scores^T [BLOCK_S, H]; softmax down the columns
             s = tl.dot(tile, q_v, input_precision=PRECISION) + tl.dot(tile_r, q_r, input_precision=PRECISION)
             s = tl.where(valid[:, None], s * qk_scale, float("-inf"))
