@@ -5,10 +5,12 @@ KDA layer through prefill, 32 decode steps, a left-padded batch and gradients, t
 package's Triton kernel) against the fla and PyTorch paths with its time per layer step, CUDA-graph decode against
 op-by-op decode, each as a relative error
 ``||fla - torch|| / ||torch||`` against the 1e-2 target. Whole-model logits are reported for information next to
-the model's own bf16 noise floor (the same rows computed in a different batch). Prints a markdown table and
-writes it (plus JSON) under ``--out``.
+the model's own bf16 noise floor (the same rows computed in a different batch). The ``mla`` check compares the MLA
+flash-decoding Triton kernel with the PyTorch latent path and times both (achieved bandwidth against the copy
+bandwidth). Prints a markdown table and writes it (plus JSON) under ``--out``.
 
     python bench/gpu_check.py --out results/
+    python bench/gpu_check.py --only mla --out results/
 """
 
 from __future__ import annotations
@@ -62,10 +64,15 @@ def check_config(moe: bool, layers: list[str] | None = None) -> KimiLinearConfig
 
 
 def set_backend(model: KimiLinearForCausalLM, backend: str) -> KimiLinearForCausalLM:
+    """``"torch"``: every kernel the PyTorch reference (fla's and this package's Triton decode kernels off);
+    ``"fla"``: fla's kernels and this package's Triton decode kernels (``decode_kernels="auto"``)."""
     model.config.kda_backend = backend
+    model.config.decode_kernels = "torch" if backend == "torch" else "auto"
     for layer in model.model.layers:
         if hasattr(layer.self_attn, "backend"):
             layer.self_attn.backend = backend
+        if hasattr(layer.self_attn, "decode_kernels"):
+            layer.self_attn.decode_kernels = model.config.decode_kernels
     return model
 
 
@@ -420,12 +427,101 @@ def bare_op(rows: list[dict]) -> None:
     rows.append({"check": "  same, final state", "rel_err": rel(s1, s2)})
 
 
+@torch.no_grad()
+def mla_decode_check(rows: list[dict]) -> None:
+    """The MLA flash-decoding kernel (``decode_kernels="triton"``) against the PyTorch latent path of the same
+    layer (release shape: 32 heads, 512 + 64 latent, bf16), one new token, at 4K / 128K / 1M cached rows (batch 1)
+    and a left-padded batch of 4 at 128K attending over a view of a larger buffer, as a CUDA-graph step does.
+    Times (``triton.testing.do_bench``, median, L2 flushed between runs): the kernel alone, as latent bytes / time
+    and as a share of the copy bandwidth measured here; the layer's whole latent attention (query absorption,
+    attention, value projection) on both paths. At 1M rows every launch configuration in ``CONFIGS`` is timed."""
+    from triton.testing import do_bench
+
+    from bench.gpu import copy_bandwidth
+    from modeling_kimi_linear.mla_decode_triton import CONFIGS, default_config, mla_decode_attention
+    from modeling_kimi_linear.mla_layer import KimiMLAAttention
+
+    bw = copy_bandwidth()
+    rows.append({"check": f"MLA decode: copy bandwidth {bw / 1e12:.2f} TB/s (a rate, not an error)", "info": True,
+                 "rel_err": bw / 1e12})
+    torch.manual_seed(0)
+    layer = KimiMLAAttention(check_config(moe=False, layers=["full_attention"]), 0).to("cuda", torch.bfloat16).eval()
+    layer32 = copy.deepcopy(layer).float()
+    width = layer.kv_lora_rank + layer.rope_dim
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def bench_ms(fn) -> float:
+        return do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+    def attend(choice: str, *args) -> torch.Tensor:
+        layer.decode_kernels = choice
+        return layer.attend_latent(*args)
+
+    for bsz, rows_n, pads, spare in ((1, 4096, None, 0), (1, 131072, None, 0), (1, 1 << 20, None, 0),
+                                     (4, 131072, [0, 4096, 65536, 131071], 1024)):
+        buf = torch.randn(bsz, rows_n + spare, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+        latent = buf[:, :rows_n]
+        valid = torch.ones(bsz, rows_n, dtype=torch.bool, device="cuda")
+        for b, pad in enumerate(pads or []):
+            valid[b, :pad] = False
+        mask = valid[:, None, None, :]
+        q = torch.randn(bsz, layer.num_heads, 1, layer.q_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        name = f"B={bsz}, S={rows_n}" + (f", left padding {pads}" if pads else "")
+        want, got = attend("torch", q, latent, mask), attend("triton", q, latent, mask)
+        exact = layer32.attend_latent(q.float(), latent.float(), mask)  # fp32 PyTorch path: how far each bf16 one is
+        rows.append({"check": f"MLA decode kernel vs PyTorch latent path, {name}", "rel_err": rel(got, want)})
+        rows.append({"check": "  same, kernel vs fp32 PyTorch path (information)", "info": True,
+                     "rel_err": rel(got, exact)})
+        rows.append({"check": "  same, PyTorch bf16 path vs fp32 (its noise floor)", "info": True,
+                     "rel_err": rel(want, exact)})
+        del exact
+        nbytes = bsz * rows_n * width * latent.element_size()  # latent bytes one step reads
+        q_lat = torch.randn(bsz, layer.num_heads, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+        configs = CONFIGS if rows_n == 1 << 20 else (default_config(torch.bfloat16),)
+        for config in configs:
+            try:
+                ms = bench_ms(lambda c=config: mla_decode_attention(q_lat, latent, valid, layer.scaling,
+                                                                    layer.kv_lora_rank, config=c))
+            except Exception as err:  # a configuration that does not fit this GPU: say so, keep going
+                rows.append({"check": f"  kernel {config}: failed: {type(err).__name__}: {err}"[:300],
+                             "info": True, "rel_err": float("nan")})
+                continue
+            rate = nbytes / (ms * 1e-3)
+            rows.append({"check": f"  kernel alone ({config}): {ms * 1e3:.1f} us, {rate / 1e12:.2f} TB/s = "
+                                  f"{rate / bw:.0%} of copy bandwidth (value: us)", "info": True,
+                         "rel_err": ms * 1e3})
+        t_torch = bench_ms(lambda: attend("torch", q, latent, mask))
+        t_triton = bench_ms(lambda: attend("triton", q, latent, mask))
+        rows.append({"check": f"  attend_latent: PyTorch {t_torch * 1e3:.1f} us, Triton {t_triton * 1e3:.1f} us "
+                              f"({t_torch / t_triton:.1f}x); Triton path {nbytes / (t_triton * 1e-3) / bw:.0%} of copy "
+                              f"bandwidth (value: Triton us)", "info": True, "rel_err": t_triton * 1e3})
+        del buf, latent, want, got
+        torch.cuda.empty_cache()
+        print(f"[{time.perf_counter() - T0:.0f}s] MLA decode {name} done", flush=True)
+    # the kernel inside a CUDA graph (as a decode step captures it) replays what it computes eagerly
+    buf = torch.randn(2, 5000, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+    valid = torch.arange(4096, device="cuda")[None, :] >= torch.tensor([[0], [1000]], device="cuda")
+    q = torch.randn(2, layer.num_heads, 1, layer.q_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        attend("triton", q, buf[:, :4096], valid[:, None, None])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attend("triton", q, buf[:, :4096], valid[:, None, None])
+    q.copy_(torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=gen))
+    graph.replay()
+    rows.append({"check": "MLA decode kernel replayed in a CUDA graph vs eager (new query after capture)",
+                 "rel_err": rel(captured, attend("triton", q, buf[:, :4096], valid[:, None, None]))})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.md / .json")
     parser.add_argument("--only", default="bare,layer,kdastep,model,graph,guard,stability",
                         help="comma-separated checks to run, in this order (bare, layer, kdastep, model, graph, guard, "
-                             "stability)")
+                             "stability, mla)")
     parser.add_argument("--stability", default="32768,10000", help="prefill,decode-steps of the stability run "
                         "('0,0' skips it)")
     parser.add_argument("--traceback-after", type=float, default=0,
@@ -433,18 +529,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.traceback_after:
         faulthandler.dump_traceback_later(args.traceback_after)
-    if not torch.cuda.is_available() or fla_kda_ops() is None:
-        sys.exit("gpu_check needs a CUDA GPU and flash-linear-attention (pip install 'fla-core>=0.5.1,<0.7')")
     rows: list[dict] = Rows()
     prefill, steps = (int(x) for x in args.stability.split(","))
     checks = {"bare": lambda: bare_op(rows), "layer": lambda: kda_layer_checks(rows),
               "kdastep": lambda: kda_decode_step_checks(rows), "model": lambda: model_level(rows),
               "graph": lambda: graph_decode(rows), "guard": lambda: guard_checks(rows),
-              "stability": lambda: steps and stability(rows, prefill, steps)}
+              "stability": lambda: steps and stability(rows, prefill, steps), "mla": lambda: mla_decode_check(rows)}
     names = args.only.split(",")
     unknown = [n for n in names if n not in checks]
     if unknown:
         parser.error(f"unknown check(s) {unknown}; choose from {sorted(checks)}")
+    if not torch.cuda.is_available() or (fla_kda_ops() is None and names != ["mla"]):
+        sys.exit("gpu_check needs a CUDA GPU and flash-linear-attention (pip install 'fla-core>=0.5.1,<0.7')")
     for name in names:  # in the order given, so the one that matters most can go first in a short lease
         checks[name]()
     head = versions_header("bf16 unless a row says fp32")

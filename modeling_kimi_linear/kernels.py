@@ -100,6 +100,20 @@ def kda_decode_step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.
     return fused_step(*args, **kwargs)
 
 
+def mla_decode(
+    q_lat: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None, scale: float, value_dim: int
+) -> torch.Tensor:
+    """MLA attention in latent space for one new token per sequence, as one flash-decoding Triton kernel
+    (:func:`mla_decode_triton.mla_decode_attention`; imported here, on first use, only after
+    :func:`resolve_decode_kernels` chose ``"triton"``).
+
+    ``q_lat [B, H, L]``, ``latent [B, S, L]``, ``mask [B or 1, S]`` bool or ``None`` -> ``[B, H, value_dim]``.
+    """
+    from .mla_decode_triton import mla_decode_attention
+
+    return mla_decode_attention(q_lat, latent, mask, scale, value_dim)
+
+
 def kda(
     q: torch.Tensor,
     k: torch.Tensor,

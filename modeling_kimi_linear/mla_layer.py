@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .norms import KimiRMSNorm
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class KimiMLAAttention(nn.Module):
         self.rope_dim = config.qk_rope_head_dim
         self.v_dim = config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
+        self.decode_kernels = getattr(config, "decode_kernels", "auto")
         self.q_dim = self.nope_dim + self.rope_dim
         self.scaling = self.q_dim**-0.5
         hidden = config.hidden_size
@@ -85,12 +87,20 @@ class KimiMLAAttention(nn.Module):
         up-projection into the output, so the cached ``latent [B, S, r + rope]`` is read once, shared by all heads
         (multi-query attention), and per-head keys/values of the context are never built.
 
+        One new token (``T == 1``) on CUDA with ``decode_kernels`` resolving to ``"triton"`` runs the
+        flash-decoding kernel (:func:`kernels.mla_decode`); everything else runs the PyTorch code below, the
+        reference.
+
         ``q [B, nh, T, nope + rope]`` -> ``[B, nh, T, v]``.
         """
         w_k, w_v = self.absorbed_weights()
         bsz, heads, seqlen, _ = q.shape
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], -1)
         q_lat = torch.cat([torch.matmul(q_nope, w_k), q_rope], -1)  # [B, nh, T, r + rope]
+        if seqlen == 1 and kernels.resolve_decode_kernels(self.decode_kernels, q.device) == "triton":
+            mask = attn_mask[:, 0, 0] if attn_mask is not None else None  # [B or 1, S]
+            out = kernels.mla_decode(q_lat[:, :, 0], latent, mask, self.scaling, self.kv_lora_rank)
+            return torch.matmul(out.unsqueeze(2), w_v.transpose(1, 2))  # [B, nh, 1, v]
         # fold the heads into the query axis: nh*T queries against the one shared latent key/value sequence.
         # (SDPA has no fused kernel for 576-wide heads and its fallback is slow; one query row per head is two
         # batched products and a softmax, with scores in fp32.)

@@ -82,6 +82,47 @@ def test_decode_kernels_resolve_by_device_and_choice(monkeypatch):
     assert kernels.resolve_decode_kernels("auto", cuda) == "triton"
 
 
+def test_mla_decode_kernel_never_serves_cpu_tensors_or_the_torch_choice(monkeypatch):
+    """MLA decode steps on CPU tensors run the PyTorch path even with triton importable; with the device treated
+    as CUDA, ``decode_kernels="torch"`` still keeps the PyTorch path and ``"auto"`` takes the kernel."""
+    monkeypatch.setattr(kernels, "triton_imports", lambda: True)  # as if triton were installed
+
+    def kernel_called(*args):
+        raise AssertionError("the Triton MLA decode kernel was called")
+
+    monkeypatch.setattr(kernels, "mla_decode", kernel_called)
+    model = KimiLinearForCausalLM(load_preset("tiny")).eval()
+    assert model.model.layers[3].self_attn.decode_kernels == "auto"
+    with torch.no_grad():
+        out = model.generate(torch.randint(3, 512, (2, 9)), max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 12)
+
+    resolve = kernels.resolve_decode_kernels
+    monkeypatch.setattr(kernels, "resolve_decode_kernels", lambda choice, device: resolve(choice, torch.device("cuda")))
+    layer = model.model.layers[3].self_attn
+    q = torch.randn(1, layer.num_heads, 1, layer.q_dim)
+    latent = torch.randn(1, 5, layer.kv_lora_rank + layer.rope_dim)
+    layer.decode_kernels = "torch"
+    assert layer.attend_latent(q, latent, None).shape == (1, layer.num_heads, 1, layer.v_dim)
+    layer.decode_kernels = "auto"
+    with pytest.raises(AssertionError, match="kernel was called"):
+        layer.attend_latent(q, latent, None)
+
+
+def test_triton_kernel_modules_do_not_make_remote_code_require_triton():
+    """Checkpoints carry ``*_triton.py`` (relative imports); transformers' remote-code loader checks every carried
+    module's imports and refuses to load when one is missing, so triton must not be among them (a CPU machine
+    without triton must load the model)."""
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_imports
+
+    modules = sorted(Path(kernels.__file__).parent.glob("*_triton.py"))
+    assert modules, "no Triton kernel module found"
+    for path in modules:
+        assert "triton" not in get_imports(path), path.name
+
+
 def test_decode_kernels_default_stays_out_of_config_json():
     """Like ``kda_gate_granularity``: a default config's JSON stays what other implementations read."""
     from modeling_kimi_linear.presets import load_preset

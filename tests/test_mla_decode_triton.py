@@ -1,0 +1,179 @@
+"""The MLA flash-decoding Triton kernel under Triton's CPU interpreter, float32, against a float64 softmax
+reference and against the PyTorch latent path of ``KimiMLAAttention.attend_latent``.
+
+Skipped where triton is not installed (the default test environment). Run it with::
+
+    TRITON_INTERPRET=1 /work/venv-triton/bin/python -m pytest -q tests/test_mla_decode_triton.py
+
+(the module sets ``TRITON_INTERPRET=1`` itself before triton is imported). Float32 only: the interpreter's
+``tl.dot`` is wrong on bf16; bf16 is checked on the GPU by ``bench/gpu_check.py --only mla``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from modeling_kimi_linear import KimiLinearConfig, kernels  # noqa: E402
+from modeling_kimi_linear import mla_decode_triton as mdt  # noqa: E402
+from modeling_kimi_linear.mla_layer import KimiMLAAttention  # noqa: E402
+
+H, DV, DR = 32, 512, 64  # the release's shape: 32 heads, 512 latent values + 64 key-only values per row
+L = DV + DR
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_loops_with_numpy_2_4():
+    """Triton 3.6's interpreter turns a loop bound into a Python int with ``int(array_of_shape_1)``, which numpy
+    >= 2.4 refuses (triton-lang/triton#9171, fixed after 3.6): read the one element explicitly while these tests
+    run. Nothing outside the interpreter is touched."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):  # noqa: ANN001
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    yield
+    interpreter._patch_lang_tensor = original
+
+
+def reference64(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None, scale: float, dv: int):
+    """Softmax attention in float64, written out: ``[B, H, L]``, ``[B, S, L]``, ``[B or 1, S]`` -> ``[B, H, dv]``."""
+    scores = torch.einsum("bhl,bsl->bhs", q.double(), latent.double()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    return torch.einsum("bhs,bsv->bhv", scores.softmax(-1), latent[..., :dv].double())
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def leading_padding(bsz: int, rows: int, pads: list[int]) -> torch.Tensor:
+    """``[B, S]`` bool mask, False on the first ``pads[b]`` rows of sequence ``b``."""
+    return torch.arange(rows)[None, :] >= torch.tensor(pads)[:, None]
+
+
+def latent_view(gen: torch.Generator, bsz: int, rows: int, spare: int = 0) -> torch.Tensor:
+    """``[B, rows, L]``: the first ``rows`` of a buffer of ``rows + spare`` rows (a batch stride, as in decode)."""
+    buf = torch.randn(bsz, rows + spare, L, generator=gen)
+    return buf[:, :rows]
+
+
+# (batch, rows, forced splits or None for the host's plan, padding per sequence or None for no mask, spare rows)
+CASES = [
+    (1, 5, None, None, 0),  # fewer rows than one tile
+    (2, 64, 1, [0, 17], 0),  # a whole number of tiles, one split
+    (3, 100, 3, [0, 40, 99], 28),  # a partial last tile, several splits, a buffer view; the last row sees 1 row
+    (1, 300, None, [70], 0),  # the host's plan (several splits)
+    (2, 37, 4, [5, 0], 11),  # more requested splits than tiles: clipped to whole tiles
+]
+
+
+@pytest.mark.parametrize("bsz,rows,splits,pads,spare", CASES)
+def test_kernel_matches_float64(bsz, rows, splits, pads, spare):
+    gen = torch.Generator().manual_seed(1000 + rows)
+    q = torch.randn(bsz, H, L, generator=gen) * 0.3
+    latent = latent_view(gen, bsz, rows, spare)
+    mask = leading_padding(bsz, rows, pads) if pads is not None else None
+    scale = (128 + 64) ** -0.5
+    out = mdt.mla_decode_attention(q, latent, mask, scale, DV, num_splits=splits)
+    assert out.shape == (bsz, H, DV) and out.dtype == latent.dtype
+    assert rel(out, reference64(q, latent, mask, scale, DV)) < 1e-5
+
+
+@pytest.mark.parametrize("config", mdt.CONFIGS + (mdt.FP32_CONFIG,), ids=str)
+def test_every_config_matches_float64(config):
+    """Each launch configuration the GPU check times computes the same thing (heads or rows as the dots' M)."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, H, L, generator=gen) * 0.3
+    latent = latent_view(gen, 2, 150, spare=10)
+    mask = leading_padding(2, 150, [0, 60])
+    out = mdt.mla_decode_attention(q, latent, mask, 0.07, DV, config=config, num_splits=2)
+    assert rel(out, reference64(q, latent, mask, 0.07, DV)) < 1e-5
+
+
+def test_mask_of_one_row_broadcasts_and_a_fully_masked_sequence_gives_zero():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, H, L, generator=gen)
+    latent = latent_view(gen, 2, 90)
+    shared = leading_padding(1, 90, [30])  # [1, S]: one mask for the whole batch
+    out = mdt.mla_decode_attention(q, latent, shared, 0.05, DV, num_splits=3)
+    assert rel(out, reference64(q, latent, shared.expand(2, -1), 0.05, DV)) < 1e-5
+    none_left = leading_padding(2, 90, [0, 90])  # the second sequence sees nothing: defined as 0, not NaN
+    out = mdt.mla_decode_attention(q, latent, none_left, 0.05, DV, num_splits=3)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert rel(out[:1], reference64(q[:1], latent[:1], none_left[:1], 0.05, DV)) < 1e-5
+
+
+def test_split_plan_covers_the_rows_in_whole_tiles():
+    for rows in (1, 31, 32, 4096, 131072, 1 << 20):
+        for bsz in (1, 4):
+            splits, per = mdt.split_plan(rows, bsz, 132, 64)
+            assert per % 64 == 0 and (splits - 1) * per < rows <= splits * per
+            assert splits <= mdt.MAX_SPLITS
+    # a long context: about two blocks per SM, none longer than a perfectly balanced spread of tiles would give
+    splits, per = mdt.split_plan(1 << 20, 1, 132, 64)
+    assert 2 * 132 - 4 <= splits <= 2 * 132 and per == 64 * -(-(1 << 20) // 64 // (2 * 132))
+
+
+def test_bad_input_is_one_clear_error():
+    q, latent = torch.randn(1, H, L), torch.randn(1, 8, L)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        mdt.mla_decode_attention(q, latent, torch.ones(1, 8), 0.1, DV)
+    with pytest.raises(ValueError, match="does not match"):
+        mdt.mla_decode_attention(q, torch.randn(1, 8, L + 1), None, 0.1, DV)
+    with pytest.raises(ValueError, match="value_dim"):
+        mdt.mla_decode_attention(q, latent, None, 0.1, L)
+
+
+def _layer(**dims) -> KimiMLAAttention:
+    cfg = KimiLinearConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, layer_types=["full_attention"],
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, **dims)
+    torch.manual_seed(5)
+    return KimiMLAAttention(cfg, 0).eval()
+
+
+@pytest.mark.parametrize("dims", [{}, dict(num_attention_heads=4, kv_lora_rank=24, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=16, v_head_dim=16)], ids=["release", "odd-sizes"])
+def test_attend_latent_through_the_kernel_matches_the_pytorch_path(monkeypatch, dims):
+    """The layer's decode path with the seam forced to "triton" (the interpreter stands in for a GPU) against its
+    own PyTorch path, with a CUDA-graph-style mask: a bucket of a preallocated buffer, rows past the position
+    zero and masked, one sequence left-padded. Prompts (T > 1) stay on PyTorch."""
+    layer = _layer(**dims)
+    monkeypatch.setattr(kernels, "resolve_decode_kernels", lambda choice, device: "torch" if choice == "torch"
+                        else "triton")
+    calls = []
+    real = kernels.mla_decode
+    monkeypatch.setattr(kernels, "mla_decode", lambda *a: calls.append(a[1].shape) or real(*a))
+    gen = torch.Generator().manual_seed(11)
+    bsz, bucket, capacity, position = 2, 96, 130, 80
+    buf = torch.zeros(bsz, capacity, layer.kv_lora_rank + layer.rope_dim)
+    buf[:, : position + 1] = torch.randn(bsz, position + 1, buf.shape[-1], generator=gen)
+    keys_valid = torch.ones(bsz, capacity, dtype=torch.bool)
+    keys_valid[1, :23] = False
+    mask = (keys_valid[:, :bucket] & (torch.arange(bucket) <= position))[:, None, None, :]
+    q = torch.randn(bsz, layer.num_heads, 1, layer.q_dim, generator=gen)
+    with torch.no_grad():
+        layer.decode_kernels = "torch"
+        want = layer.attend_latent(q, buf[:, :bucket], mask)
+        layer.decode_kernels = "auto"
+        got = layer.attend_latent(q, buf[:, :bucket], mask)
+        assert calls == [(bsz, bucket, buf.shape[-1])]
+        assert got.shape == want.shape and rel(got, want) < 1e-5
+        q2 = torch.randn(bsz, layer.num_heads, 2, layer.q_dim, generator=gen)
+        mask2 = mask.expand(-1, -1, 2, -1)
+        layer.attend_latent(q2, buf[:, :bucket], mask2)
+        assert len(calls) == 1, "two new tokens must stay on the PyTorch path"
+        no_mask = layer.attend_latent(q, buf[:, : position + 1], None)
+        layer.decode_kernels = "torch"
+        assert rel(no_mask, layer.attend_latent(q, buf[:, : position + 1], None)) < 1e-5
