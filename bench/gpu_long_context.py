@@ -26,10 +26,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__:  # kimi_linear_bench.gpu_long_context (installed) or python -m bench.gpu_long_context
+    from .gpu import active_weight_bytes, copy_bandwidth, log
+    from .gpu_report import save_report, versions_header
+else:  # run as a script from a checkout (python bench/gpu_long_context.py): make its package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from gpu import active_weight_bytes, copy_bandwidth, log  # type: ignore[no-redef]
+    from gpu_report import save_report, versions_header  # type: ignore[no-redef]
 
-from bench.gpu import active_weight_bytes, copy_bandwidth, log  # noqa: E402
-from bench.gpu_report import save_report, versions_header  # noqa: E402
 from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.cuda_graph_decode import decode_bucket  # noqa: E402
 from modeling_kimi_linear.presets import available_presets, load_preset  # noqa: E402
