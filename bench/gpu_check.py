@@ -30,7 +30,7 @@ else:  # run as a script from a checkout (python bench/gpu_check.py): make its p
     from gpu_report import save_report, versions_header  # type: ignore[no-redef]
 
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
-from modeling_kimi_linear.kda_fla import fla_kda_ops  # noqa: E402
+from modeling_kimi_linear.kda_fla import FLA_INSTALL_HINT, fla_kda_ops  # noqa: E402
 from modeling_kimi_linear.kda_torch import kda_chunk_torch  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.traceback_after:
         faulthandler.dump_traceback_later(args.traceback_after)
     if not torch.cuda.is_available() or fla_kda_ops() is None:
-        sys.exit("gpu_check needs a CUDA GPU and flash-linear-attention (pip install 'fla-core>=0.5.1,<0.7')")
+        sys.exit(f"gpu_check needs a CUDA GPU and fla's kernels: {FLA_INSTALL_HINT}")
     rows: list[dict] = Rows()
     prefill, steps = (int(x) for x in args.stability.split(","))
     checks = {"bare": lambda: bare_op(rows), "layer": lambda: kda_layer_checks(rows), "model": lambda: model_level(rows),

@@ -1,12 +1,15 @@
-"""The package as a user gets it from ``pip install .``: build a wheel of this checkout, install it into a temporary
-folder, and from outside the checkout import every bench/ and conversion/ module under its installed name
-(``kimi_linear_bench.*``, ``kimi_linear_conversion.*``) and run ``kimi-linear bench ... -- --help`` (the console
-script and ``modeling_kimi_linear.cli``).
+"""Packaging as a user meets it.
 
-The demo checkpoint's data files are left out of the wheel built here (34 MB to zip; nothing here reads them)."""
+* ``pip install .``: build a wheel of this checkout, install it into a temporary folder, and from outside the
+  checkout import every bench/ and conversion/ module under its installed name (``kimi_linear_bench.*``,
+  ``kimi_linear_conversion.*``) and run ``kimi-linear bench ... -- --help`` (the console script and
+  ``modeling_kimi_linear.cli``). The demo checkpoint's data files are left out of the wheel built here (34 MB to
+  zip; nothing here reads them).
+* The FLA requirement: setup.cfg's ``gpu`` extra, the install hint in error messages and the README agree."""
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import shutil
@@ -111,3 +114,27 @@ def test_every_script_module_imports_and_bench_runs_from_the_wheel(installed, tm
     for command, option in expected.items():
         code, out = report["helps"][command]
         assert code == 0 and "usage:" in out and option in out, (command, code, out[-1000:])
+
+
+def setup_cfg_extras() -> dict[str, list[str]]:
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    return {name: [line.strip() for line in value.splitlines() if line.strip()]
+            for name, value in parser["options.extras_require"].items()}
+
+
+def test_fla_requirement_agrees_in_setup_cfg_hint_and_readme():
+    from packaging.requirements import Requirement
+
+    from modeling_kimi_linear.kda_fla import FLA_INSTALL_HINT, FLA_REQUIREMENT
+
+    extras = setup_cfg_extras()
+    assert extras["gpu"] == [FLA_REQUIREMENT]
+    assert f"pip install '{FLA_REQUIREMENT}' triton" in FLA_INSTALL_HINT
+    assert "flash-linear-attention" in FLA_INSTALL_HINT
+    readme = (ROOT / "README.md").read_text()
+    assert f"pip install '{FLA_REQUIREMENT}' triton" in readme and 'pip install "kimi-linear[gpu]"' in readme
+    # the version the tests pin lies in the range users get
+    wanted = Requirement(FLA_REQUIREMENT)
+    pinned = [Requirement(r) for r in extras["test"] if Requirement(r).name == wanted.name]
+    assert len(pinned) == 1 and all(v in wanted.specifier for v in (s.version for s in pinned[0].specifier))
