@@ -26,6 +26,7 @@ from .checkpoint_layout import conversion_registered, released_state_dict
 from .configuration_kimi_linear import KimiLinearConfig
 from .compiled_decode import CompiledDecoder
 from .cuda_graph_decode import StaticDecoder
+from .device_placement import weights_on_one_device
 from .kda_layer import KimiDeltaAttention
 from .mla_layer import KimiMLAAttention
 from .transformers_compat import CACHE_FIELD, build_output, cache_field, one_cache, output_cache
@@ -482,6 +483,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             kind, runner = "_compiled_decoder", CompiledDecoder
         else:
             return None
+        if not weights_on_one_device(self, "CUDA graphs" if kind == "_graph_decoder" else "compiled CPU decode steps"):
+            return None  # device_map over several devices or offloaded weights: op by op, one warning per model
         decoder = self.__dict__.get(kind)
         if decoder is None:
             decoder = self.__dict__[kind] = runner(self._decode_logits)
