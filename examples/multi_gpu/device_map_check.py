@@ -6,13 +6,15 @@ a prompt, and decode speed (TPOT) at several contexts.
     python examples/multi_gpu/device_map_check.py --preset kimi_linear_48b_a3b --layers 8 --out runs/dm_8.json
     # the whole 48B layout (98 GB) over two 80 GB GPUs: no one-GPU reference fits there
     python examples/multi_gpu/device_map_check.py --preset kimi_linear_48b_a3b --runs split --checkpoint /tmp/k48
-    # ... and its one-GPU numbers on one H200 (141 GB)
-    python examples/multi_gpu/device_map_check.py --preset kimi_linear_48b_a3b --runs single --checkpoint /tmp/k48
+    # ... and its one-GPU numbers on one H200 (141 GB), the weights drawn in place (the disk is too small for them)
+    python examples/multi_gpu/device_map_check.py --preset kimi_linear_48b_a3b --runs single --no-save
 
 1. The checkpoint: ``--model DIR``; else ``--checkpoint DIR`` when it holds a config.json; else random bf16 weights
    of ``--preset`` (``--layers N`` keeps the first N layers of its 3 KDA : 1 MLA pattern), drawn directly on the
    GPUs (:func:`modeling_kimi_linear.random_weights.build_random_model`; spread as accelerate would place them when
-   one GPU cannot hold them) and saved in the released layout to ``--checkpoint DIR`` or a temporary folder.
+   one GPU cannot hold them) and saved in the released layout to ``--checkpoint DIR`` or a temporary folder
+   (``--no-save``, for ``--runs single`` only: drawn on the GPU and measured as they are). Random weights drawn on
+   different machines differ: greedy tokens are compared within one run of this script only.
 2. Each run in ``--runs`` loads it with ``from_pretrained``: ``single`` on the first GPU (``device_map={"": 0}``),
    ``split`` with ``device_map="auto"`` and each GPU capped at 1.15 times its share, so that the decoder layers
    spread over every GPU. Then, with the model in ``inference_mode``:
@@ -174,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--contexts", default="4096,131072", help="comma-separated prefill lengths for TPOT")
     parser.add_argument("--steps", type=int, default=20, help="decode steps per TPOT context (first one apart)")
+    parser.add_argument("--no-save", action="store_true",
+                        help="--runs single only: draw the random model on the GPU and measure it without saving "
+                             "and loading it (the 48B layout's 98 GB do not fit a 64 GB disk)")
     parser.add_argument("--out", default=None, help="JSON summary path")
     args = parser.parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -189,16 +194,25 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else (args.checkpoint or Path(tmp) / "checkpoint")
-        if not (path / "config.json").is_file():
+        config = preset_config(args.preset, args.layers)
+        if args.no_save:
+            if runs != ["single"] or args.model or args.checkpoint:
+                parser.error("--no-save is for --runs single on a random preset, without --model / --checkpoint")
+        elif not (path / "config.json").is_file():
             if args.model:
                 raise SystemExit(f"device_map_check: {path} holds no config.json")
-            save_random_checkpoint(preset_config(args.preset, args.layers), path, n_gpu)
-        prompt = torch.randint(3, KimiLinearConfig.from_pretrained(path).vocab_size, (2, args.prompt_len),
-                               generator=torch.Generator().manual_seed(1))
+            save_random_checkpoint(config, path, n_gpu)
+        else:
+            config = KimiLinearConfig.from_pretrained(path)
+        prompt = torch.randint(3, config.vocab_size, (2, args.prompt_len), generator=torch.Generator().manual_seed(1))
         results = {}
         for run in runs:
             start = time.perf_counter()
-            model = load(path, run, n_gpu)
+            if args.no_save:
+                torch.manual_seed(0)
+                model = build_random_model(config, "cuda:0" if n_gpu else "cpu", torch.bfloat16)
+            else:
+                model = load(path, run, n_gpu)
             print(f"{run}: loaded in {time.perf_counter() - start:.0f} s", flush=True)
             if torch.cuda.is_available():
                 for i in range(n_gpu):
