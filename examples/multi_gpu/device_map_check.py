@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -89,7 +91,10 @@ def save_random_checkpoint(config: KimiLinearConfig, path: Path, n_gpu: int) -> 
                                            dtype=torch.bfloat16)
         model = build_random_model(config, device_map=device_map, dtype=torch.bfloat16)
     start = time.perf_counter()
-    model.save_pretrained(path)
+    partial = path.with_name(f".{path.name}.partial")  # renamed when complete: a cut-off save is never reused
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    os.replace(partial, path)
     print(f"saved {size / GB:.1f} GB of random weights to {path} in {time.perf_counter() - start:.0f} s", flush=True)
     del model
     gc.collect()
@@ -201,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         elif not (path / "config.json").is_file():
             if args.model:
                 raise SystemExit(f"device_map_check: {path} holds no config.json")
+            if path.exists() and any(path.iterdir()):
+                raise SystemExit(f"device_map_check: --checkpoint {path} is neither empty nor a checkpoint")
+            path.parent.mkdir(parents=True, exist_ok=True)
             save_random_checkpoint(config, path, n_gpu)
         else:
             config = KimiLinearConfig.from_pretrained(path)
