@@ -31,7 +31,8 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script from a checkout (python bench/cpu.py): make its package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.compiled_decode import PROGRAM_DIR_ENV  # noqa: E402

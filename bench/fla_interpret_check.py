@@ -12,29 +12,43 @@ numbers at full width come from ``bench/gpu_check.py``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # before torch and triton are imported (an importing process is left as it is)
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from triton.runtime import autotuner  # noqa: E402
 
-from modeling_kimi_linear.kda_fla import gated_rms_norm_fla, short_conv_fla  # noqa: E402
+if not __package__:  # run as a script from a checkout: make its package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modeling_kimi_linear.kda_fla import gated_rms_norm_fla, short_conv_fla  # noqa: E402  (imports fla lazily)
 from modeling_kimi_linear.norms import gated_rms_normalize  # noqa: E402
 from modeling_kimi_linear.short_conv_torch import positions_in_documents, short_conv_torch  # noqa: E402
 
-# the autotuner would time configs on a GPU: take the first one
-autotuner.Autotuner._bench = lambda self, *args, config=None, **kwargs: [1.0, 1.0, 1.0]
+
+def use_interpreter() -> None:
+    """Check that Triton runs its CPU interpreter (``TRITON_INTERPRET=1`` must be set before triton is imported,
+    which running this file as a script does) and make the autotuner take the first config instead of timing them
+    on a GPU."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("run this check as a script (python bench/fla_interpret_check.py) or with "
+                           "TRITON_INTERPRET=1 set before Python starts: Triton reads it when it is imported")
+    from triton.runtime import autotuner
+
+    autotuner.Autotuner._bench = lambda self, *args, config=None, **kwargs: [1.0, 1.0, 1.0]
 
 
 def report(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
     print(f"{name:45s} max abs diff {(a - b).abs().max().item():.2e}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    use_interpreter()
     torch.manual_seed(0)
     channels, width = 16, 4
     w = torch.randn(channels, width)

@@ -27,9 +27,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__:  # kimi_linear_bench.gpu (installed) or python -m bench.gpu
+    from .gpu_report import save_report, versions_header
+else:  # run as a script from a checkout (python bench/gpu.py): make its package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from gpu_report import save_report, versions_header  # type: ignore[no-redef]
 
-from bench.gpu_report import save_report, versions_header  # noqa: E402
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.checkpoint_layout import state_dict_from_released  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402

@@ -26,11 +26,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__:  # kimi_linear_bench.gpu_check (installed) or python -m bench.gpu_check
+    from .gpu_report import save_report, versions_header
+else:  # run as a script from a checkout (python bench/gpu_check.py): make its package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from gpu_report import save_report, versions_header  # type: ignore[no-redef]
 
-from bench.gpu_report import save_report, versions_header  # noqa: E402
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
-from modeling_kimi_linear.kda_fla import fla_kda_ops  # noqa: E402
+from modeling_kimi_linear.kda_fla import FLA_INSTALL_HINT, fla_kda_ops  # noqa: E402
 from modeling_kimi_linear.kda_torch import kda_chunk_torch  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
@@ -540,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown check(s) {unknown}; choose from {sorted(checks)}")
     if not torch.cuda.is_available() or (fla_kda_ops() is None and names != ["mla"]):
-        sys.exit("gpu_check needs a CUDA GPU and flash-linear-attention (pip install 'fla-core>=0.5.1,<0.7')")
+        sys.exit(f"gpu_check needs a CUDA GPU and fla's kernels: {FLA_INSTALL_HINT}")
     for name in names:  # in the order given, so the one that matters most can go first in a short lease
         checks[name]()
     head = versions_header("bf16 unless a row says fp32")

@@ -1,13 +1,13 @@
 """Decode at a 1M-token context with the released 48B-A3B layout (27 layers: 20 KDA + 7 MLA) on one GPU.
 
 Random weights, batch 1: the model is built on the meta device, allocated on ``--device`` and initialised there
-by the model's own ``_init_weights``. A real prefill of ``--prefill`` random tokens fills the cache; the MLA latent
-buffers are then extended to ``--context`` tokens by repeating the prefill's latent rows (decode cost does not
-depend on the values; the fixed-size KDA states are those of the real prefill). ``--steps`` decode steps follow,
-one token at a time (CUDA: the model's CUDA-graph decode); the first step, which captures the graph, is reported
-apart and TPOT is the median of the rest. Also: cache bytes, peak memory, and a roofline TPOT = (active weight
-bytes + cache bytes) / copy bandwidth measured in the same run (not on a CPU). ``--out`` gets long_context.md /
-.json.
+by the model's own ``_init_weights`` (:func:`modeling_kimi_linear.random_weights.build_random_model`). A real
+prefill of ``--prefill`` random tokens fills the cache; the MLA latent buffers are then extended to ``--context``
+tokens by repeating the prefill's latent rows (decode cost does not depend on the values; the fixed-size KDA states
+are those of the real prefill). ``--steps`` decode steps follow, one token at a time (CUDA: the model's CUDA-graph
+decode); the first step, which captures the graph, is reported apart and TPOT is the median of the rest. Also:
+cache bytes, peak memory, and a roofline TPOT = (active weight bytes + cache bytes) / copy bandwidth measured in
+the same run (not on a CPU). ``--out`` gets long_context.md / .json.
 
     python bench/gpu_long_context.py --out results/
     python bench/gpu_long_context.py --preset tiny --device cpu --dtype float32 --context 4096 --prefill 256 --steps 4
@@ -26,13 +26,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__:  # kimi_linear_bench.gpu_long_context (installed) or python -m bench.gpu_long_context
+    from .gpu import active_weight_bytes, copy_bandwidth, log
+    from .gpu_report import save_report, versions_header
+else:  # run as a script from a checkout (python bench/gpu_long_context.py): make its package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from gpu import active_weight_bytes, copy_bandwidth, log  # type: ignore[no-redef]
+    from gpu_report import save_report, versions_header  # type: ignore[no-redef]
 
-from bench.gpu import active_weight_bytes, copy_bandwidth, log  # noqa: E402
-from bench.gpu_report import save_report, versions_header  # noqa: E402
-from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.cuda_graph_decode import decode_bucket  # noqa: E402
-from modeling_kimi_linear.presets import available_presets, load_preset  # noqa: E402
+from modeling_kimi_linear.presets import available_presets  # noqa: E402
+from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
 GB = 1e9
@@ -41,25 +45,6 @@ GB = 1e9
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def build(preset: "str | KimiLinearConfig", device: torch.device, dtype: torch.dtype) -> KimiLinearForCausalLM:
-    """Meta-device model of a preset (or a configuration), allocated on ``device`` and initialised there module by
-    module (experts are fused 3-D tensors, so no loop over experts); fails if any parameter was left
-    uninitialised."""
-    config = load_preset(preset) if isinstance(preset, str) else preset
-    with torch.device("meta"):
-        model = KimiLinearForCausalLM(config).to(dtype)  # A_log / dt_bias stay float32
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float("nan"))  # sentinel: whatever _init_weights does not write stays NaN
-            p._is_hf_initialized = False  # a flag set on meta would make transformers' init functions skip it
-        model.apply(model._init_weights)
-        missed = [name for name, p in model.named_parameters() if p.isnan().any()]
-    if missed:
-        raise RuntimeError(f"_init_weights left {len(missed)} parameters uninitialised: {missed[:5]}")
-    return model.eval()
 
 
 def extend_cache(cache, context: int, rows: int) -> None:  # noqa: ANN001
@@ -93,7 +78,7 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, stat
     state["doing"] = "building and initialising the model"
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = build(args.preset, device, dtype)
+    model = build_random_model(args.preset, device, dtype)
     sync(device)
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())

@@ -27,17 +27,23 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__:  # kimi_linear_bench.gpu_profile (installed) or python -m bench.gpu_profile
+    from .gpu import copy_bandwidth, log
+    from .gpu_long_context import extend_cache
+    from .gpu_report import save_report, versions_header
+else:  # run as a script from a checkout (python bench/gpu_profile.py): make its package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from gpu import copy_bandwidth, log  # type: ignore[no-redef]
+    from gpu_long_context import extend_cache  # type: ignore[no-redef]
+    from gpu_report import save_report, versions_header  # type: ignore[no-redef]
 
-from bench.gpu import copy_bandwidth, log  # noqa: E402
-from bench.gpu_long_context import build, extend_cache  # noqa: E402
-from bench.gpu_report import save_report, versions_header  # noqa: E402
 from modeling_kimi_linear import kda_layer  # noqa: E402
 from modeling_kimi_linear.cuda_graph_decode import decode_bucket  # noqa: E402
 from modeling_kimi_linear.kda_layer import KimiDeltaAttention  # noqa: E402
 from modeling_kimi_linear.mla_layer import KimiMLAAttention  # noqa: E402
 from modeling_kimi_linear.moe import KimiExperts, KimiMoEGate, KimiSparseMoeBlock  # noqa: E402
 from modeling_kimi_linear.presets import available_presets  # noqa: E402
+from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
 PARTS = ("kda: projections", "kda: short conv", "kda: gate", "kda: delta-rule step", "kda: gated norm",
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("gpu_profile needs a CUDA GPU")
     bw = copy_bandwidth()
     torch.manual_seed(0)
-    model = build(args.preset, torch.device("cuda"), torch.bfloat16)
+    model = build_random_model(args.preset, torch.device("cuda"), torch.bfloat16)
     rows = []
     for context in (int(c) for c in args.contexts.split(",")):
         rows += profile_context(model, context, args, bw)

@@ -39,12 +39,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__:  # kimi_linear_bench.gpu_scale (installed) or python -m bench.gpu_scale
+    from .gpu import copy_bandwidth, log
+    from .gpu_long_context import extend_cache, memory_line, sync
+    from .gpu_report import save_report, versions_header
+else:  # run as a script from a checkout (python bench/gpu_scale.py): make its package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from gpu import copy_bandwidth, log  # type: ignore[no-redef]
+    from gpu_long_context import extend_cache, memory_line, sync  # type: ignore[no-redef]
+    from gpu_report import save_report, versions_header  # type: ignore[no-redef]
 
-from bench.gpu import copy_bandwidth, log  # noqa: E402
-from bench.gpu_long_context import build, extend_cache, memory_line, sync  # noqa: E402
-from bench.gpu_report import save_report, versions_header  # noqa: E402
 from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
+from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
 from modeling_kimi_linear.cuda_graph_decode import decode_bucket  # noqa: E402
 from modeling_kimi_linear.presets import available_presets, load_preset  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
@@ -253,7 +259,7 @@ def run_cold(args, device: torch.device, dtype: torch.dtype) -> dict:
 
 def build_model(config, device: torch.device, dtype: torch.dtype) -> KimiLinearForCausalLM:  # noqa: ANN001
     start = time.perf_counter()
-    model = build(config, device, dtype)
+    model = build_random_model(config, device, dtype)
     sync(device)
     log(f"built {config.num_hidden_layers} layers ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA) in "
         f"{time.perf_counter() - start:.1f} s; {memory_line(device)}")

@@ -32,7 +32,8 @@ if __package__:
         DTYPE_NAMES, FLOAT_DTYPES, PICKLE_SUFFIXES, TORCH_NAMES, CheckpointError, MiB, OutTensor, Summary,
         TensorEntry, check_destination, natural_key, parse_size, scan_checkpoint, stream_convert,
     )
-else:  # run as a script: python conversion/convert_released_checkpoint.py
+else:  # run as a script from a checkout (python conversion/convert_released_checkpoint.py): make its package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from checkpoint_io import (  # type: ignore[no-redef]
         DTYPE_NAMES, FLOAT_DTYPES, PICKLE_SUFFIXES, TORCH_NAMES, CheckpointError, MiB, OutTensor, Summary,
         TensorEntry, check_destination, natural_key, parse_size, scan_checkpoint, stream_convert,

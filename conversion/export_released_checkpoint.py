@@ -27,7 +27,8 @@ if __package__:
         TOKENIZER_SIDE_FILES, Source, add_common_arguments, copy_docs, run, stored_dtype, write_generation_config,
         write_json,
     )
-else:  # run as a script: python conversion/export_released_checkpoint.py
+else:  # run as a script from a checkout (python conversion/export_released_checkpoint.py): make its package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from checkpoint_io import CheckpointError, OutTensor, Summary, parse_size  # type: ignore[no-redef]
     from convert_released_checkpoint import (  # type: ignore[no-redef]
         TOKENIZER_SIDE_FILES, Source, add_common_arguments, copy_docs, run, stored_dtype, write_generation_config,

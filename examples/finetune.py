@@ -357,6 +357,11 @@ def load_model(args: argparse.Namespace):
 
     set_seed(args.seed)
     dtype = getattr(torch, args.dtype)
+    if args.preset:
+        try:
+            load_preset(args.preset)
+        except FileNotFoundError as err:
+            raise FinetuneError(f"--preset: {err}") from err
     if args.model_class == "native":
         from transformers import KimiLinearForCausalLM as NativeModel
 
@@ -366,7 +371,12 @@ def load_model(args: argparse.Namespace):
             model = NativeModel.from_pretrained(args.model, dtype=dtype)
     else:
         overrides = {"router_aux_loss_coef": args.router_aux_loss_coef} if args.router_aux_loss_coef else {}
-        if args.preset:
+        if args.preset and args.init_on_device:
+            from modeling_kimi_linear.random_weights import build_random_model
+
+            device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+            model = build_random_model(load_preset(args.preset, **overrides), device, dtype).train()
+        elif args.preset:
             model = KimiLinearForCausalLM(load_preset(args.preset, **overrides)).to(dtype)
         else:
             model = KimiLinearForCausalLM.from_pretrained(args.model, dtype=dtype, **overrides)
@@ -460,11 +470,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory (ours, released or native-saved layout)")
-    src.add_argument("--preset", choices=["tiny", "small"], help="random initialisation from a configuration preset")
+    src.add_argument("--preset", help="random initialisation from a configuration preset (tiny, small, demo, "
+                                       "kimi_linear_48b_a3b)")
     parser.add_argument("--model-class", choices=["ours", "native"], default="ours",
                         help="our KimiLinearForCausalLM (default) or transformers' native one, same configuration")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the loaded weights (default float32; --bf16 adds mixed precision)")
+    parser.add_argument("--init-on-device", action="store_true",
+                        help="--preset: build the model on the meta device and draw its random weights directly on "
+                             "the training device in --dtype, with no full-size copy on the CPU first (the 48B "
+                             "layout is 98 GB in bf16)")
     tok = parser.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", help="tokenizer directory (default: the --model directory)")
     tok.add_argument("--byte-tokenizer", action="store_true",
@@ -496,7 +511,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
                         help="comma-separated module names; 'experts' = the routed experts' fused weights "
                              f"(default: {DEFAULT_LORA_TARGETS})")
-    parser.add_argument("--merge-lora", action="store_true", help="also save the merged model under merged/")
+    parser.add_argument("--merge-lora", nargs="?", const="save", choices=["save", "check"],
+                        help="merge the adapters into the base after training and compare the merged model's logits "
+                             "with the adapted model's (metrics.json: merge_check); 'save' (the default) also "
+                             "writes the merged model under merged/, 'check' writes nothing more")
+    parser.add_argument("--skip-base", action="store_true",
+                        help="--lora on a --preset: do not write the random base under base/ (the adapters are then "
+                             "for measuring only)")
     parser.add_argument("--logging-steps", type=int, default=1, help="log the training loss every N steps")
     parser.add_argument("--warmup-steps-excluded", type=int, default=5,
                         help="steps left out of the steady-state tokens/s figure")
@@ -509,6 +530,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--block-size must be >= 2")
     if args.merge_lora and not args.lora:
         parser.error("--merge-lora needs --lora")
+    if args.init_on_device and (not args.preset or args.model_class != "ours"):
+        parser.error("--init-on-device needs --preset and --model-class ours")
+    if args.skip_base and not (args.lora and args.preset):
+        parser.error("--skip-base needs --lora and --preset")
     return args
 
 
@@ -552,7 +577,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             eval_examples, _ = encode_records(eval_records, tokenizer, args.block_size, vocab_size, args.eval_file)
             eval_dataset = TokenizedDataset(eval_examples)
 
-        if args.lora and args.preset:  # the random base exists nowhere else: keep it next to the adapter (frozen)
+        if args.lora and args.preset and not args.skip_base:  # the random base exists nowhere else: keep it
             model.save_pretrained(stage / "base")
             tokenizer.save_pretrained(stage / "base")
         if args.gradient_checkpointing and args.lora:
@@ -611,7 +636,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.router_aux_loss_coef:  # a training setting: inference need not return router logits
             base_config = model.get_base_model().config if args.lora else model.config
             base_config.output_router_logits = False
-        save_outputs(args, model, tokenizer, stage)
+        check = save_outputs(args, model, tokenizer, stage, train_examples[0]["input_ids"][:256])
+        if check is not None:
+            metrics["merge_check"] = check
+        metrics.update(peak_memory())  # after the merge: it allocates too
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         publish(stage, args.output_dir)
     except BaseException:
@@ -671,6 +699,7 @@ def summarise(args, trainer, train_metrics: dict, clock: StepClock, model, stats
                                               if trainer.args.device.type == "cuda" else ""),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
+        **peak_memory(),
     }
 
 
@@ -684,22 +713,61 @@ def print_summary(metrics: dict[str, Any]) -> None:
     print(f"tokens/s: {metrics['tokens_per_second']:.1f} ({metrics['train_tokens']} non-padding tokens in "
           f"{metrics['train_runtime_s']:.2f} s; after {metrics['warmup_steps_excluded']} steps: "
           f"{'n/a' if steady is None else f'{steady:.1f}'})")
+    print(f"peak memory: {metrics['peak_memory_GB']} GB ({metrics['peak_memory_kind']})")
     if "eval_loss" in metrics:
         print(f"eval loss: {metrics['eval_loss']:.4f} (perplexity {math.exp(min(metrics['eval_loss'], 50)):.2f})")
 
 
-def save_outputs(args: argparse.Namespace, model, tokenizer, stage: Path) -> None:
-    """Model or adapter (+ merged model), and the tokenizer, into ``stage``. Trainer leaves ``use_cache=False`` in
-    the config (its ``TrainingArguments.use_cache``), which would make every later ``generate()`` re-run the whole
-    sequence each step: the saved model gets the cache back."""
+def save_outputs(args: argparse.Namespace, model, tokenizer, stage: Path,
+                 sample: list[int] | None = None) -> dict[str, float] | None:
+    """Model or adapter, and the tokenizer, into ``stage``; with ``--merge-lora`` merge the adapters into the base
+    (in place) and return :func:`merge_check` on ``sample`` (``--merge-lora save``: the merged model is written
+    under ``merged/``). Trainer leaves ``use_cache=False`` in the config (its ``TrainingArguments.use_cache``),
+    which would make every later ``generate()`` re-run the whole sequence each step: the saved model gets the cache
+    back."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.use_cache = base.generation_config.use_cache = True
     model.save_pretrained(stage)
     tokenizer.save_pretrained(stage)
-    if args.merge_lora:
-        merged = model.merge_and_unload()
+    if not args.merge_lora:
+        return None
+    ids = torch.tensor([sample or [0, 1]], device=base.device)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids, use_cache=False).logits.float()
+        with model.disable_adapter():
+            plain = model(input_ids=ids, use_cache=False).logits.float()
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        check = merge_check(adapted, merged(input_ids=ids, use_cache=False).logits.float(), plain)
+    print(f"merged model vs adapters: max |logit difference| {check['max_abs_logit_diff']:.3g}; the adapters "
+          f"themselves move logits by up to {check['adapter_effect']:.3g} (logits up to {check['logit_scale']:.3g}, "
+          f"{check['tokens']} tokens)")
+    if args.merge_lora == "save":
         merged.save_pretrained(stage / "merged")
         tokenizer.save_pretrained(stage / "merged")
+    return check
+
+
+def merge_check(adapted: torch.Tensor, merged: torch.Tensor, plain: torch.Tensor) -> dict[str, float]:
+    """How far the merged model's logits are from the adapted model's on the same tokens, next to how far the
+    adapters move them (``adapter_effect``: adapted vs the base alone). In bf16 the merged weights are rounded to
+    bf16, so the difference is at rounding level rather than zero; it should stay well below the adapters' effect
+    once they have trained."""
+    return {"max_abs_logit_diff": (adapted - merged).abs().max().item(),
+            "adapter_effect": (adapted - plain).abs().max().item(), "logit_scale": adapted.abs().max().item(),
+            "tokens": adapted.shape[1]}
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak memory of this process so far: the GPU's allocated peak on CUDA, else the CPU's peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return {"peak_memory_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                "peak_memory_kind": "torch.cuda.max_memory_allocated"}
+    import resource
+
+    return {"peak_memory_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
+            "peak_memory_kind": "process peak resident set (ru_maxrss)"}
 
 
 def main(argv: list[str] | None = None) -> int:

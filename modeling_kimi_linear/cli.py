@@ -163,17 +163,26 @@ def _run_script(module: str, argv: list[str]) -> int:
     return int(result or 0)
 
 
+def _script_args(rest: list[str]) -> list[str]:
+    """The arguments for a delegated script, less a leading ``--``."""
+    return rest[1:] if rest[:1] == ["--"] else rest
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-    return _run_script("kimi_linear_conversion.convert_released_checkpoint", args.rest)
+    return _run_script("kimi_linear_conversion.convert_released_checkpoint", _script_args(args.rest))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    return _run_script("kimi_linear_conversion.export_released_checkpoint", args.rest)
+    return _run_script("kimi_linear_conversion.export_released_checkpoint", _script_args(args.rest))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
-    return _run_script(f"kimi_linear_bench.{args.which}", rest)
+    return _run_script(f"kimi_linear_bench.{args.which}", _script_args(args.rest))
+
+
+#: sub-commands whose every argument belongs to the script they run: they skip this parser, which would take a
+#: leading option (``kimi-linear convert --help``, ``--dtype ...``) as its own and refuse it
+PASS_THROUGH = {"convert": cmd_convert, "export": cmd_export}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in PASS_THROUGH:
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=PASS_THROUGH[argv[0]])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except FileNotFoundError as exc:

@@ -14,7 +14,13 @@ from typing import Callable
 
 import torch
 
-FLA_INSTALL_HINT = "pip install 'fla-core>=0.5.1,<0.7' triton"
+#: The distribution that ships fla's kernels (``fla.ops``, ``fla.modules``), as the ``gpu`` extra of setup.cfg names
+#: it. ``flash-linear-attention`` (fla's layers and models) requires ``fla-core`` of its own version, so it provides
+#: the same ``fla`` kernels too; it is not required because ``import fla`` then also imports its ~120 layers and
+#: models (twice the import time, measured with 0.6.0) and registers their model types with transformers.
+FLA_REQUIREMENT = "fla-core>=0.5.1,<0.7"
+FLA_INSTALL_HINT = (f"pip install '{FLA_REQUIREMENT}' triton (or flash-linear-attention of the same versions, "
+                    "which installs fla-core)")
 
 
 @functools.lru_cache(maxsize=1)

@@ -26,6 +26,7 @@ from .checkpoint_layout import conversion_registered, released_state_dict
 from .configuration_kimi_linear import KimiLinearConfig
 from .compiled_decode import CompiledDecoder
 from .cuda_graph_decode import StaticDecoder
+from .device_placement import weights_on_one_device
 from .kda_layer import KimiDeltaAttention
 from .mla_layer import KimiMLAAttention
 from .transformers_compat import CACHE_FIELD, build_output, cache_field, one_cache, output_cache
@@ -202,6 +203,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        use_cache_given = use_cache
         if use_cache is None:  # a training forward keeps no cache unless asked (it would only cost memory)
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
@@ -218,6 +220,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
                 f"past_key_values must be a KimiLinearCache (got {type(past_key_values).__name__}); "
                 "pass none and the model creates one"
             )
+        cache_asked = use_cache_given is True or past_key_values is not None
         if use_cache and past_key_values is None:
             past_key_values = KimiLinearCache(self.config)
         if not use_cache:
@@ -236,7 +239,12 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
                 attention_mask, position_ids, cu_seqlens, bsz, seqlen, past, inputs_embeds.device
             )
         if cu_seqlens is not None and past_key_values is not None:
-            raise ValueError("packed sequences (cu_seqlens / restarting position_ids) cannot be used with a cache")
+            if cache_asked:
+                raise ValueError(
+                    "packed sequences (cu_seqlens / restarting position_ids) cannot be used with a cache: a cache "
+                    "holds one continuing sequence per row; pass use_cache=False (and no cache) for packed documents"
+                )
+            past_key_values = None  # packed documents and no cache asked for: the default cache is not built
 
         hidden_states = inputs_embeds
         all_hidden: list[torch.Tensor] = []
@@ -490,6 +498,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             kind, runner = "_compiled_decoder", CompiledDecoder
         else:
             return None
+        if not weights_on_one_device(self, "CUDA graphs" if kind == "_graph_decoder" else "compiled CPU decode steps"):
+            return None  # device_map over several devices or offloaded weights: op by op, one warning per model
         decoder = self.__dict__.get(kind)
         if decoder is None:
             decoder = self.__dict__[kind] = runner(self._decode_logits)

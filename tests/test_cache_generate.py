@@ -8,6 +8,7 @@ import torch
 
 from modeling_kimi_linear import KimiLinearCache, KimiLinearForCausalLM
 from modeling_kimi_linear.presets import load_preset
+from modeling_kimi_linear.transformers_compat import output_cache
 
 KDA, MLA = "linear_attention", "full_attention"
 MIXES = {"3:1": [KDA, KDA, KDA, MLA], "all_kda": [KDA] * 3, "all_mla": [MLA] * 3}
@@ -135,6 +136,33 @@ def test_packed_equals_separate(how):
         got = model(packed, use_cache=False, **kwargs).logits
         want = torch.cat([model(d, use_cache=False).logits for d in docs], 1)
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_packed_eval_forward_without_cache_asked():
+    """An eval forward over packed documents with ``use_cache`` not passed (the config default is True) runs without
+    a cache and gives each document's logits alone; a plain forward still returns its cache; asking for a cache with
+    packed documents is one clear error."""
+    model = tiny_model()
+    docs = [ids(1, n, seed=n) for n in (23, 70, 9)]
+    packed = torch.cat(docs, 1)
+    pos = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    with torch.no_grad():
+        out = model(input_ids=packed, position_ids=pos)
+        want = torch.cat([model(d, use_cache=False).logits for d in docs], 1)
+        assert output_cache(out) is None
+        assert (out.logits - want).abs().max().item() <= 1e-5
+        assert isinstance(output_cache(model(input_ids=docs[0])), KimiLinearCache)  # the default cache, unpacked
+        with pytest.raises(ValueError, match="packed sequences .* cannot be used with a cache"):
+            model(input_ids=packed, position_ids=pos, use_cache=True)
+        with pytest.raises(ValueError, match="packed sequences .* cannot be used with a cache"):
+            model(input_ids=packed, position_ids=pos, past_key_values=KimiLinearCache(model.config))
+        # generate() with a prompt of one document decodes as before: tokens equal to greedy argmax over full forwards
+        prompt = docs[0][:, :10]
+        got = model.generate(prompt, do_sample=False, max_new_tokens=5)
+        seq = prompt
+        for _ in range(5):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(got, seq)
 
 
 def test_beam_search_scores_match_full_forward_recomputation():

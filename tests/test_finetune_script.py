@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -161,6 +162,44 @@ def test_lora_run_saves_an_adapter_that_reloads_merges_and_generates(tmp_path):
         assert (adapted_logits - base_logits).abs().max() > 0.1, "the adapter was trained"
         assert (merged(input_ids=ids).logits - adapted_logits).abs().max() < 1e-4
     generates_like_without_cache(adapted, tokenizer)
+
+
+def test_lora_on_a_model_initialised_on_the_device(tmp_path):
+    """The recipe for the 48B layout on one GPU, on the tiny preset and a CPU (float32 here, so that the merge is
+    checked tightly; the bf16 build is checked below): random weights made on the device (--init-on-device),
+    gradient checkpointing, frozen base, adapters saved without the base, merged in memory and checked against the
+    adapted model (--merge-lora check), peak memory reported."""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "lora-device"
+    proc = run_script("--preset", "tiny", "--init-on-device", "--byte-tokenizer", "--cpu", "--lora",
+                      "--gradient-checkpointing", "--skip-base", "--merge-lora", "check", "--lr", "1e-2",
+                      "--block-size", "64", "--batch-size", "2", "--max-steps", "4", "--warmup-steps-excluded", "1",
+                      "--train-file", corpus, "--output-dir", out)
+    assert "peak memory:" in proc.stdout and "merged model vs adapters" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["gradient_checkpointing"] and metrics["lora"]
+    assert all(math.isfinite(loss) for loss in metrics["train_losses"]) and metrics["tokens_per_second"] > 0
+    assert metrics["trainable_parameters"] < metrics["total_parameters"] / 2
+    assert metrics["peak_memory_GB"] > 0 and "ru_maxrss" in metrics["peak_memory_kind"]
+    check = metrics["merge_check"]
+    assert check["tokens"] > 1 and check["max_abs_logit_diff"] < 1e-4 < check["adapter_effect"] / 100, check
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert not (out / "base").exists() and not (out / "merged").exists()
+
+
+def test_init_on_device_builds_bf16_weights_with_fp32_decay_parameters():
+    module = finetune_module()
+    args = module.parse_args(["--preset", "tiny", "--init-on-device", "--dtype", "bfloat16", "--cpu",
+                              "--train-file", "x.txt", "--output-dir", "unused"])
+    model = module.load_model(args)
+    assert model.training
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if name.endswith(("A_log", "dt_bias")) else torch.bfloat16), name
+        assert torch.isfinite(p).all(), name
+    with pytest.raises(SystemExit):
+        module.parse_args(["--model", "ckpt", "--init-on-device", "--train-file", "x.txt", "--output-dir", "o"])
+    with pytest.raises(module.FinetuneError, match="no configuration preset 'nope'"):
+        module.load_model(module.parse_args(["--preset", "nope", "--train-file", "x.txt", "--output-dir", "o"]))
 
 
 def test_packing_run_counts_every_token_and_trains(tmp_path):
