@@ -4,10 +4,12 @@ At the release's width (hidden 2304, KDA 32 heads x 128) and with identical bf16
 KDA layer through prefill, 32 decode steps, a left-padded batch and gradients, CUDA-graph decode against op-by-op
 decode, each as a relative error
 ``||fla - torch|| / ||torch||`` against the 1e-2 target. Whole-model logits are reported for information next to
-the model's own bf16 noise floor (the same rows computed in a different batch). Prints a markdown table and
-writes it (plus JSON) under ``--out``.
+the model's own bf16 noise floor (the same rows computed in a different batch). The ``moe`` check compares this
+package's Triton MoE decode kernels with the PyTorch path on one MoE block of the released width and times both.
+Prints a markdown table and writes it (plus JSON) under ``--out``.
 
     python bench/gpu_check.py --out results/
+    python bench/gpu_check.py --only moe --out results/    # the MoE decode kernels alone (no fla needed)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bench.gpu_report import save_report, versions_header  # noqa: E402
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.kda_fla import fla_kda_ops  # noqa: E402
 from modeling_kimi_linear.kda_torch import kda_chunk_torch  # noqa: E402
+from modeling_kimi_linear.moe import KimiSparseMoeBlock  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
 TARGET = 1e-2
@@ -227,11 +230,161 @@ def bare_op(rows: list[dict]) -> None:
     rows.append({"check": "  same, final state", "rel_err": rel(s1, s2)})
 
 
+RELEASE_CONFIG = Path(__file__).resolve().parent.parent / "configuration" / "kimi_linear_48b_a3b.json"
+
+
+def graph_time_ms(fn, iters: int = 20) -> float:
+    """Milliseconds per call of ``fn`` (which makes several block calls, see :func:`moe_decode`), replayed from a
+    CUDA graph (launch overhead excluded), timed with CUDA events; the eager fallback if capture fails."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except RuntimeError as exc:  # a path that cannot be captured is timed op by op (and says so)
+        print(f"CUDA graph capture failed ({exc}); timing eagerly", flush=True)
+        run = fn
+    run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), the roofline's reference."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = graph_time_ms(lambda: dst.copy_(src), iters=10)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def set_decode_kernels(block: KimiSparseMoeBlock, choice: str) -> None:
+    block.gate.decode_kernels = block.experts.decode_kernels = choice
+
+
+@torch.no_grad()
+def moe_decode(rows: list[dict], batches=(1, 8, 32), reps: int = 8, device: str = "cuda",
+               dtype: torch.dtype = torch.bfloat16, config=None, timing: bool = True) -> None:
+    """One MoE block at the release's width (hidden 2304, 256 experts top-8, I = 1024, one shared expert, sigmoid
+    router with bias, bf16, random weights) at each batch size, one token per sequence: the Triton decode path
+    (``decode_kernels="triton"``) against the PyTorch path. Rows: the experts alone on the same routing, the whole
+    block (router + experts + shared expert), the share of routing choices that differ, and times. Each timing
+    replays a CUDA graph of ``reps`` calls on different tokens (different experts, so the weights do not sit in L2
+    between calls) and divides by ``reps``; bandwidth = bytes of the distinct experts the call routes to / time."""
+    from modeling_kimi_linear import KimiLinearConfig
+
+    cfg = config or KimiLinearConfig.from_json_file(str(RELEASE_CONFIG))
+    torch.manual_seed(0)
+    with torch.device(device):
+        block = KimiSparseMoeBlock(cfg).to(dtype).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, p in block.named_parameters():
+        std = 0.02 if "e_score_correction_bias" not in name else 0.1
+        p.normal_(0.0, std, generator=gen)
+    hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    expert_bytes = 3 * hidden * inter * torch.finfo(dtype).bits // 8
+    bandwidth = copy_bandwidth() if timing else float("nan")
+    if timing:
+        rows.append({"check": f"device copy bandwidth (TB/s, a rate, not an error): {bandwidth / 1e12:.2f}",
+                     "rel_err": bandwidth / 1e12, "info": True})
+    for batch in batches:
+        xs = [torch.randn(batch, 1, hidden, device=device, dtype=dtype, generator=gen) for _ in range(reps)]
+        flat = [x.view(-1, hidden) for x in xs]
+        set_decode_kernels(block, "torch")
+        routes = [block.gate(x) for x in flat]
+        ref_experts = block.experts(flat[0], routes[0][0], routes[0][1])
+        ref_block, _ = block(xs[0])
+        set_decode_kernels(block, "triton")
+        got_experts = block.experts(flat[0], routes[0][0], routes[0][1])
+        got_block, _ = block(xs[0])
+        got_ids = block.gate(flat[0])[0]
+        rows.append({"check": f"MoE experts, Triton vs PyTorch, same routing (D {hidden}, E {cfg.num_experts} top-"
+                              f"{cfg.num_experts_per_token}, I {inter}, batch {batch})",
+                     "rel_err": rel(got_experts, ref_experts)})
+        rows.append({"check": f"MoE block (router + experts + shared), Triton vs PyTorch (batch {batch})",
+                     "rel_err": rel(got_block, ref_block)})
+        differ = 1.0 - (got_ids.sort(-1).values == routes[0][0].sort(-1).values).float().mean().item()
+        rows.append({"check": f"  router: share of expert choices that differ (batch {batch})", "rel_err": differ,
+                     "info": True})
+        if not timing:
+            continue
+        distinct = sum(r[0].unique().numel() for r in routes) / reps
+        moved = distinct * expert_bytes
+        times = {}
+        for path in ("torch", "triton"):
+            set_decode_kernels(block, path)
+            times[path, "block"] = graph_time_ms(lambda: [block(x) for x in xs]) / reps
+            times[path, "experts"] = graph_time_ms(
+                lambda: [block.experts(x, r[0], r[1]) for x, r in zip(flat, routes)]) / reps
+        achieved = moved / (times["triton", "experts"] * 1e-3)
+        rows.append({
+            "check": f"  time per call (us, a time): block torch {times['torch', 'block'] * 1e3:.1f} / triton "
+                     f"{times['triton', 'block'] * 1e3:.1f}; experts torch {times['torch', 'experts'] * 1e3:.1f} / "
+                     f"triton {times['triton', 'experts'] * 1e3:.1f}; {distinct:.1f} distinct experts = "
+                     f"{moved / 1e6:.1f} MB -> triton experts {achieved / 1e12:.2f} TB/s "
+                     f"({achieved / bandwidth:.0%} of copy), torch "
+                     f"{moved / (times['torch', 'experts'] * 1e-3) / 1e12:.2f} TB/s (batch {batch})",
+            "rel_err": times["triton", "block"] * 1e3, "info": True, "batch": batch,
+            "times_us": {f"{p}_{part}": t * 1e3 for (p, part), t in times.items()},
+            "distinct_experts": distinct, "expert_bytes": moved, "triton_experts_tb_s": achieved / 1e12,
+            "copy_tb_s": bandwidth / 1e12,
+        })
+    if timing:
+        moe_tiles(rows, block, gen, expert_bytes, bandwidth)
+
+
+def moe_tiles(rows: list[dict], block: KimiSparseMoeBlock, gen: torch.Generator, expert_bytes: int,
+              bandwidth: float, reps: int = 8) -> None:
+    """A few other tiles of the two expert GEMV kernels at batch 1 and 32 (informational: the defaults in
+    ``moe_decode_triton`` are the first row of each)."""
+    from modeling_kimi_linear import moe_decode_triton as mdt
+
+    gate_up = [mdt.GATE_UP_TILE, {"BLOCK_K": 256}, {"BLOCK_N": 32}, {"BLOCK_N": 32, "BLOCK_K": 256},
+               {"num_stages": 3}, {"num_warps": 8, "BLOCK_K": 256}]
+    down = [mdt.DOWN_TILE, {"BLOCK_N": 16}, {"BLOCK_N": 64}, {"BLOCK_K": 256}, {"BLOCK_N": 16, "BLOCK_K": 256},
+            {"num_stages": 3}]
+    hidden = block.experts.gate_up_proj.shape[-1]
+    set_decode_kernels(block, "torch")
+    for batch in (1, 32):
+        xs = [torch.randn(batch, hidden, device="cuda", dtype=block.experts.gate_up_proj.dtype, generator=gen)
+              for _ in range(reps)]
+        routes = [block.gate(x) for x in xs]
+        moved = sum(r[0].unique().numel() for r in routes) / reps * expert_bytes
+        tries = [(g, {}) for g in gate_up] + [({}, d) for d in down[1:]]
+        for gt, dt in tries:
+            def call(gt=gt, dt=dt):
+                return [mdt.experts(x, r[0], r[1], block.experts.gate_up_proj, block.experts.down_proj,
+                                    gate_up_tile=gt, down_tile=dt) for x, r in zip(xs, routes)]
+
+            try:
+                ms = graph_time_ms(call) / reps
+            except Exception as exc:  # a tile that does not compile (e.g. shared memory) is reported, not fatal
+                rows.append({"check": f"  tile gate_up {gt} down {dt} (batch {batch}): failed: {exc}"[:300],
+                             "rel_err": float("nan"), "info": True})
+                continue
+            rows.append({"check": f"  tile gate_up {gt or 'default'} down {dt or 'default'} (batch {batch}): "
+                                  f"{ms * 1e3:.1f} us, {moved / (ms * 1e-3) / 1e12:.2f} TB/s "
+                                  f"({moved / (ms * 1e-3) / bandwidth:.0%} of copy)",
+                         "rel_err": ms * 1e3, "info": True})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.md / .json")
-    parser.add_argument("--only", default="bare,layer,model,graph,stability",
-                        help="comma-separated checks to run, in this order (bare, layer, model, graph, stability)")
+    parser.add_argument("--only", default="bare,layer,model,graph,moe,stability",
+                        help="comma-separated checks to run, in this order (bare, layer, model, graph, moe, "
+                             "stability)")
     parser.add_argument("--stability", default="32768,10000", help="prefill,decode-steps of the stability run "
                         "('0,0' skips it)")
     parser.add_argument("--traceback-after", type=float, default=0,
@@ -239,16 +392,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.traceback_after:
         faulthandler.dump_traceback_later(args.traceback_after)
-    if not torch.cuda.is_available() or fla_kda_ops() is None:
-        sys.exit("gpu_check needs a CUDA GPU and flash-linear-attention (pip install 'fla-core>=0.5.1,<0.7')")
     rows: list[dict] = Rows()
     prefill, steps = (int(x) for x in args.stability.split(","))
     checks = {"bare": lambda: bare_op(rows), "layer": lambda: kda_layer_checks(rows), "model": lambda: model_level(rows),
-              "graph": lambda: graph_decode(rows), "stability": lambda: steps and stability(rows, prefill, steps)}
+              "graph": lambda: graph_decode(rows), "stability": lambda: steps and stability(rows, prefill, steps),
+              "moe": lambda: moe_decode(rows)}
     names = args.only.split(",")
     unknown = [n for n in names if n not in checks]
     if unknown:
         parser.error(f"unknown check(s) {unknown}; choose from {sorted(checks)}")
+    if not torch.cuda.is_available() or (fla_kda_ops() is None and set(names) - {"moe"}):
+        sys.exit("gpu_check needs a CUDA GPU, and flash-linear-attention for every check but moe (pip install "
+                 "'fla-core>=0.5.1,<0.7')")
     for name in names:  # in the order given, so the one that matters most can go first in a short lease
         checks[name]()
     head = versions_header("bf16 unless a row says fp32")
