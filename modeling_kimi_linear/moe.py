@@ -103,7 +103,13 @@ class KimiMoEGate(nn.Module):
 
 
 class KimiExperts(nn.Module):
-    """All routed experts of one layer as two 3-D weights."""
+    """All routed experts of one layer as two 3-D weights.
+
+    Not transformers' experts functions (5.25 ``integrations/moe.py``: ``grouped_mm`` / ``batched_mm``, the same
+    gate-rows-first layout and fp32 weighted sum): under autocast they cast the input to the weights' dtype (here the
+    autocast dtype, as ``nn.Linear``), and they have no copy-free CPU decode path (batch 1, one CPU thread: our
+    ``per_copy`` 0.06 / 0.87 ms against their grouped path's 0.12 / 1.17 ms at hidden 64 / 512, E 8 / 64).
+    """
 
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str,
