@@ -104,6 +104,7 @@ def moe_decode_kernels(choice: str, x: torch.Tensor, copies: int, *weights: torc
 
 def moe_decode_module():  # noqa: ANN201
     """Import :mod:`moe_decode_triton` (imports triton; called only once Triton was chosen for CUDA tensors)."""
+    from .moe_decode_triton import experts  # noqa: F401  (this form: save_pretrained copies what it names)
     from . import moe_decode_triton
 
     return moe_decode_triton

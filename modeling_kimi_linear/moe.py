@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from . import kernels
+from .kernels import moe_decode_kernels
 
 if TYPE_CHECKING:
     from .configuration_kimi_linear import KimiLinearConfig
@@ -74,7 +74,7 @@ class KimiMoEGate(nn.Module):
 
         A few CUDA tokens without autograd take the fused Triton router (:func:`moe_decode_triton.route`, chosen
         by :func:`kernels.moe_decode_kernels`): the same computation in two kernels."""
-        ops = kernels.moe_decode_kernels(self.decode_kernels, x, x.shape[0] * self.top_k, self.weight)
+        ops = moe_decode_kernels(self.decode_kernels, x, x.shape[0] * self.top_k, self.weight)
         if ops is not None:
             return ops.route(
                 x, self.weight, self.e_score_correction_bias, top_k=self.top_k, num_groups=self.num_groups,
@@ -141,7 +141,7 @@ class KimiExperts(nn.Module):
         """
         num_tokens, top_k = ids.shape
         gate_up, down = self.gate_up_proj, self.down_proj
-        ops = kernels.moe_decode_kernels(self.decode_kernels, x, ids.numel(), gate_up, down)
+        ops = moe_decode_kernels(self.decode_kernels, x, ids.numel(), gate_up, down)
         if ops is not None and ops.experts_supported(x, gate_up, down, self.hidden_act):
             return ops.experts(x, ids, weights, gate_up, down, self.hidden_act)
         if x.device.type != "cpu" and torch.is_autocast_enabled(x.device.type):

@@ -62,8 +62,12 @@ per token, distinct (what top-k gives).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # in a try block, transformers' remote-code check does not ask for triton where these kernels never run
+    import triton
+    import triton.language as tl
+except ImportError as exc:
+    raise ImportError("the MoE decode kernels need triton: pip install triton") from exc
 
 # activations the kernels implement (names as in ``transformers.activations.ACT2FN``; both are x * sigmoid(x))
 ACTIVATIONS = ("silu", "swish")

@@ -320,3 +320,16 @@ def test_seam_sends_only_decode_calls_without_autograd(monkeypatch):
         assert kernels.moe_decode_kernels("auto", x, 12, gate_up, down) is fake
         assert kernels.moe_decode_kernels("auto", x, 12, gate_up.detach().as_subclass(Quantized), down) is None
         assert kernels.moe_decode_kernels("auto", x, 12, gate_up.to(torch.int8), down) is None
+
+
+def test_checkpoints_carry_the_kernel_module_without_requiring_triton():
+    """``save_pretrained`` copies the modules that transformers' relative-import scan finds: the kernel module must
+    be among them (a remote-code model on a GPU imports it), and loading must not require triton."""
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    package = Path(kernels.__file__).parent
+    copied = {Path(p).name for p in get_relative_import_files(str(package / "modeling_kimi_linear.py"))}
+    assert "moe_decode_triton.py" in copied
+    assert "triton" not in get_imports(str(package / "moe_decode_triton.py"))
