@@ -75,7 +75,7 @@ class KimiMoEGate(nn.Module):
         A few CUDA tokens without autograd take the fused Triton router (:func:`moe_decode_triton.route`, chosen
         by :func:`kernels.moe_decode_kernels`): the same computation in two kernels."""
         ops = moe_decode_kernels(self.decode_kernels, x, x.shape[0] * self.top_k, self.weight)
-        if ops is not None:
+        if ops is not None and ops.route_supported(x):
             return ops.route(
                 x, self.weight, self.e_score_correction_bias, top_k=self.top_k, num_groups=self.num_groups,
                 topk_group=self.topk_group, renormalize=self.renormalize, scaling=self.scaling,

@@ -89,6 +89,12 @@ def experts_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
     return not torch.is_autocast_enabled(x.device.type) or torch.get_autocast_dtype(x.device.type) == dtype
 
 
+def route_supported(x: torch.Tensor) -> bool:
+    """Whether :func:`route` computes what ``KimiMoEGate.forward`` would: not under autocast (which would run the
+    PyTorch router's linear in the autocast dtype; :func:`route` always sums in fp32)."""
+    return not torch.is_autocast_enabled(x.device.type)
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 

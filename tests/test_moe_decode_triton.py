@@ -131,6 +131,19 @@ def test_experts_reject_bad_shapes(mdt):
         mdt.experts(x, ids, torch.ones(2, 2, device=DEVICE), experts.gate_up_proj, experts.down_proj, "gelu")
 
 
+def test_supported_only_where_the_pytorch_path_computes_the_same(mdt):
+    """Autocast to another dtype (the PyTorch path would cast), mixed dtypes or an activation the kernels lack send
+    a call back to PyTorch."""
+    experts = make_experts(8, 16, 8, seed=0)
+    x = torch.randn(2, 16, device=DEVICE)
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    assert mdt.experts_supported(x, gate_up, down, "silu") and mdt.route_supported(x)
+    assert not mdt.experts_supported(x, gate_up, down, "gelu")
+    assert not mdt.experts_supported(x.bfloat16(), gate_up, down, "silu")
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        assert not mdt.experts_supported(x, gate_up, down, "silu") and not mdt.route_supported(x)
+
+
 def gate_config(num_experts, top_k, groups, topk_group, activation, include_bias, hidden=64):
     return SimpleNamespace(
         num_experts_per_token=top_k, num_experts=num_experts, num_expert_group=groups, topk_group=topk_group,
@@ -249,6 +262,9 @@ class _FakeKernels:
         self.block, self.calls = block, []
 
     def experts_supported(self, x, gate_up, down, activation) -> bool:  # noqa: ANN001
+        return True
+
+    def route_supported(self, x) -> bool:  # noqa: ANN001
         return True
 
     def experts(self, x, ids, weights, gate_up, down, activation):  # noqa: ANN001
