@@ -29,11 +29,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 if __package__:  # kimi_linear_bench.gpu_profile (installed) or python -m bench.gpu_profile
     from .gpu import copy_bandwidth, log
+    from .gpu_check_common import set_decode_kernels
     from .gpu_long_context import extend_cache
     from .gpu_report import save_report, versions_header
 else:  # run as a script from a checkout (python bench/gpu_profile.py): make its package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gpu import copy_bandwidth, log  # type: ignore[no-redef]
+    from gpu_check_common import set_decode_kernels  # type: ignore[no-redef]
     from gpu_long_context import extend_cache  # type: ignore[no-redef]
     from gpu_report import save_report, versions_header  # type: ignore[no-redef]
 
@@ -156,13 +158,6 @@ def part_bytes(model, context: int) -> dict[str, float]:  # noqa: ANN001
     out["embedding"] = cfg.hidden_size * element
     out["lm_head"] = model.lm_head.weight.numel() * element
     return out
-
-
-def set_decode_kernels(model, choice: str) -> None:  # noqa: ANN001
-    model.config.decode_kernels = choice
-    for module in model.modules():
-        if hasattr(module, "decode_kernels"):
-            module.decode_kernels = choice
 
 
 @torch.no_grad()

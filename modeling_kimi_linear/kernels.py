@@ -114,6 +114,34 @@ def mla_decode(
     return mla_decode_attention(q_lat, latent, mask, scale, value_dim)
 
 
+# Token-expert copies (tokens x top-k) up to which the MoE runs on the Triton decode kernels: batch 64 at top-8.
+# Past it (prompts, large batches) grouped matmul is the better tool; the kernels themselves handle any count.
+MOE_DECODE_MAX_COPIES = 512
+
+
+def moe_decode_kernels(choice: str, x: torch.Tensor, copies: int, *weights: torch.Tensor):  # noqa: ANN201
+    """The module of this package's Triton MoE decode kernels (:mod:`moe_decode_triton`, imported on first use)
+    when they serve this call, else ``None`` (the PyTorch path): ``choice`` (``config.decode_kernels``) resolves to
+    ``"triton"`` for ``x``'s device (:func:`resolve_decode_kernels`; never for CPU tensors), no gradient is
+    needed, there are at most :data:`MOE_DECODE_MAX_COPIES` token-expert ``copies``, and every weight is a plain
+    floating-point tensor (a quantized tensor subclass takes its own path)."""
+    if resolve_decode_kernels(choice, x.device) != "triton" or copies > MOE_DECODE_MAX_COPIES:
+        return None
+    if needs_grad(x, *weights):
+        return None
+    if any(type(w) not in (torch.Tensor, torch.nn.Parameter) or not w.is_floating_point() for w in weights):
+        return None
+    return moe_decode_module()
+
+
+def moe_decode_module():  # noqa: ANN201
+    """Import :mod:`moe_decode_triton` (imports triton; called only once Triton was chosen for CUDA tensors)."""
+    from .moe_decode_triton import experts  # noqa: F401  (this form: save_pretrained copies what it names)
+    from . import moe_decode_triton
+
+    return moe_decode_triton
+
+
 def kda(
     q: torch.Tensor,
     k: torch.Tensor,

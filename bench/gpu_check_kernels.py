@@ -1,0 +1,313 @@
+"""GPU checks of this package's Triton decode kernels (run through bench/gpu_check.py: ``--only kdastep,mla,moe``):
+each against the PyTorch path on the same bf16 inputs at the release's width, and timed."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+if __package__:  # kimi_linear_bench (installed) or python -m bench.gpu_check
+    from .gpu import copy_bandwidth
+    from .gpu_check_common import T0, check_config, pair, rel, replay_us, set_decode_kernels
+else:  # imported by bench/gpu_check.py run as a script from a checkout
+    from gpu import copy_bandwidth  # type: ignore[no-redef]
+    from gpu_check_common import (  # type: ignore[no-redef]
+        T0, check_config, pair, rel, replay_us, set_decode_kernels,
+    )
+
+from modeling_kimi_linear.moe import KimiSparseMoeBlock  # noqa: E402
+
+
+@torch.no_grad()
+def kda_decode_step_checks(rows: list[dict]) -> None:
+    """The fused KDA decode step (``decode_kernels="triton"``, one Triton kernel between the projections and
+    ``o_proj``) against the fla path (``decode_kernels="torch"``: PyTorch conv update and gate math, fla's
+    fused_recurrent_kda and gated norm) and the PyTorch path, one KDA layer at full width in bf16: a left-padded
+    prefill of 2 x 300 tokens, then 32 decode steps (one with a padded token), outputs every step and the cached
+    states at the end. Then the time of one layer step (CUDA-graph replays, cache updated in place) both ways, at
+    batch 1 and 8, the projections + o_proj alone (what the two paths share), and the kernel alone at 4, 8 and 16
+    warps."""
+    from modeling_kimi_linear import KimiLinearCache, kda_decode_triton, kda_layer
+
+    ref_model, fla_model = pair(torch.bfloat16, layers=["linear_attention"])
+    cfg = ref_model.config
+    ref = set_decode_kernels(ref_model.model.layers[0].self_attn, "torch")
+    fla = set_decode_kernels(fla_model.model.layers[0].self_attn, "torch")
+    fused = set_decode_kernels(copy.deepcopy(fla), "triton")
+    launches = []
+    fused_step = kda_layer.kda_decode_step
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return fused_step(*args, **kwargs)
+
+    kda_layer.kda_decode_step = counted
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(2, 300, 2304, device="cuda", dtype=torch.bfloat16, generator=gen)
+        mask = torch.ones(2, 300, dtype=torch.bool, device="cuda")
+        mask[1, :40] = False
+        caches = {name: KimiLinearCache(cfg) for name in ("fused", "fla", "torch")}
+        layers = {"fused": fused, "fla": fla, "torch": ref}
+        for name, layer in layers.items():
+            layer(x, token_mask=mask, cache=caches[name])
+        worst = {"fla": 0.0, "torch": 0.0}
+        for step in range(32):
+            xt = torch.randn(2, 1, 2304, device="cuda", dtype=torch.bfloat16, generator=gen)
+            step_mask = torch.tensor([[True], [step != 10]], device="cuda")
+            out = {name: layer(xt, token_mask=step_mask, cache=caches[name]) for name, layer in layers.items()}
+            for other in worst:
+                worst[other] = max(worst[other], rel(out["fused"], out[other]))
+    finally:
+        kda_layer.kda_decode_step = fused_step
+    rows.append({"check": f"fused KDA decode step: kernel launches in 32 steps (a count, must be 32): {len(launches)}",
+                 "rel_err": 0.0 if len(launches) == 32 else float("inf")})
+    for other, label in (("fla", "fla path"), ("torch", "PyTorch path")):
+        conv_a, state_a = caches["fused"].kda_state(0)
+        conv_b, state_b = caches[other].kda_state(0)
+        rows.append({"check": f"fused KDA decode step vs {label}: output, 32 steps after a padded prefill, B=2, one "
+                              "padded step (worst step)", "rel_err": worst[other]})
+        rows.append({"check": "  same, recurrent state after the 32 steps", "rel_err": rel(state_a, state_b)})
+        rows.append({"check": "  same, conv tail after the 32 steps", "rel_err": rel(conv_a, conv_b)})
+
+    for bsz in (1, 8):
+        xt = torch.randn(bsz, 1, 2304, device="cuda", dtype=torch.bfloat16, generator=gen)
+        times = {}
+        for name, layer in (("fused", fused), ("fla", fla)):
+            cache = KimiLinearCache(cfg)
+            layer(torch.randn(bsz, 16, 2304, device="cuda", dtype=torch.bfloat16, generator=gen), cache=cache)
+            cache.make_writable()
+            cache.graph_step = object()  # a static step: the layer updates the cached tensors in place
+            try:
+                times[name] = replay_us(lambda: layer(xt, cache=cache))
+            finally:
+                cache.graph_step = None
+        proj = fused.split_projections(xt)
+        times["shared"] = replay_us(lambda: (fused.split_projections(xt), fused.o_proj(proj[0])))
+        speedup = times["fla"] / times["fused"]
+        rows.append({"check": f"KDA layer decode step, B={bsz}, us per layer (graph replay; a time, not an error): fla "
+                              f"path {times['fla']:.1f}, fused {times['fused']:.1f} ({speedup:.2f}x);"
+                              f" projections + o_proj alone {times['shared']:.1f}, so the part between them: fla "
+                              f"{times['fla'] - times['shared']:.1f}, fused {times['fused'] - times['shared']:.1f}",
+                     "rel_err": times["fused"], "info": True})
+        conv, state = (t.clone() for t in caches["fused"].kda_state(0))
+        if bsz != conv.shape[0]:
+            conv = conv[:1].expand(bsz, -1, -1).contiguous()
+            state = state[:1].expand(bsz, -1, -1, -1).contiguous()
+        q, k, v, f, b, gate = proj
+        kernel = {}
+        for warps in (4, 8, 16):
+            kernel[warps] = replay_us(lambda: kda_decode_triton.kda_decode_step(
+                q, k, v, f, b, gate, (fused.q_conv1d.weight, fused.k_conv1d.weight, fused.v_conv1d.weight),
+                fused.A_log, fused.dt_bias, fused.o_norm.weight, fused.o_norm.variance_epsilon, conv, state,
+                in_place=True, num_warps=warps))
+        rows.append({"check": f"  fused kernel alone, B={bsz}, us per call at 4 / 8 / 16 warps (default "
+                              f"{kda_decode_triton.DEFAULT_NUM_WARPS}): "
+                              + " / ".join(f"{kernel[w]:.1f}" for w in (4, 8, 16)),
+                     "rel_err": kernel[kda_decode_triton.DEFAULT_NUM_WARPS], "info": True})
+
+
+@torch.no_grad()
+def mla_decode_check(rows: list[dict]) -> None:
+    """The MLA flash-decoding kernel (``decode_kernels="triton"``) against the PyTorch latent path of the same
+    layer (release shape: 32 heads, 512 + 64 latent, bf16), one new token, at 4K / 128K / 1M cached rows (batch 1)
+    and a left-padded batch of 4 at 128K attending over a view of a larger buffer, as a CUDA-graph step does.
+    Times (``triton.testing.do_bench``, median, L2 flushed between runs): the kernel alone, as latent bytes / time
+    and as a share of the copy bandwidth measured here; the layer's whole latent attention (query absorption,
+    attention, value projection) on both paths. At 1M rows every launch configuration in ``CONFIGS`` is timed."""
+    from triton.testing import do_bench
+
+    from modeling_kimi_linear.mla_decode_triton import CONFIGS, default_config, mla_decode_attention
+    from modeling_kimi_linear.mla_layer import KimiMLAAttention
+
+    bw = copy_bandwidth()
+    rows.append({"check": f"MLA decode: copy bandwidth {bw / 1e12:.2f} TB/s (a rate, not an error)", "info": True,
+                 "rel_err": bw / 1e12})
+    torch.manual_seed(0)
+    layer = KimiMLAAttention(check_config(moe=False, layers=["full_attention"]), 0).to("cuda", torch.bfloat16).eval()
+    layer32 = copy.deepcopy(layer).float()
+    width = layer.kv_lora_rank + layer.rope_dim
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def bench_ms(fn) -> float:
+        return do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+    def attend(choice: str, *args) -> torch.Tensor:
+        layer.decode_kernels = choice
+        return layer.attend_latent(*args)
+
+    for bsz, rows_n, pads, spare in ((1, 4096, None, 0), (1, 131072, None, 0), (1, 1 << 20, None, 0),
+                                     (4, 131072, [0, 4096, 65536, 131071], 1024)):
+        buf = torch.randn(bsz, rows_n + spare, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+        latent = buf[:, :rows_n]
+        valid = torch.ones(bsz, rows_n, dtype=torch.bool, device="cuda")
+        for b, pad in enumerate(pads or []):
+            valid[b, :pad] = False
+        mask = valid[:, None, None, :]
+        q = torch.randn(bsz, layer.num_heads, 1, layer.q_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        name = f"B={bsz}, S={rows_n}" + (f", left padding {pads}" if pads else "")
+        want, got = attend("torch", q, latent, mask), attend("triton", q, latent, mask)
+        exact = layer32.attend_latent(q.float(), latent.float(), mask)  # fp32 PyTorch path: how far each bf16 one is
+        rows.append({"check": f"MLA decode kernel vs PyTorch latent path, {name}", "rel_err": rel(got, want)})
+        rows.append({"check": "  same, kernel vs fp32 PyTorch path (information)", "info": True,
+                     "rel_err": rel(got, exact)})
+        rows.append({"check": "  same, PyTorch bf16 path vs fp32 (its noise floor)", "info": True,
+                     "rel_err": rel(want, exact)})
+        del exact
+        nbytes = bsz * rows_n * width * latent.element_size()  # latent bytes one step reads
+        q_lat = torch.randn(bsz, layer.num_heads, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+        configs = CONFIGS if rows_n == 1 << 20 else (default_config(torch.bfloat16),)
+        for config in configs:
+            try:
+                ms = bench_ms(lambda c=config: mla_decode_attention(q_lat, latent, valid, layer.scaling,
+                                                                    layer.kv_lora_rank, config=c))
+            except Exception as err:  # a configuration that does not fit this GPU: say so, keep going
+                rows.append({"check": f"  kernel {config}: failed: {type(err).__name__}: {err}"[:300],
+                             "info": True, "rel_err": float("nan")})
+                continue
+            rate = nbytes / (ms * 1e-3)
+            rows.append({"check": f"  kernel alone ({config}): {ms * 1e3:.1f} us, {rate / 1e12:.2f} TB/s = "
+                                  f"{rate / bw:.0%} of copy bandwidth (value: us)", "info": True,
+                         "rel_err": ms * 1e3})
+        t_torch = bench_ms(lambda: attend("torch", q, latent, mask))
+        t_triton = bench_ms(lambda: attend("triton", q, latent, mask))
+        rows.append({"check": f"  attend_latent: PyTorch {t_torch * 1e3:.1f} us, Triton {t_triton * 1e3:.1f} us "
+                              f"({t_torch / t_triton:.1f}x); Triton path {nbytes / (t_triton * 1e-3) / bw:.0%} of copy "
+                              f"bandwidth (value: Triton us)", "info": True, "rel_err": t_triton * 1e3})
+        del buf, latent, want, got
+        torch.cuda.empty_cache()
+        print(f"[{time.perf_counter() - T0:.0f}s] MLA decode {name} done", flush=True)
+    # the kernel inside a CUDA graph (as a decode step captures it) replays what it computes eagerly
+    buf = torch.randn(2, 5000, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+    valid = torch.arange(4096, device="cuda")[None, :] >= torch.tensor([[0], [1000]], device="cuda")
+    q = torch.randn(2, layer.num_heads, 1, layer.q_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        attend("triton", q, buf[:, :4096], valid[:, None, None])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attend("triton", q, buf[:, :4096], valid[:, None, None])
+    q.copy_(torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=gen))
+    graph.replay()
+    rows.append({"check": "MLA decode kernel replayed in a CUDA graph vs eager (new query after capture)",
+                 "rel_err": rel(captured, attend("triton", q, buf[:, :4096], valid[:, None, None]))})
+
+
+RELEASE_CONFIG = Path(__file__).resolve().parent.parent / "configuration" / "kimi_linear_48b_a3b.json"
+
+
+def graph_time_ms(fn, iters: int = 20) -> float:
+    """Milliseconds per call of ``fn`` (which makes several block calls, see :func:`moe_decode`), from CUDA-graph
+    replays."""
+    return replay_us(fn, repeats=1, iters=iters) / 1e3
+
+
+@torch.no_grad()
+def moe_decode(rows: list[dict], batches=(1, 8, 32), reps: int = 8, device: str = "cuda",
+               dtype: torch.dtype = torch.bfloat16, config=None, timing: bool = True) -> None:
+    """One MoE block at the release's width (hidden 2304, 256 experts top-8, I = 1024, one shared expert, sigmoid
+    router with bias, bf16, random weights) at each batch size, one token per sequence: the Triton decode path
+    (``decode_kernels="triton"``) against the PyTorch path. Rows: the experts alone on the same routing, the whole
+    block (router + experts + shared expert), the share of routing choices that differ, and times. Each timing
+    replays a CUDA graph of ``reps`` calls on different tokens (different experts, so the weights do not sit in L2
+    between calls) and divides by ``reps``; bandwidth = bytes of the distinct experts the call routes to / time."""
+    from modeling_kimi_linear import KimiLinearConfig
+
+    cfg = config or KimiLinearConfig.from_json_file(str(RELEASE_CONFIG))
+    torch.manual_seed(0)
+    with torch.device(device):
+        block = KimiSparseMoeBlock(cfg).to(dtype).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, p in block.named_parameters():
+        std = 0.02 if "e_score_correction_bias" not in name else 0.1
+        p.normal_(0.0, std, generator=gen)
+    hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    expert_bytes = 3 * hidden * inter * torch.finfo(dtype).bits // 8
+    bandwidth = copy_bandwidth() if timing else float("nan")
+    if timing:
+        rows.append({"check": f"device copy bandwidth (TB/s, a rate, not an error): {bandwidth / 1e12:.2f}",
+                     "rel_err": bandwidth / 1e12, "info": True})
+    for batch in batches:
+        xs = [torch.randn(batch, 1, hidden, device=device, dtype=dtype, generator=gen) for _ in range(reps)]
+        flat = [x.view(-1, hidden) for x in xs]
+        set_decode_kernels(block, "torch")
+        routes = [block.gate(x) for x in flat]
+        ref_experts = block.experts(flat[0], routes[0][0], routes[0][1])
+        ref_block, _ = block(xs[0])
+        set_decode_kernels(block, "triton")
+        got_experts = block.experts(flat[0], routes[0][0], routes[0][1])
+        got_block, _ = block(xs[0])
+        got_ids = block.gate(flat[0])[0]
+        rows.append({"check": f"MoE experts, Triton vs PyTorch, same routing (D {hidden}, E {cfg.num_experts} top-"
+                              f"{cfg.num_experts_per_token}, I {inter}, batch {batch})",
+                     "rel_err": rel(got_experts, ref_experts)})
+        rows.append({"check": f"MoE block (router + experts + shared), Triton vs PyTorch (batch {batch})",
+                     "rel_err": rel(got_block, ref_block)})
+        differ = 1.0 - (got_ids.sort(-1).values == routes[0][0].sort(-1).values).float().mean().item()
+        rows.append({"check": f"  router: share of expert choices that differ (batch {batch})", "rel_err": differ,
+                     "info": True})
+        if not timing:
+            continue
+        distinct = sum(r[0].unique().numel() for r in routes) / reps
+        moved = distinct * expert_bytes
+        times = {}
+        for path in ("torch", "triton"):
+            set_decode_kernels(block, path)
+            times[path, "block"] = graph_time_ms(lambda: [block(x) for x in xs]) / reps
+            times[path, "experts"] = graph_time_ms(
+                lambda: [block.experts(x, r[0], r[1]) for x, r in zip(flat, routes)]) / reps
+        achieved = moved / (times["triton", "experts"] * 1e-3)
+        rows.append({
+            "check": f"  time per call (us, a time): block torch {times['torch', 'block'] * 1e3:.1f} / triton "
+                     f"{times['triton', 'block'] * 1e3:.1f}; experts torch {times['torch', 'experts'] * 1e3:.1f} / "
+                     f"triton {times['triton', 'experts'] * 1e3:.1f}; {distinct:.1f} distinct experts = "
+                     f"{moved / 1e6:.1f} MB -> triton experts {achieved / 1e12:.2f} TB/s "
+                     f"({achieved / bandwidth:.0%} of copy), torch "
+                     f"{moved / (times['torch', 'experts'] * 1e-3) / 1e12:.2f} TB/s (batch {batch})",
+            "rel_err": times["triton", "block"] * 1e3, "info": True, "batch": batch,
+            "times_us": {f"{p}_{part}": t * 1e3 for (p, part), t in times.items()},
+            "distinct_experts": distinct, "expert_bytes": moved, "triton_experts_tb_s": achieved / 1e12,
+            "copy_tb_s": bandwidth / 1e12,
+        })
+    if timing:
+        moe_tiles(rows, block, gen, expert_bytes, bandwidth)
+
+
+def moe_tiles(rows: list[dict], block: KimiSparseMoeBlock, gen: torch.Generator, expert_bytes: int,
+              bandwidth: float, reps: int = 8) -> None:
+    """A few other tiles of the two expert GEMV kernels at batch 1 and 32 (informational: the defaults in
+    ``moe_decode_triton`` are the first row of each)."""
+    from modeling_kimi_linear import moe_decode_triton as mdt
+
+    gate_up = [mdt.GATE_UP_TILE, {"BLOCK_K": 256}, {"BLOCK_N": 32}, {"BLOCK_N": 32, "BLOCK_K": 256},
+               {"num_stages": 3}, {"num_warps": 8, "BLOCK_K": 256}]
+    down = [mdt.DOWN_TILE, {"BLOCK_N": 16}, {"BLOCK_N": 64}, {"BLOCK_K": 256}, {"BLOCK_N": 16, "BLOCK_K": 256},
+            {"num_stages": 3}]
+    hidden = block.experts.gate_up_proj.shape[-1]
+    set_decode_kernels(block, "torch")
+    for batch in (1, 32):
+        xs = [torch.randn(batch, hidden, device="cuda", dtype=block.experts.gate_up_proj.dtype, generator=gen)
+              for _ in range(reps)]
+        routes = [block.gate(x) for x in xs]
+        moved = sum(r[0].unique().numel() for r in routes) / reps * expert_bytes
+        tries = [(g, {}) for g in gate_up] + [({}, d) for d in down[1:]]
+        for gt, dt in tries:
+            def call(gt=gt, dt=dt):
+                return [mdt.experts(x, r[0], r[1], block.experts.gate_up_proj, block.experts.down_proj,
+                                    gate_up_tile=gt, down_tile=dt) for x, r in zip(xs, routes)]
+
+            try:
+                ms = graph_time_ms(call) / reps
+            except Exception as exc:  # a tile that does not compile (e.g. shared memory) is reported, not fatal
+                rows.append({"check": f"  tile gate_up {gt} down {dt} (batch {batch}): failed: {exc}"[:300],
+                             "rel_err": float("nan"), "info": True})
+                continue
+            rows.append({"check": f"  tile gate_up {gt or 'default'} down {dt or 'default'} (batch {batch}): "
+                                  f"{ms * 1e3:.1f} us, {moved / (ms * 1e-3) / 1e12:.2f} TB/s "
+                                  f"({moved / (ms * 1e-3) / bandwidth:.0%} of copy)",
+                         "rel_err": ms * 1e3, "info": True})

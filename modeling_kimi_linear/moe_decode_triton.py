@@ -1,0 +1,401 @@
+"""Triton kernels for the mixture of experts at decode time: a few tokens (batch 1-64, one token each), CUDA only.
+
+Nothing imports this module unless :func:`kernels.moe_decode_kernels` resolved to Triton for CUDA tensors; the
+PyTorch code in :mod:`moe` (``KimiMoEGate.forward``, ``KimiExperts.forward``) is the reference and the CPU path.
+
+What the PyTorch path launches per MoE layer for a decode step on CUDA: the router is about 11 kernels (fp32
+copies of x and of the router weight, linear, sigmoid, bias add, top-k, gather, sum, add, divide, scale) and the
+experts about 17 (argsort, division, zeros, scatter_add, gather of x, cumsum, cast, two ``grouped_mm`` over all E
+experts, activation, product, casts, gather of the weights, product, zeros, index_add). ``grouped_mm`` walks all
+256 groups, nearly all empty at batch 1, and is not built for a 1-16 row GEMV. Here the same work is 6 launches,
+none reading anything back to the host (CUDA-graph capturable):
+
+* :func:`route` (2 kernels): ``_router_logits`` computes the fp32 logits from x and the router weight in their own
+  dtypes (each tile is converted in registers; no fp32 copy of the weight is written), ``_router_select`` does
+  per token what ``KimiMoEGate`` does after the linear: sigmoid (or softmax), + ``e_score_correction_bias``,
+  grouped top-k (groups ranked by the sum of their two best biased scores, the other groups' scores replaced by
+  0.0), top-k, gather of the weights with or without the bias, renormalisation, scaling.
+* :func:`experts` (4 kernels):
+
+  1. ``_group_copies`` (one program): sorts the N*k token-expert copies by expert (``tl.sort`` on
+     ``expert * CP + copy``), counts copies per expert (``tl.histogram``) and writes one *group* per distinct
+     expert: its id, its first position in the sorted order and its number of copies. The grid of the next two
+     kernels has ``G = min(N*k, E)`` group slots, fixed by the shapes; slots past the number of distinct experts
+     have 0 copies and do nothing.
+  2. ``_gate_up``: program ``(g, j)`` computes columns ``[j*BN, (j+1)*BN)`` of
+     ``h = act(W_gate[e] x) * (W_up[e] x)`` for *all* copies of group g: the copies are the rows of a small
+     matrix (M padded to 16 for ``tl.dot``; a group with more than 16 copies loops over row blocks, re-reading
+     the same weight tile, then mostly from L2) and the expert's 2 x BN weight rows stream once through the
+     K loop. fp32 accumulation; h is stored in x's dtype, in sorted order.
+  3. ``_down``: program ``(g, j)`` computes output features ``[j*BN, (j+1)*BN)`` of ``W_down[e] h`` for all
+     copies of group g, multiplies each row by its routing weight (fp32) and stores it, fp32, at the copy's
+     original index ``t*k + j``.
+  4. ``_sum_copies``: ``out[t] = sum_j ys[t*k + j]`` in fp32, written in x's dtype (deterministic: no atomics).
+
+Each chosen expert's weights are read once per step however many tokens of the batch chose it.
+
+Bytes at the release's width (D = 2304, I = 1024, bf16; one expert is 3 x 2304 x 1024 x 2 B = 14.16 MB): batch 1
+touches 8 experts, 113.2 MB a layer (75.5 MB gate/up + 37.7 MB down): 37.7 us at an H100's ~3.0 TB/s copy
+bandwidth, 26.3 us at an H200's ~4.3 TB/s. A batch of B tokens reads 14.16 MB per *distinct* expert it routes to
+(uniform routing touches ``1 - (1 - 8/256)**B`` of them: 25% at B = 9, 64% at B = 32). Everything else is small:
+the router weight (256 x 2304 x 2 B = 1.2 MB), x, h (N*k x I), ys (N*k x D fp32: 74 KB at batch 1).
+
+Tiling (defaults in :data:`GATE_UP_TILE` / :data:`DOWN_TILE`; no autotuning, which could run inside a CUDA-graph
+capture): gate/up 16 rows of W_gate plus the 16 matching rows of W_up per program, K blocks of 128 -> at batch 1,
+8 x 64 = 512 programs of 147 KB each; down 32 rows per program, K blocks of 128 -> 8 x 72 = 576 programs of 64 KB.
+Several hundred programs with 4-stage software pipelining keep enough loads in flight on 132 SMs to stream HBM;
+``bench/gpu_check.py --only moe`` measures the achieved bandwidth and tries a few other tiles. The widths D and I
+are compile-time constants (one compilation per model width); the single-program kernels (grouping, selection)
+run one warp, so their sorts and reductions are warp shuffles.
+
+Numerics: products accumulate in fp32 (``tl.dot``; for fp32 inputs with ``input_precision="ieee"``, so never
+TF32); the activation and the gate x up product are fp32 and rounded once to x's dtype (the PyTorch path rounds
+each of gate, up, act(gate) and their product); the routing weight multiplies the fp32 down product (the PyTorch
+path rounds it to x's dtype first). Differences to the PyTorch path are therefore of the order of x's rounding.
+The router's logits are fp32 sums in a different order from cuBLAS': the expert choice is the same whenever the
+scores are not within a few fp32 ulps of each other (ties are broken differently by any two implementations).
+
+Preconditions (not checked on the device; checking would read back to the host): expert ids in ``[0, E)`` and,
+per token, distinct (what top-k gives).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # in a try block, transformers' remote-code check does not ask for triton where these kernels never run
+    import triton
+    import triton.language as tl
+except ImportError as exc:
+    raise ImportError("the MoE decode kernels need triton: pip install triton") from exc
+
+# activations the kernels implement (names as in ``transformers.activations.ACT2FN``; both are x * sigmoid(x))
+ACTIVATIONS = ("silu", "swish")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BLOCK_M = 16  # copies per row block of the expert GEMVs (tl.dot's smallest M)
+GATE_UP_TILE = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+DOWN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+SUM_BLOCK = 256  # output features per program of _sum_copies
+ROUTER_BLOCK_E = 8  # experts per program of _router_logits
+
+
+def experts_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> bool:
+    """Whether :func:`experts` computes what ``KimiExperts.forward`` would for these inputs: x and both weights
+    of one floating dtype (bf16, fp16, fp32), an activation it implements, and no autocast to another dtype (the
+    PyTorch path would cast the weights)."""
+    dtype = x.dtype
+    if dtype not in DTYPES or gate_up.dtype != dtype or down.dtype != dtype or activation not in ACTIVATIONS:
+        return False
+    return not torch.is_autocast_enabled(x.device.type) or torch.get_autocast_dtype(x.device.type) == dtype
+
+
+def route_supported(x: torch.Tensor) -> bool:
+    """Whether :func:`route` computes what ``KimiMoEGate.forward`` would: not under autocast (which would run the
+    PyTorch router's linear in the autocast dtype; :func:`route` always sums in fp32)."""
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    activation: str = "silu",
+    *,
+    gate_up_tile: dict | None = None,
+    down_tile: dict | None = None,
+) -> torch.Tensor:
+    """``sum_j weights[t, j] * down[e] (act(gate[e] x_t) * up[e] x_t)`` with ``e = ids[t, j]``, fp32 accumulation,
+    returned in ``x.dtype``: what ``KimiExperts.forward`` computes.
+
+    ``x [N, D]``, ``ids [N, k]`` (integer), ``weights [N, k]``, ``gate_up [E, 2I, D]`` (gate rows first),
+    ``down [E, D, I]``. ``gate_up_tile`` / ``down_tile`` override :data:`GATE_UP_TILE` / :data:`DOWN_TILE`
+    (benchmarks)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not implemented here; choose from {ACTIVATIONS}")
+    if x.dim() != 2 or ids.dim() != 2 or ids.shape[0] != x.shape[0] or weights.shape != ids.shape:
+        raise ValueError(f"expected x [N, D], ids and weights [N, k]; got {tuple(x.shape)}, {tuple(ids.shape)}, "
+                         f"{tuple(weights.shape)}")
+    num_experts, two_i, hidden = gate_up.shape
+    inter = two_i // 2
+    if x.shape[1] != hidden or two_i != 2 * inter or tuple(down.shape) != (num_experts, hidden, inter):
+        raise ValueError(f"expected gate_up [E, 2I, D] and down [E, D, I] with D = {x.shape[1]}; got "
+                         f"{tuple(gate_up.shape)} and {tuple(down.shape)}")
+    if not (x.dtype == gate_up.dtype == down.dtype) or x.dtype not in DTYPES:
+        raise ValueError(f"x and the expert weights must share one of {DTYPES}; got {x.dtype}, {gate_up.dtype}, "
+                         f"{down.dtype}")
+    num_tokens, top_k = ids.shape
+    copies = num_tokens * top_k
+    device = x.device
+    if copies == 0:
+        return x.new_zeros(num_tokens, hidden)
+    x = x.contiguous()
+    flat_ids = ids.reshape(-1).contiguous()
+    flat_w = weights.reshape(-1).float().contiguous()
+    slots = min(copies, num_experts)
+    order = torch.empty(copies, dtype=torch.int32, device=device)
+    groups = torch.empty(3, slots, dtype=torch.int32, device=device)  # expert, first sorted position, copies
+    _group_copies[(1,)](
+        flat_ids, order, groups, copies, num_experts, slots,
+        CP=_pow2(copies), EP=_pow2(num_experts + 1), GP=_pow2(slots), num_warps=1,
+    )
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    tile = {**GATE_UP_TILE, **(gate_up_tile or {})}
+    h = torch.empty(copies, inter, dtype=x.dtype, device=device)
+    _gate_up[(slots, triton.cdiv(inter, tile["BLOCK_N"]))](
+        x, gate_up, groups, order, h, hidden, inter,
+        slots, top_k,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
+        BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    )
+    tile = {**DOWN_TILE, **(down_tile or {})}
+    ys = torch.empty(copies, hidden, dtype=torch.float32, device=device)
+    _down[(slots, triton.cdiv(hidden, tile["BLOCK_N"]))](
+        h, down, groups, order, flat_w, ys, hidden, inter,
+        slots,
+        down.stride(0), down.stride(1), down.stride(2),
+        BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    )
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
+    _sum_copies[(num_tokens, triton.cdiv(hidden, SUM_BLOCK))](
+        ys, out, hidden, TOP_K=top_k, KP=_pow2(top_k), BLOCK=SUM_BLOCK,
+    )
+    return out
+
+
+@triton.jit
+def _group_copies(ids_ptr, order_ptr, groups_ptr, C, E, G, CP: tl.constexpr, EP: tl.constexpr, GP: tl.constexpr):
+    """Sort the C copies by expert (stable); one group per distinct expert, in increasing expert order."""
+    c = tl.arange(0, CP)
+    valid = c < C
+    expert = tl.load(ids_ptr + c, mask=valid, other=E).to(tl.int32)  # padding sorts last, counts in bin E
+    key = tl.sort(expert * CP + c)
+    tl.store(order_ptr + c, key % CP, mask=valid)
+    bins = tl.arange(0, EP)
+    counts = tl.where(bins < E, tl.histogram(expert, EP), 0)
+    starts = tl.cumsum(counts, 0) - counts
+    used = counts > 0
+    rank = tl.cumsum(used.to(tl.int32), 0) - 1
+    num_groups = tl.sum(used.to(tl.int32), 0)
+    tl.store(groups_ptr + rank, bins, mask=used)
+    tl.store(groups_ptr + G + rank, starts, mask=used)
+    tl.store(groups_ptr + 2 * G + rank, counts, mask=used)
+    slot = tl.arange(0, GP)
+    empty = (slot >= num_groups) & (slot < G)
+    zero = tl.zeros([GP], dtype=tl.int32)
+    tl.store(groups_ptr + slot, zero, mask=empty)
+    tl.store(groups_ptr + G + slot, zero, mask=empty)
+    tl.store(groups_ptr + 2 * G + slot, zero, mask=empty)
+
+
+@triton.jit
+def _gate_up(
+    x_ptr, w_ptr, groups_ptr, order_ptr, h_ptr, D: tl.constexpr, I: tl.constexpr,
+    G, TOP_K,
+    stride_x, stride_we, stride_wn, stride_wk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """h[sorted copy, cols] = silu(W_gate[e] x) * (W_up[e] x) for the copies of one group and BLOCK_N columns."""
+    g = tl.program_id(0)
+    expert = tl.load(groups_ptr + g).to(tl.int64)
+    start = tl.load(groups_ptr + G + g)
+    count = tl.load(groups_ptr + 2 * G + g)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < I
+    kk = tl.arange(0, BLOCK_K)
+    w_gate = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
+    w_up = w_gate + I * stride_wn
+    m0 = 0
+    while m0 < count:  # row blocks of BLOCK_M copies (while: Triton's interpreter cannot range() to a loaded bound)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < count
+        copy = tl.load(order_ptr + start + rows, mask=row_ok, other=0)
+        x_rows = x_ptr + (copy // TOP_K).to(tl.int64)[:, None] * stride_x + kk[None, :]
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k_ok = (k0 + kk) < D
+            xt = tl.load(x_rows + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_ok = col_ok[:, None] & k_ok[None, :]
+            wg = tl.load(w_gate + k0 * stride_wk, mask=w_ok, other=0.0)
+            wu = tl.load(w_up + k0 * stride_wk, mask=w_ok, other=0.0)
+            acc_gate = tl.dot(xt, tl.trans(wg), acc_gate, input_precision=PRECISION)
+            acc_up = tl.dot(xt, tl.trans(wu), acc_up, input_precision=PRECISION)
+        h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+        dest = h_ptr + (start + rows).to(tl.int64)[:, None] * I + cols[None, :]
+        tl.store(dest, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        m0 += BLOCK_M
+
+
+@triton.jit
+def _down(
+    h_ptr, w_ptr, groups_ptr, order_ptr, weights_ptr, ys_ptr, D: tl.constexpr, I: tl.constexpr,
+    G,
+    stride_we, stride_wn, stride_wk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """ys[copy, feats] = weight[copy] * (W_down[e] h[copy])[feats], fp32, for the copies of one group."""
+    g = tl.program_id(0)
+    expert = tl.load(groups_ptr + g).to(tl.int64)
+    start = tl.load(groups_ptr + G + g)
+    count = tl.load(groups_ptr + 2 * G + g)
+    feats = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    feat_ok = feats < D
+    kk = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + expert * stride_we + feats[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
+    m0 = 0
+    while m0 < count:  # row blocks of BLOCK_M copies (while: Triton's interpreter cannot range() to a loaded bound)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < count
+        h_rows = h_ptr + (start + rows).to(tl.int64)[:, None] * I + kk[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            k_ok = (k0 + kk) < I
+            ht = tl.load(h_rows + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + k0 * stride_wk, mask=feat_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(ht, tl.trans(w), acc, input_precision=PRECISION)
+        copy = tl.load(order_ptr + start + rows, mask=row_ok, other=0)
+        scale = tl.load(weights_ptr + copy, mask=row_ok, other=0.0)
+        dest = ys_ptr + copy.to(tl.int64)[:, None] * D + feats[None, :]
+        tl.store(dest, acc * scale[:, None], mask=row_ok[:, None] & feat_ok[None, :])
+        m0 += BLOCK_M
+
+
+@triton.jit
+def _sum_copies(ys_ptr, out_ptr, D, TOP_K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t, feats] = sum over the token's k copies of ys (fp32), in out's dtype."""
+    t = tl.program_id(0).to(tl.int64)
+    feats = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    j = tl.arange(0, KP)
+    ok = (j[:, None] < TOP_K) & (feats[None, :] < D)
+    ys = tl.load(ys_ptr + (t * TOP_K + j)[:, None] * D + feats[None, :], mask=ok, other=0.0)
+    tl.store(out_ptr + t * D + feats, tl.sum(ys, 0).to(out_ptr.dtype.element_ty), mask=feats < D)
+
+
+def route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    top_k: int,
+    num_groups: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    scaling: float = 1.0,
+    activation: str = "sigmoid",
+    weights_include_bias: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``KimiMoEGate.forward`` computes, in two kernels: ``x [N, D]`` (any float dtype), router ``weight
+    [E, D]`` (any float dtype, read as it is), ``bias [E]`` (``e_score_correction_bias``) -> ``(expert ids [N, k]
+    int64, fp32 weights [N, k], fp32 logits [N, E])``. ``activation`` is ``"sigmoid"`` or ``"softmax"``."""
+    if activation not in ("sigmoid", "softmax"):
+        raise ValueError(f"router activation {activation!r} must be 'sigmoid' or 'softmax'")
+    num_tokens, hidden = x.shape
+    num_experts = weight.shape[0]
+    if tuple(weight.shape) != (num_experts, hidden) or tuple(bias.shape) != (num_experts,):
+        raise ValueError(f"expected router weight [E, {hidden}] and bias [E]; got {tuple(weight.shape)}, "
+                         f"{tuple(bias.shape)}")
+    if num_experts % num_groups or not 1 <= topk_group <= num_groups or top_k > num_experts:
+        raise ValueError(f"bad routing: {num_experts} experts, {num_groups} groups, topk_group {topk_group}, "
+                         f"top_k {top_k}")
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    logits = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    block_m = min(_pow2(num_tokens), 16)
+    block_d = max(32, min(256, 4096 // (block_m * ROUTER_BLOCK_E)))
+    _router_logits[(triton.cdiv(num_experts, ROUTER_BLOCK_E), triton.cdiv(num_tokens, block_m))](
+        x, weight, logits, num_tokens, hidden, num_experts,
+        BLOCK_M=block_m, BLOCK_E=ROUTER_BLOCK_E, BLOCK_D=block_d,
+    )
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
+    out = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
+    _router_select[(num_tokens,)](
+        logits, bias, ids, out, num_experts, float(scaling),
+        EP=_pow2(num_experts), TOP_K=top_k, KP=_pow2(top_k), NUM_GROUPS=num_groups, NGP=_pow2(num_groups),
+        TOPK_GROUP=topk_group, GROUP_SIZE=num_experts // num_groups, SOFTMAX=activation == "softmax",
+        INCLUDE_BIAS=bool(weights_include_bias), RENORMALIZE=bool(renormalize) and top_k > 1, num_warps=1,
+    )
+    return ids, out, logits
+
+
+@triton.jit
+def _router_logits(x_ptr, w_ptr, out_ptr, N, D: tl.constexpr, E,
+                   BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """logits[rows, experts] = x W^T in fp32 (each tile converted in registers; plain fp32 FMAs, never TF32)."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    dd = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = (d0 + dd) < D
+        xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + (d0 + dd)[None, :],
+                     mask=(rows[:, None] < N) & d_ok[None, :], other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + experts.to(tl.int64)[:, None] * D + (d0 + dd)[None, :],
+                     mask=(experts[:, None] < E) & d_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(xt[:, None, :] * wt[None, :, :], 2)
+    ok = (rows[:, None] < N) & (experts[None, :] < E)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * E + experts[None, :], acc, mask=ok)
+
+
+@triton.jit
+def _router_select(
+    logits_ptr, bias_ptr, ids_ptr, weights_ptr, E, scaling,
+    EP: tl.constexpr, TOP_K: tl.constexpr, KP: tl.constexpr, NUM_GROUPS: tl.constexpr, NGP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, SOFTMAX: tl.constexpr, INCLUDE_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+):
+    """One token: scores, bias, grouped top-k, top-k, weights (as ``KimiMoEGate``)."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, EP)
+    valid = e < E
+    logits = tl.load(logits_ptr + t * E + e, mask=valid, other=float("-inf"))
+    if SOFTMAX:
+        p = tl.where(valid, tl.exp(logits - tl.max(logits, 0)), 0.0)
+        scores = p / tl.sum(p, 0)
+    else:
+        scores = tl.sigmoid(logits)
+    biased = scores + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+    choice = tl.where(valid, biased, float("-inf"))
+    if NUM_GROUPS > 1:
+        group = e // GROUP_SIZE
+        gid = tl.arange(0, NGP)
+        group_score = tl.full([NGP], float("-inf"), tl.float32)
+        for gi in tl.static_range(NUM_GROUPS):
+            member = tl.where(valid & (group == gi), biased, float("-inf"))
+            best = tl.max(member, 0)
+            if GROUP_SIZE > 1:  # the sum of the group's two best biased scores
+                second = tl.max(tl.where(e == tl.argmax(member, 0), float("-inf"), member), 0)
+                best = best + second
+            group_score = tl.where(gid == gi, best, group_score)
+        kept_group = gid < 0  # all False
+        for _ in tl.static_range(TOPK_GROUP):
+            top = tl.argmax(group_score, 0)
+            kept_group = kept_group | (gid == top)
+            group_score = tl.where(gid == top, float("-inf"), group_score)
+        kept = e < 0
+        for gi in tl.static_range(NUM_GROUPS):
+            is_kept = tl.sum(tl.where(kept_group & (gid == gi), 1, 0), 0) > 0
+            kept = kept | ((group == gi) & is_kept)
+        choice = tl.where(valid, tl.where(kept, biased, 0.0), float("-inf"))
+    if INCLUDE_BIAS:
+        source = biased
+    else:
+        source = scores
+    j = tl.arange(0, KP)
+    chosen = tl.zeros([KP], dtype=tl.int32)
+    picked = tl.zeros([KP], dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):
+        best = tl.argmax(choice, 0)
+        chosen = tl.where(j == slot, best, chosen)
+        picked = tl.where(j == slot, tl.sum(tl.where(e == best, source, 0.0), 0), picked)
+        choice = tl.where(e == best, float("-inf"), choice)
+    if RENORMALIZE:
+        picked = picked / (tl.sum(picked, 0) + 1e-20)
+    tl.store(ids_ptr + t * TOP_K + j, chosen.to(tl.int64), mask=j < TOP_K)
+    tl.store(weights_ptr + t * TOP_K + j, picked * scaling, mask=j < TOP_K)

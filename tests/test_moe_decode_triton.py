@@ -1,0 +1,351 @@
+"""The MoE's Triton decode kernels (modeling_kimi_linear/moe_decode_triton.py) and how the model reaches them.
+
+The kernels run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, float32: the interpreter's
+``tl.dot`` on bf16 is wrong) or on a GPU; without triton, or without either, those tests skip::
+
+    TRITON_INTERPRET=1 /work/venv-triton/bin/python -m pytest -q tests/test_moe_decode_triton.py
+
+References: a float64 token-by-token sum written here, ``KimiExperts.per_copy`` / the grouped path, and
+``KimiMoEGate`` (router) on scores whose choice is not within rounding of a tie. The dispatch tests run anywhere:
+CPU tensors never reach the Triton module, and the conditions that send a call there are the documented ones.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from modeling_kimi_linear import kernels
+from modeling_kimi_linear.moe import KimiExperts, KimiMoEGate, KimiSparseMoeBlock
+
+INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+
+@pytest.fixture(scope="module")
+def mdt():
+    """The kernel module, where its kernels can run (GPU, or Triton's interpreter on CPU)."""
+    pytest.importorskip("triton")
+    if DEVICE == "cpu" and not INTERPRET:
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    from modeling_kimi_linear import moe_decode_triton
+
+    return moe_decode_triton
+
+
+def experts_float64(x, ids, weights, gate_up, down) -> torch.Tensor:
+    """``sum_j w[t, j] * W_down[e] (silu(W_gate[e] x_t) * W_up[e] x_t)``, token by token, in float64."""
+    x, gate_up, down, weights = x.double(), gate_up.double(), down.double(), weights.double()
+    inter = down.shape[-1]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(ids[t].tolist()):
+            gate, up = gate_up[e, :inter] @ x[t], gate_up[e, inter:] @ x[t]
+            out[t] += weights[t, j] * (down[e] @ (gate * torch.sigmoid(gate) * up))
+    return out
+
+
+def routing(num_tokens: int, top_k: int, num_experts: int, pool: int, gen: torch.Generator) -> torch.Tensor:
+    """``[N, k]`` distinct experts per token, drawn from the first ``pool`` experts (a small pool makes many
+    tokens share experts)."""
+    return torch.stack([torch.randperm(pool, generator=gen)[:top_k] for _ in range(num_tokens)])
+
+
+def make_experts(num_experts: int, hidden: int, inter: int, seed: int) -> KimiExperts:
+    torch.manual_seed(seed)
+    experts = KimiExperts(num_experts, hidden, inter, "silu")
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0.0, hidden**-0.5)
+        experts.down_proj.normal_(0.0, inter**-0.5)
+    return experts.to(DEVICE)
+
+
+# (tokens, top-k, experts, hidden, intermediate, pool of experts the tokens choose from)
+EXPERT_CASES = [
+    (1, 8, 64, 200, 40, 64),  # batch 1 at top-8: 8 groups of one copy
+    (1, 2, 16, 48, 24, 16),
+    (3, 2, 16, 200, 40, 3),  # every expert chosen by 2-3 tokens
+    (3, 8, 64, 64, 160, 64),
+    (16, 2, 16, 48, 40, 4),  # 16 tokens over 4 experts: groups of ~8
+    (16, 8, 32, 64, 48, 9),  # groups of ~14
+    (20, 8, 16, 40, 24, 9),  # groups of ~18: more copies than BLOCK_M, two row blocks
+]
+
+
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,hidden,inter,pool", EXPERT_CASES)
+def test_experts_match_float64_and_per_copy(mdt, num_tokens, top_k, num_experts, hidden, inter, pool):
+    gen = torch.Generator().manual_seed(num_tokens * 100 + top_k)
+    experts = make_experts(num_experts, hidden, inter, seed=num_tokens + top_k)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(DEVICE)
+    ids = routing(num_tokens, top_k, num_experts, pool, gen).to(DEVICE)
+    weights = torch.rand(num_tokens, top_k, generator=gen).to(DEVICE)
+    with torch.no_grad():
+        got = mdt.experts(x, ids, weights, experts.gate_up_proj, experts.down_proj, "silu")
+        exact = experts_float64(x, ids, weights, experts.gate_up_proj, experts.down_proj)
+        per_copy = experts.per_copy(x.cpu(), ids.cpu(), weights.cpu()) if DEVICE == "cpu" else None
+    assert got.dtype == x.dtype and got.shape == x.shape
+    scale = exact.abs().max().item()
+    assert (got.double() - exact).abs().max().item() <= 2e-6 * scale
+    if per_copy is not None:
+        assert (got - per_copy).abs().max().item() <= 2e-6 * scale
+
+
+def test_experts_small_tiles_loop_over_k(mdt):
+    """Tiles smaller than the widths: several K blocks in both GEMVs, several column / feature blocks."""
+    gen = torch.Generator().manual_seed(5)
+    experts = make_experts(16, 100, 72, seed=5)
+    x = torch.randn(5, 100, generator=gen).to(DEVICE)
+    ids = routing(5, 4, 16, 6, gen).to(DEVICE)
+    weights = torch.rand(5, 4, generator=gen).to(DEVICE)
+    with torch.no_grad():
+        got = mdt.experts(x, ids, weights, experts.gate_up_proj, experts.down_proj, "silu",
+                          gate_up_tile={"BLOCK_N": 16, "BLOCK_K": 32}, down_tile={"BLOCK_N": 16, "BLOCK_K": 16})
+        exact = experts_float64(x, ids, weights, experts.gate_up_proj, experts.down_proj)
+    assert (got.double() - exact).abs().max().item() <= 2e-6 * exact.abs().max().item()
+
+
+def test_experts_match_grouped_path(mdt):
+    """Against the grouped route of ``KimiExperts.forward`` (more copies than experts: not the per-copy route)."""
+    gen = torch.Generator().manual_seed(7)
+    experts = make_experts(16, 48, 32, seed=7)
+    x = torch.randn(12, 48, generator=gen).to(DEVICE)
+    ids = routing(12, 4, 16, 16, gen).to(DEVICE)
+    weights = torch.rand(12, 4, generator=gen).to(DEVICE)
+    with torch.no_grad():
+        got = mdt.experts(x, ids, weights, experts.gate_up_proj, experts.down_proj, "silu")
+        experts.decode_kernels = "torch"
+        want = experts(x, ids, weights)
+    assert (got - want).abs().max().item() <= 2e-6 * want.abs().max().item()
+
+
+def test_experts_reject_bad_shapes(mdt):
+    experts = make_experts(8, 16, 8, seed=0)
+    x = torch.randn(2, 16, device=DEVICE)
+    ids = torch.zeros(2, 2, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match=r"gate_up \[E, 2I, D\]"):
+        mdt.experts(x[:, :8], ids, torch.ones(2, 2, device=DEVICE), experts.gate_up_proj, experts.down_proj)
+    with pytest.raises(ValueError, match="activation 'gelu'"):
+        mdt.experts(x, ids, torch.ones(2, 2, device=DEVICE), experts.gate_up_proj, experts.down_proj, "gelu")
+
+
+def test_supported_only_where_the_pytorch_path_computes_the_same(mdt):
+    """Autocast to another dtype (the PyTorch path would cast), mixed dtypes or an activation the kernels lack send
+    a call back to PyTorch."""
+    experts = make_experts(8, 16, 8, seed=0)
+    x = torch.randn(2, 16, device=DEVICE)
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    assert mdt.experts_supported(x, gate_up, down, "silu") and mdt.route_supported(x)
+    assert not mdt.experts_supported(x, gate_up, down, "gelu")
+    assert not mdt.experts_supported(x.bfloat16(), gate_up, down, "silu")
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        assert not mdt.experts_supported(x, gate_up, down, "silu") and not mdt.route_supported(x)
+
+
+def gate_config(num_experts, top_k, groups, topk_group, activation, include_bias, hidden=64):
+    return SimpleNamespace(
+        num_experts_per_token=top_k, num_experts=num_experts, num_expert_group=groups, topk_group=topk_group,
+        moe_renormalize=True, routed_scaling_factor=2.446, moe_router_activation_func=activation,
+        router_weights_include_bias=include_bias, hidden_size=hidden,
+    )
+
+
+def choice_margin(gate: KimiMoEGate, x: torch.Tensor) -> float:
+    """The smallest float64 gap, over tokens, at each decision the router makes (the k-th against the next
+    expert, and for grouped routing the topk_group-th against the next group): the test data is separated when
+    this is far above fp32 rounding."""
+    logits = x.double() @ gate.weight.double().T
+    scores = torch.sigmoid(logits) if gate.activation == "sigmoid" else logits.softmax(-1)
+    biased = scores + gate.e_score_correction_bias.double()
+    choice, gaps = biased, []
+    if gate.num_groups > 1:
+        grouped = biased.unflatten(-1, (gate.num_groups, -1))
+        group_score = grouped.topk(min(2, grouped.shape[-1]), -1).values.sum(-1)
+        ranked = group_score.sort(-1, descending=True).values
+        gaps.append(ranked[:, gate.topk_group - 1] - ranked[:, gate.topk_group])
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(-1, group_score.topk(gate.topk_group, -1).indices, True)
+        choice = grouped.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(-2)
+    ranked = choice.sort(-1, descending=True).values
+    gaps.append(ranked[:, gate.top_k - 1] - ranked[:, gate.top_k])
+    return min(g.min().item() for g in gaps)
+
+
+# (experts, top-k, groups, groups kept, activation, weights include the bias, router dtype)
+ROUTER_CASES = [
+    (64, 8, 1, 1, "sigmoid", True, torch.float32),  # the release's routing at a small width
+    (64, 8, 1, 1, "sigmoid", False, torch.float32),
+    (64, 8, 8, 3, "sigmoid", True, torch.float32),  # grouped top-k
+    (32, 4, 4, 2, "softmax", False, torch.float32),
+    (16, 4, 16, 6, "sigmoid", True, torch.float32),  # groups of one expert (group score = its best, no second)
+    (32, 2, 1, 1, "sigmoid", True, torch.bfloat16),  # weight read in bf16, converted in registers
+]
+
+
+@pytest.mark.parametrize("num_experts,top_k,groups,topk_group,activation,include_bias,dtype", ROUTER_CASES)
+@pytest.mark.parametrize("num_tokens", [1, 3, 16])
+def test_router_matches_gate(mdt, num_tokens, num_experts, top_k, groups, topk_group, activation, include_bias,
+                             dtype):
+    torch.manual_seed(num_experts + top_k + groups + num_tokens)
+    gate = KimiMoEGate(gate_config(num_experts, top_k, groups, topk_group, activation, include_bias))
+    with torch.no_grad():
+        gate.weight.normal_(0.0, 0.3)
+        gate.e_score_correction_bias.normal_(0.0, 0.2)
+    gate = gate.to(dtype)  # as model.to(dtype) leaves it: weight and bias in dtype
+    x = torch.randn(num_tokens, 64).to(dtype)
+    assert choice_margin(gate, x) > 1e-5, "test data too close to a tie"
+    gate, x = gate.to(DEVICE), x.to(DEVICE)
+    with torch.no_grad():
+        gate.decode_kernels = "torch"
+        ids, weights, logits = gate(x)
+        got_ids, got_weights, got_logits = mdt.route(
+            x, gate.weight, gate.e_score_correction_bias, top_k=top_k, num_groups=groups, topk_group=topk_group,
+            renormalize=True, scaling=2.446, activation=activation, weights_include_bias=include_bias,
+        )
+    assert got_ids.dtype == torch.int64 and got_weights.dtype == torch.float32 and got_logits.dtype == torch.float32
+    assert torch.equal(got_ids, ids)  # same experts, in the same (descending) order
+    assert torch.allclose(got_weights, weights, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def block_config(**overrides):
+    from modeling_kimi_linear import KimiLinearConfig
+
+    kwargs = dict(
+        vocab_size=32, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=8,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, num_experts=32, num_experts_per_token=4,
+        moe_intermediate_size=24, linear_attn_config={"kda_layers": [1], "full_attn_layers": [2], "head_dim": 8,
+                                                      "num_heads": 2},
+    )
+    return KimiLinearConfig(**{**kwargs, **overrides})
+
+
+def random_block(**overrides) -> KimiSparseMoeBlock:
+    torch.manual_seed(3)
+    block = KimiSparseMoeBlock(block_config(**overrides))
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return block
+
+
+def fake_resolve(choice: str, device: torch.device) -> str:
+    """``resolve_decode_kernels`` as on a CUDA machine with triton, whatever the device."""
+    return "torch" if choice == "torch" else "triton"
+
+
+def test_block_through_the_seam_matches_torch_path(mdt, monkeypatch):
+    """The whole MoE block with the seam sending its router and experts to the kernels (on CPU tensors under the
+    interpreter: the device check is what is bypassed here) against the PyTorch path of the same block."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(kernels, "resolve_decode_kernels", fake_resolve)
+    block = random_block().to(DEVICE)
+    x = torch.randn(1, 6, 48, device=DEVICE)
+    calls = []
+    monkeypatch.setattr(kernels, "moe_decode_module", lambda: calls.append(1) or mdt)
+    with torch.no_grad():
+        got, got_logits = block(x)
+        assert len(calls) == 2  # router and experts
+        block.gate.decode_kernels = block.experts.decode_kernels = "torch"
+        want, logits = block(x)
+    assert len(calls) == 2
+    assert (got - want).abs().max().item() <= 2e-6 * want.abs().max().item()
+    assert torch.allclose(got_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+class _FakeKernels:
+    """Stands in for the Triton module: records what the seam sent it, returns the PyTorch result."""
+
+    def __init__(self, block: KimiSparseMoeBlock) -> None:
+        self.block, self.calls = block, []
+
+    def experts_supported(self, x, gate_up, down, activation) -> bool:  # noqa: ANN001
+        return True
+
+    def route_supported(self, x) -> bool:  # noqa: ANN001
+        return True
+
+    def experts(self, x, ids, weights, gate_up, down, activation):  # noqa: ANN001
+        self.calls.append(("experts", ids.numel(), activation))
+        return self.block.experts.per_copy(x, ids, weights)
+
+    def route(self, x, weight, bias, **kwargs):  # noqa: ANN001
+        self.calls.append(("route", x.shape[0], kwargs["top_k"]))
+        return _torch_route(self.block.gate, x)
+
+
+def _torch_route(gate: KimiMoEGate, x: torch.Tensor):
+    choice = gate.decode_kernels
+    gate.decode_kernels = "torch"
+    try:
+        return gate(x)
+    finally:
+        gate.decode_kernels = choice
+
+
+def test_cpu_tensors_never_reach_triton(monkeypatch):
+    """With triton importable, ``decode_kernels="auto"`` keeps CPU tensors on the PyTorch path (the kernel module
+    is never imported), and ``"triton"`` on CPU tensors is the documented clear error."""
+
+    def boom():
+        raise AssertionError("the Triton MoE module was requested for CPU tensors")
+
+    monkeypatch.setattr(kernels, "triton_imports", lambda: True)
+    monkeypatch.setattr(kernels, "moe_decode_module", boom)
+    block = random_block().eval()
+    assert block.gate.decode_kernels == block.experts.decode_kernels == "auto"
+    with torch.no_grad():
+        for tokens in (1, 3):
+            out, _ = block(torch.randn(1, tokens, 48))
+            assert torch.isfinite(out).all()
+    block = random_block(decode_kernels="triton")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="decode_kernels='triton' needs CUDA"):
+        block(torch.randn(1, 2, 48))
+
+
+def test_seam_sends_only_decode_calls_without_autograd(monkeypatch):
+    """Where Triton is resolved (faked here), the router and the experts go to the kernels for a decode-sized
+    call without autograd, and stay on PyTorch with autograd, past MOE_DECODE_MAX_COPIES, for a quantized weight
+    subclass, or with ``decode_kernels="torch"``."""
+    block = random_block(num_experts_per_token=4)
+    fake = _FakeKernels(block)
+    monkeypatch.setattr(kernels, "resolve_decode_kernels", fake_resolve)
+    monkeypatch.setattr(kernels, "moe_decode_module", lambda: fake)
+    x = torch.randn(1, 3, 48)
+    with torch.no_grad():
+        want, _ = random_block(num_experts_per_token=4, decode_kernels="torch")(x)
+        got, _ = block(x)
+    assert fake.calls == [("route", 3, 4), ("experts", 12, "silu")]
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    fake.calls.clear()
+    block(x)  # autograd on: the PyTorch path
+    with torch.no_grad():
+        many = kernels.MOE_DECODE_MAX_COPIES // 4 + 1
+        block(torch.randn(1, many, 48))
+        block.gate.decode_kernels = block.experts.decode_kernels = "torch"
+        block(x)
+    assert fake.calls == []
+
+    class Quantized(torch.Tensor):
+        pass
+
+    gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
+    with torch.no_grad():
+        assert kernels.moe_decode_kernels("auto", x, 12, gate_up, down) is fake
+        assert kernels.moe_decode_kernels("auto", x, 12, gate_up.detach().as_subclass(Quantized), down) is None
+        assert kernels.moe_decode_kernels("auto", x, 12, gate_up.to(torch.int8), down) is None
+
+
+def test_checkpoints_carry_the_kernel_module_without_requiring_triton():
+    """``save_pretrained`` copies the modules that transformers' relative-import scan finds: the kernel module must
+    be among them (a remote-code model on a GPU imports it), and loading must not require triton."""
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    package = Path(kernels.__file__).parent
+    copied = {Path(p).name for p in get_relative_import_files(str(package / "modeling_kimi_linear.py"))}
+    assert "moe_decode_triton.py" in copied
+    assert "triton" not in get_imports(str(package / "moe_decode_triton.py"))
