@@ -13,9 +13,11 @@ of its latent rows once, for every head: ``scores = q @ tile^T`` is one ``tl.dot
 rope part (``tl.arange`` needs powers of two: 512 + 64, not 576), and ``p @ tile[:, :value_dim]`` reuses the same
 tile.
 
-Split-KV ("flash-decoding"): one sequence's rows are cut into ``num_splits`` contiguous ranges, one thread block per
-(range, sequence), so that a single long sequence still fills every SM. Each block runs an online softmax over its
-rows (running max ``m``, running sum ``l``, accumulator ``acc [H, value_dim]``, all fp32) and writes its normalised
+Split-KV ("flash-decoding"): one sequence's tiles of rows are dealt out in turn to ``num_splits`` thread blocks per
+sequence (split ``k`` takes tiles ``k, k + num_splits, ...``), so that a single long sequence still fills every SM,
+and so that when a static decode step attends over a bucket of rows of which only ``position + 1`` are filled
+(``row_limit``, read on the device) every block skips an equal share instead of some blocks idling while others
+do all the work. Each block runs an online softmax over its rows (running max ``m``, running sum ``l``, accumulator ``acc [H, value_dim]``, all fp32) and writes its normalised
 partial result ``acc / l`` and its log-sum-exp ``m + log2 l`` (base 2: the kernel works with ``exp2``) to an fp32
 workspace. The combine kernel weights the partial results by ``2 ** (lse_split - max lse)``. Combining in fp32
 matters: the partial results are themselves averages over thousands of rows, and rounding each to bf16 before
@@ -100,21 +102,19 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_plan(rows: int, batch: int, sm_count: int, block_s: int) -> tuple[int, int]:
-    """``(num_splits, rows_per_split)`` for ``rows`` cached rows per sequence: about ``SPLITS_PER_SM * sm_count``
-    blocks over the batch, each covering a whole number of tiles and at least ``MIN_TILES_PER_SPLIT`` of them.
-    Depends on its integer arguments only (a captured CUDA graph replays the same plan)."""
+def split_plan(rows: int, batch: int, sm_count: int, block_s: int) -> int:
+    """Splits per sequence for ``rows`` cached rows: about ``SPLITS_PER_SM * sm_count`` blocks over the batch, each
+    with at least ``MIN_TILES_PER_SPLIT`` tiles. Depends on its integer arguments only (a captured CUDA graph
+    replays the same plan); tiles are dealt to the splits in turn (see the kernel)."""
     target = max(1, -(-SPLITS_PER_SM * sm_count // batch))
     most = max(1, -(-rows // (MIN_TILES_PER_SPLIT * block_s)))
-    splits = max(1, min(target, most, MAX_SPLITS))
-    per_split = -(-(-(-rows // splits)) // block_s) * block_s
-    return -(-rows // per_split), per_split
+    return max(1, min(target, most, MAX_SPLITS))
 
 
 @triton.jit
 def _mla_decode_split_kernel(
-    q_ptr, kv_ptr, mask_ptr, part_ptr, lse_ptr,
-    S, H, rows_per_split, qk_scale,
+    q_ptr, kv_ptr, mask_ptr, limit_ptr, part_ptr, lse_ptr,
+    S, H, qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_ks,
     stride_mb, stride_ms,
@@ -122,10 +122,13 @@ def _mla_decode_split_kernel(
     stride_lb, stride_ls,
     DV: tl.constexpr, DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_MASK: tl.constexpr, KV_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_LIMIT: tl.constexpr, KV_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (split, sequence): online softmax over rows [split * rows_per_split, ... + rows_per_split) ∩ [0, S)."""
+    """One (split, sequence): online softmax over the tiles ``split, split + splits, split + 2 * splits, ...`` of
+    the rows ``[0, min(S, limit))`` (tiles dealt out in turn, so every split keeps an equal share when the limit
+    cuts the rows short)."""
     split = tl.program_id(0)
+    splits = tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)
     dtype = kv_ptr.dtype.element_ty
     offs_h = tl.arange(0, BLOCK_H)
@@ -140,8 +143,11 @@ def _mla_decode_split_kernel(
 
     q_base = q_ptr + b * stride_qb
     kv_base = kv_ptr + b * stride_kb
-    start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, S)
+    end = S
+    if HAS_LIMIT:  # rows past the decode position of a static step: never read
+        end = tl.minimum(end, tl.load(limit_ptr).to(tl.int32))
+    start = split * BLOCK_S
+    step = splits * BLOCK_S
     if KV_MAJOR:  # q^T [D, H]: the heads are the dots' N dimension
         q_v = tl.load(q_base + offs_v[:, None] + offs_h[None, :] * stride_qh, mask=v_ok[:, None] & h_ok[None, :],
                       other=0.0).to(dtype)
@@ -163,7 +169,7 @@ def _mla_decode_split_kernel(
     if HAS_MASK:
         keep = tl.load(mask_base + (start + offs_s).to(tl.int64) * stride_ms, mask=start + offs_s < end, other=0)
 
-    for s0 in range(start, end, BLOCK_S):
+    for s0 in range(start, end, step):
         rows = s0 + offs_s
         row_ok = rows < end
         row_off = rows.to(tl.int64) * stride_ks
@@ -173,7 +179,7 @@ def _mla_decode_split_kernel(
         valid = row_ok
         if HAS_MASK:
             valid = valid & (keep != 0)
-            ahead = rows + BLOCK_S
+            ahead = rows + step
             keep = tl.load(mask_base + ahead.to(tl.int64) * stride_ms, mask=ahead < end, other=0)
         if KV_MAJOR:  # scores^T [BLOCK_S, H]; softmax down the columns
             s = tl.dot(tile, q_v, input_precision=PRECISION) + tl.dot(tile_r, q_r, input_precision=PRECISION)
@@ -260,6 +266,7 @@ def mla_decode_attention(
     *,
     config: MLADecodeConfig | None = None,
     num_splits: int | None = None,
+    row_limit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over cached MLA latent rows, in latent space.
 
@@ -272,6 +279,9 @@ def mla_decode_attention(
         value_dim: the first ``value_dim`` values of a row are the values (the rest are the shared key part).
         config: launch parameters (default :func:`default_config` of the latent's dtype).
         num_splits: override the number of splits per sequence (tests); default :func:`split_plan`.
+        row_limit: optional one-element integer tensor on the device: rows at and past it are neither read nor
+            attended (a static decode step attends over a bucket of rows, of which only ``position + 1`` are
+            filled); read on the device, so a CUDA graph replays it with the step's current value.
 
     Returns:
         ``[B, H, value_dim]`` in the latent's dtype: ``softmax(scale * q_lat @ latent^T) @ latent[..., :value_dim]``
@@ -300,18 +310,21 @@ def mla_decode_attention(
                              f"{tuple(mask.shape)}")
         mask = mask.expand(bsz, rows).view(torch.uint8)
     config = config or default_config(latent.dtype)
-    splits, per_split = split_plan(rows, bsz, _sm_count(latent.device), config.block_s)
+    splits = split_plan(rows, bsz, _sm_count(latent.device), config.block_s)
     if num_splits is not None:
-        per_split = -(-(-(-rows // num_splits)) // config.block_s) * config.block_s
-        splits = -(-rows // per_split)
+        splits = max(1, min(num_splits, triton.cdiv(rows, config.block_s)))
+    if row_limit is not None and (row_limit.numel() != 1 or row_limit.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"row_limit must be a one-element integer tensor, got {row_limit.dtype} "
+                         f"{tuple(row_limit.shape)}")
     rope = width - value_dim
     part = torch.empty(bsz, splits, heads, value_dim, device=latent.device, dtype=torch.float32)
     lse = torch.empty(bsz, splits, heads, device=latent.device, dtype=torch.float32)
     out = torch.empty(bsz, heads, value_dim, device=latent.device, dtype=latent.dtype)
     mask_arg = mask if mask is not None else latent  # never read without HAS_MASK
+    limit_arg = row_limit if row_limit is not None else latent  # never read without HAS_LIMIT
     _mla_decode_split_kernel[(splits, bsz)](
-        q_lat, latent, mask_arg, part, lse,
-        rows, heads, per_split, scale * math.log2(math.e),
+        q_lat, latent, mask_arg, limit_arg, part, lse,
+        rows, heads, scale * math.log2(math.e),
         q_lat.stride(0), q_lat.stride(1),
         latent.stride(0), latent.stride(1),
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
@@ -319,7 +332,7 @@ def mla_decode_attention(
         lse.stride(0), lse.stride(1),
         DV=value_dim, DR=rope,
         BLOCK_H=_pow2(heads), BLOCK_DV=_pow2(value_dim), BLOCK_DR=_pow2(rope), BLOCK_S=config.block_s,
-        HAS_MASK=mask is not None, KV_MAJOR=config.kv_major,
+        HAS_MASK=mask is not None, HAS_LIMIT=row_limit is not None, KV_MAJOR=config.kv_major,
         PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

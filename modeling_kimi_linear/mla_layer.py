@@ -82,14 +82,16 @@ class KimiMLAAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
-    def attend_latent(self, q: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def attend_latent(self, q: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor | None,
+                      row_limit: torch.Tensor | None = None) -> torch.Tensor:
         """Attention in latent space (decode): the key up-projection is folded into the query and the value
         up-projection into the output, so the cached ``latent [B, S, r + rope]`` is read once, shared by all heads
         (multi-query attention), and per-head keys/values of the context are never built.
 
         One new token (``T == 1``) on CUDA with ``decode_kernels`` resolving to ``"triton"`` runs the
         flash-decoding kernel (:func:`kernels.mla_decode`); everything else runs the PyTorch code below, the
-        reference.
+        reference. ``row_limit`` (a static decode step's ``position + 1``, on the device) lets the kernel skip the
+        bucket's rows past the new token instead of reading them to mask them; the PyTorch path masks them.
 
         ``q [B, nh, T, nope + rope]`` -> ``[B, nh, T, v]``.
         """
@@ -99,7 +101,7 @@ class KimiMLAAttention(nn.Module):
         q_lat = torch.cat([torch.matmul(q_nope, w_k), q_rope], -1)  # [B, nh, T, r + rope]
         if seqlen == 1 and kernels.resolve_decode_kernels(self.decode_kernels, q.device) == "triton":
             mask = attn_mask[:, 0, 0] if attn_mask is not None else None  # [B or 1, S]
-            out = kernels.mla_decode(q_lat[:, :, 0], latent, mask, self.scaling, self.kv_lora_rank)
+            out = kernels.mla_decode(q_lat[:, :, 0], latent, mask, self.scaling, self.kv_lora_rank, row_limit)
             return torch.matmul(out.unsqueeze(2), w_v.transpose(1, 2))  # [B, nh, 1, v]
         # fold the heads into the query axis: nh*T queries against the one shared latent key/value sequence.
         # (SDPA has no fused kernel for 576-wide heads and its fallback is slow; one query row per head is two
@@ -165,15 +167,17 @@ class KimiMLAAttention(nn.Module):
         seqlen = hidden_states.shape[1]
         q = self.queries(hidden_states)
         latent = self.latent(hidden_states)
-        past = 0
+        past, row_limit = 0, None
         if cache is not None:
             # a static decode step always has a past; not reading the token counter keeps it out of compiled guards
             past = 1 if cache.graph_step is not None else cache.get_seq_length()
             latent = cache.append_latent(self.layer_idx, latent)
+            if cache.graph_step is not None:
+                row_limit = cache.graph_step.position + 1
         # The absorbed path reads kv_b_proj's weight directly; a wrapped projection (a PEFT LoRA adapter, a
         # quantised layer) must run as a module, so it takes the expanded path.
         if past and seqlen <= ABSORB_MAX_QUERY and type(self.kv_b_proj) is nn.Linear:
-            out = self.attend_latent(q, latent, attn_mask)
+            out = self.attend_latent(q, latent, attn_mask, row_limit)
         else:
             out = self.attend_expanded(q, latent, attn_mask)
         return self.o_proj(out.transpose(1, 2).flatten(2))

@@ -115,15 +115,32 @@ def test_mask_of_one_row_broadcasts_and_a_fully_masked_sequence_gives_zero():
     assert rel(out[:1], reference64(q[:1], latent[:1], none_left[:1], 0.05, DV)) < 1e-5
 
 
-def test_split_plan_covers_the_rows_in_whole_tiles():
+def test_split_plan_spreads_the_tiles_over_the_sms():
     for rows in (1, 31, 32, 4096, 131072, 1 << 20):
         for bsz in (1, 4):
-            splits, per = mdt.split_plan(rows, bsz, 132, 64)
-            assert per % 64 == 0 and (splits - 1) * per < rows <= splits * per
-            assert splits <= mdt.MAX_SPLITS
-    # a long context: about two blocks per SM, none longer than a perfectly balanced spread of tiles would give
-    splits, per = mdt.split_plan(1 << 20, 1, 132, 64)
-    assert 2 * 132 - 4 <= splits <= 2 * 132 and per == 64 * -(-(1 << 20) // 64 // (2 * 132))
+            splits = mdt.split_plan(rows, bsz, 132, 64)
+            assert 1 <= splits <= mdt.MAX_SPLITS
+            assert splits == 1 or -(-rows // 64) >= splits * mdt.MIN_TILES_PER_SPLIT - mdt.MIN_TILES_PER_SPLIT
+    assert mdt.split_plan(1 << 20, 1, 132, 64) == mdt.SPLITS_PER_SM * 132  # a long context: every SM busy
+
+
+def test_row_limit_skips_rows_past_it():
+    """A static decode step attends over a bucket of rows of which only ``position + 1`` are filled: with
+    ``row_limit`` the kernel never reads the rest (poisoned with NaN here) and equals attention over the filled
+    rows; every split keeps a share of the rows that remain."""
+    torch.manual_seed(11)
+    q = torch.randn(2, H, L)
+    latent = torch.randn(2, 300, L)
+    latent[:, 170:] = float("nan")
+    mask = leading_padding(2, 300, [0, 25])
+    limit = torch.tensor([170])
+    for splits in (1, 3, 7):
+        out = mdt.mla_decode_attention(q, latent, mask, 0.05, DV, num_splits=splits, row_limit=limit)
+        want = reference64(q, latent[:, :170], mask[:, :170], 0.05, DV)
+        assert torch.isfinite(out).all()
+        assert rel(out, want) < 1e-5
+    with pytest.raises(ValueError, match="row_limit"):
+        mdt.mla_decode_attention(q, latent, mask, 0.05, DV, row_limit=torch.tensor([1.5]))
 
 
 def test_bad_input_is_one_clear_error():
