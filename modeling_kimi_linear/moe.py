@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .quantization import is_plain
+from .quantized_experts import forward as quantized_experts_forward
+
 if TYPE_CHECKING:
     from .configuration_kimi_linear import KimiLinearConfig
 
@@ -113,6 +116,8 @@ class KimiExperts(nn.Module):
         chosen experts one by one instead (see :meth:`per_copy`). Under autocast the products run in the autocast
         dtype, as ``nn.Linear`` layers do (autocast does not cover grouped matmul itself).
         """
+        if not is_plain(self.gate_up_proj):  # int8 / float8 weights: see quantized_experts
+            return quantized_experts_forward(self, x, ids, weights)
         num_tokens, top_k = ids.shape
         gate_up, down = self.gate_up_proj, self.down_proj
         if x.device.type != "cpu" and torch.is_autocast_enabled(x.device.type):
