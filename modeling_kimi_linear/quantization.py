@@ -15,7 +15,7 @@
   ``kv_b_proj`` (MLA's absorbed decode folds it into the query and the output as a plain tensor), KDA's
   ``f_a_proj`` / ``f_b_proj`` (the per-channel decay, exponentiated and accumulated over the whole sequence) and
   ``b_proj`` (beta, the delta rule's step size), the router (``block_sparse_moe.gate``) and ``lm_head``. Together
-  they are 0.4% of the 48B-A3B's weights (``lm_head`` 0.755 GB of that). The router, ``A_log`` / ``dt_bias``, the
+  they are 0.9% of the 48B-A3B's weights (0.13% without ``lm_head``). The router, ``A_log`` / ``dt_bias``, the
   norms, the short-convolution weights and the embedding are no ``nn.Linear`` and no quantizer touches them.
   Passing ``modules_to_not_convert=[]`` quantizes every ``nn.Linear``: ``kv_b_proj`` then is dequantized on each
   decode step (:meth:`mla_layer.KimiMLAAttention.absorbed_weights`).
