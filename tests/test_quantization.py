@@ -203,3 +203,14 @@ def test_lora_on_top_of_int8_weights(checkpoint):
     lora.eval()
     out = lora.generate(input_ids=x[:1, :6], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 10)
+
+
+def test_compile_cpu_decode_falls_back_to_op_by_op_for_quantized_weights(checkpoint):
+    """Exporting a step over torchao tensors is not supported: one warning, then the ordinary decode's tokens."""
+    model = quantized(checkpoint)
+    prompt = ids(1, 5, seed=5)
+    want = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    model.compile_cpu_decode = True
+    with pytest.warns(RuntimeWarning, match="quantized weights"):
+        got = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
