@@ -12,6 +12,8 @@ Methods (``--methods``, comma-separated, first = reference):
 * ``bf16`` / ``fp32``: unquantized, in that dtype;
 * ``int8``: ``TorchAoConfig(Int8WeightOnlyConfig())`` (routed experts included), activations in ``--dtype``;
 * ``float8``: ``TorchAoConfig(Float8WeightOnlyConfig())`` (runs on a CPU too, slowly);
+* ``int4``: ``TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))``, CPU or GPU;
+  torchao's int4 tensors take 2-D weights only, so the routed experts stay in ``--dtype``;
 * ``bnb8`` / ``bnb4``: ``BitsAndBytesConfig`` 8-bit / 4-bit NF4 (bf16 compute), GPU only and only where
   bitsandbytes is installed; bitsandbytes replaces ``nn.Linear`` modules only, so the routed experts stay bf16.
 
@@ -41,7 +43,7 @@ if str(ROOT) not in sys.path:
 from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-METHODS = ("bf16", "fp32", "int8", "float8", "bnb8", "bnb4")
+METHODS = ("bf16", "fp32", "int8", "float8", "int4", "bnb8", "bnb4")
 
 
 def _corpus_module():
@@ -71,10 +73,12 @@ def quantization_config(method: str, dtype: torch.dtype):
     """The ``quantization_config`` for ``method`` (``None`` for the unquantized ones)."""
     if method in DTYPES:
         return None
-    if method in ("int8", "float8"):
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+    if method in ("int8", "float8", "int4"):
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
         from transformers import TorchAoConfig
 
+        if method == "int4":
+            return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
         return TorchAoConfig(Int8WeightOnlyConfig() if method == "int8" else Float8WeightOnlyConfig())
     if method in ("bnb8", "bnb4"):
         from transformers import BitsAndBytesConfig
@@ -87,7 +91,7 @@ def quantization_config(method: str, dtype: torch.dtype):
 
 def unavailable(method: str, device: str) -> str | None:
     """Why ``method`` cannot run here, or ``None``."""
-    if method in ("int8", "float8") and importlib.util.find_spec("torchao") is None:
+    if method in ("int8", "float8", "int4") and importlib.util.find_spec("torchao") is None:
         return "torchao is not installed"
     if method in ("bnb8", "bnb4"):
         if device == "cpu":
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
     import transformers
 
-    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "CPU"
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else _cpu_name()
     header = (f"device: {device}; torch {torch.__version__}, transformers {transformers.__version__}, torchao "
               f"{_version('torchao')}, bitsandbytes {_version('bitsandbytes')}; {datetime.date.today()}; "
               f"{len(windows)} windows x {args.seq_len} tokens of the demo's validation split; quantized methods "
@@ -186,6 +190,16 @@ def main(argv: list[str] | None = None) -> int:
         (out / "quantized_quality.md").write_text(text + "\n")
         (out / "quantized_quality.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     return 0
+
+
+def _cpu_name() -> str:
+    """``<model name> (<n> threads)`` from /proc/cpuinfo where there is one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "CPU"
+    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 def _version(name: str) -> str:

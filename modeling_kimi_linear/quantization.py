@@ -5,7 +5,9 @@
 
 * **the routed experts are quantized too.** They are two fused 3-D parameters per layer (``experts.gate_up_proj
   [E, 2I, D]``, ``experts.down_proj [E, D, I]``: 94% of the 48B-A3B's weights), which transformers' torchao
-  integration quantizes only when a torchao ``FqnToConfig`` names them. A plain ``TorchAoConfig(cfg)`` becomes
+  integration quantizes only when a torchao ``FqnToConfig`` names them. A plain ``TorchAoConfig(cfg)`` with an
+  int8 or float8 weight-only ``cfg`` (:data:`EXPERT_CAPABLE`; torchao's int4 / intx tensors take 2-D weights only,
+  so with those the experts stay in the load dtype, with a warning) becomes
   ``TorchAoConfig(FqnToConfig({"_default": cfg, EXPERTS_PATTERN: cfg}))``: every ``nn.Linear`` as before, plus the
   expert tensors, quantized one by one while the checkpoint streams in (peak memory stays about the quantized
   size). torchao stores them as ``int8 [E, 2I, D]`` + one fp32 scale (and an int8 zero point) per output row of
@@ -38,6 +40,9 @@ import torch
 from torch import nn
 
 EXPERTS_PATTERN = r"re:.*\.experts\.(gate_up_proj|down_proj)"  # torchao FqnToConfig key for the fused experts
+# torchao configs whose tensors take the 3-D experts and that quantized_experts runs (checked on a CPU: int8 in
+# tests/test_quantization.py, float8 in bench/gpu_quant.py's smoke run); int4 / intx take 2-D weights only
+EXPERT_CAPABLE = ("Int8WeightOnlyConfig", "Float8WeightOnlyConfig")
 HIGH_PRECISION_MODULES = [
     r".*\.kv_b_proj",
     r".*\.f_a_proj",
@@ -71,7 +76,11 @@ def prepare_quantization_config(quantization_config: Any) -> Any:
         from torchao.quantization import FqnToConfig
 
         config = copy.copy(quantization_config)
-        if not isinstance(config.quant_type, FqnToConfig):
+        kind = type(config.quant_type).__name__
+        if not isinstance(config.quant_type, FqnToConfig) and kind not in EXPERT_CAPABLE:
+            warnings.warn(f"{kind}: the routed experts stay in the load dtype (torchao quantizes only 2-D weights "
+                          f"with it; {', '.join(EXPERT_CAPABLE)} cover the experts too)", UserWarning, stacklevel=3)
+        elif not isinstance(config.quant_type, FqnToConfig):
             with warnings.catch_warnings():  # "_default" is what transformers' integration reads (5.25)
                 warnings.filterwarnings("ignore", message="Config Deprecation: _default")
                 config.quant_type = FqnToConfig({"_default": config.quant_type, EXPERTS_PATTERN: config.quant_type})

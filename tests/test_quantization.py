@@ -214,3 +214,36 @@ def test_compile_cpu_decode_falls_back_to_op_by_op_for_quantized_weights(checkpo
     with pytest.warns(RuntimeWarning, match="quantized weights"):
         got = model.generate(prompt, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, want)
+
+
+def test_a_config_without_3d_support_leaves_the_experts_and_says_so(checkpoint):
+    """torchao's intx (here int4 weight-only, per group of 32) takes 2-D weights only: the linears are quantized,
+    the experts stay in the load dtype with a warning, and the model generates."""
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup
+
+    config = TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    with pytest.warns(UserWarning, match="routed experts stay"):
+        model = load(checkpoint, quantization_config=config)
+    assert is_plain(model.model.layers[1].block_sparse_moe.experts.gate_up_proj)
+    assert not is_plain(model.model.layers[1].self_attn.q_proj.weight)
+    assert model.generate(ids(1, 5), max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+@pytest.mark.parametrize("path", ["gathered", "per_expert"])
+def test_both_expert_paths_equal_the_plain_experts_on_dequantized_weights(checkpoint, path, monkeypatch):
+    """The two quantized expert paths (the gathered one in blocks of 3 pairs, so several blocks run) against
+    moe.KimiExperts' own path on the dequantized weights, for the same tokens and routing."""
+    from modeling_kimi_linear import quantized_experts
+
+    monkeypatch.setattr(quantized_experts, "GATHER_BLOCK", 3)
+    model = quantized(checkpoint)
+    experts = model.model.layers[2].block_sparse_moe.experts
+    plain = dequantized_copy(model, checkpoint).model.layers[2].block_sparse_moe.experts
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 64, generator=gen)
+    chosen = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(5)])
+    weights = torch.rand(5, 2, generator=gen)
+    run = quantized_experts._gathered if path == "gathered" else quantized_experts._per_expert
+    with torch.no_grad():
+        got, want = run(experts, x, chosen, weights), plain(x, chosen, weights)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
