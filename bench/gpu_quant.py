@@ -17,7 +17,12 @@ roofline TPOT = bytes one decode token reads (weights of every layer, 8/256 of t
 embedding row, the MLA cache) / the copy bandwidth measured in the same run. A method that fails is reported
 with its error and the others still run. Also prints the 48B-A3B layout's predicted int8 weight bytes.
 
+``--in-memory kimi_linear_48b_a3b`` skips the checkpoint: the whole 48B-A3B layout is built on the device piece by
+piece and each piece quantized before the next is allocated (the same torchao transforms and defaults, applied
+directly rather than through ``from_pretrained``), so int8 fits one 80 GB GPU; bf16 (98 GB) needs an H200.
+
     python bench/gpu_quant.py --methods bf16,int8,float8,bnb8,bnb4 --out $OUT
+    python bench/gpu_quant.py --in-memory kimi_linear_48b_a3b --methods int8 --out $OUT      # one H100
 """
 
 from __future__ import annotations
@@ -40,7 +45,12 @@ from bench.gpu import copy_bandwidth, log  # noqa: E402
 from bench.gpu_report import save_report, versions_header  # noqa: E402
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.presets import load_preset  # noqa: E402
-from modeling_kimi_linear.quantization import int8_weight_only_bytes, tensor_bytes  # noqa: E402
+from modeling_kimi_linear.quantization import (  # noqa: E402
+    EXPERT_CAPABLE,
+    int8_weight_only_bytes,
+    kept_high_precision,
+    tensor_bytes,
+)
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
 KINDS = {"K": "linear_attention", "M": "full_attention"}
@@ -118,16 +128,62 @@ def bytes_per_token(model: KimiLinearForCausalLM) -> int:
     return total
 
 
+def load(method: str, work: Path) -> KimiLinearForCausalLM:
+    """``from_pretrained`` of the bf16 checkpoint with ``method``'s quantization config."""
+    return KimiLinearForCausalLM.from_pretrained(work, dtype=torch.bfloat16, device_map=DEVICE,
+                                                 quantization_config=quantization_config(method)).eval()
+
+
 @torch.no_grad()
-def measure(method: str, work: Path, context: int, steps: int, bw: float, reference: list[int] | None) -> dict:
+def build_in_memory(method: str, preset: str) -> KimiLinearForCausalLM:
+    """``preset`` with random weights built piece by piece on the device (embedding, each layer, norm, head), each
+    piece quantized before the next is allocated, so the peak is about the quantized size: the 48B-A3B in int8 on
+    one 80 GB GPU. The same torchao transforms and high-precision defaults as ``from_pretrained`` with
+    ``quantization_config`` (:mod:`modeling_kimi_linear.quantization`), applied directly."""
+    from torchao.quantization import FqnToConfig, quantize_
+
+    config = quantization_config(method)
+    quant_type = None if config is None else config.quant_type
+    with torch.device("meta"):
+        model = KimiLinearForCausalLM(load_preset(preset)).to(torch.bfloat16)  # A_log / dt_bias stay float32
+    torch.manual_seed(0)  # the same weights for every method
+    pieces = [("model.embed_tokens", model.model.embed_tokens), ("model.norm", model.model.norm),
+              ("lm_head", model.lm_head)]
+    pieces += [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
+    for prefix, piece in pieces:
+        piece.to_empty(device=DEVICE)
+        for p in piece.parameters():
+            p.fill_(float("nan"))  # sentinel: whatever _init_weights does not write stays NaN
+            p._is_hf_initialized = False
+        piece.apply(model._init_weights)
+        missed = [name for name, p in piece.named_parameters() if p.isnan().any()]
+        if missed:
+            raise RuntimeError(f"_init_weights left {prefix}.{missed[0]} uninitialised")
+        if quant_type is None:
+            continue
+        for name, module in list(piece.named_modules()):
+            full = f"{prefix}.{name}" if name else prefix
+            if isinstance(module, torch.nn.Linear) and not kept_high_precision(f"{full}.weight"):
+                quantize_(module, quant_type)
+            elif hasattr(module, "gate_up_proj") and type(quant_type).__name__ in EXPERT_CAPABLE:
+                for param in ("gate_up_proj", "down_proj"):
+                    quantize_(module, FqnToConfig({param: quant_type}), filter_fn=None)
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"parameters left on the meta device: {left[:3]}")
+    return model.eval()
+
+
+@torch.no_grad()
+def measure(method: str, make, context: int, steps: int, bw: float, reference: list[int] | None) -> dict:
+    """Build or load the model (``make(method)``), then time and check it."""
     row: dict = {"method": method}
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    model = KimiLinearForCausalLM.from_pretrained(work, dtype=torch.bfloat16, device_map=DEVICE,
-                                                  quantization_config=quantization_config(method)).eval()
+    model = make(method)
     sync()
     row.update(load_s=round(time.perf_counter() - t, 1), weights_GB=round(model.get_memory_footprint() / 1e9, 3),
                allocated_GB=round(torch.cuda.memory_allocated() / 1e9, 2) if DEVICE == "cuda" else None)
@@ -164,8 +220,9 @@ def measure(method: str, work: Path, context: int, steps: int, bw: float, refere
     if reference is not None:
         same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
         row["greedy_same_as_bf16"] = f"{same}/{len(tokens)}"
-    generated = model.generate(prompt[:, :64], max_new_tokens=8, do_sample=False)
-    row["generate_ok"] = tuple(generated.shape) == (1, 72)
+    short = prompt[:, :64]
+    generated = model.generate(short, max_new_tokens=8, do_sample=False)
+    row["generate_ok"] = tuple(generated.shape) == (1, short.shape[1] + 8)
     row["peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if DEVICE == "cuda" else None
     del model, out, o, cache
     return row
@@ -198,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run (with --preset)")
     parser.add_argument("--preset", default=None, help="build the checkpoint from this preset instead (e.g. tiny)")
+    parser.add_argument("--in-memory", default=None, metavar="PRESET",
+                        help="no checkpoint: build PRESET (e.g. kimi_linear_48b_a3b) on the device piece by piece, "
+                             "quantizing each piece before the next (methods bf16, int8, float8; not from_pretrained)")
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = args.device
@@ -208,14 +268,19 @@ def main(argv: list[str] | None = None) -> None:
     bw = copy_bandwidth() if DEVICE == "cuda" else 1e10  # a nominal 10 GB/s for the CPU smoke run
     versions = {name: getattr(__import__(name), "__version__", "?") if importlib.util.find_spec(name) else "absent"
                 for name in ("torchao", "bitsandbytes")}
-    model_text = args.preset or f"{args.layers} at full width"
+    model_text = (f"{args.in_memory} built in memory" if args.in_memory else args.preset
+                  or f"{args.layers} at full width")
     header = versions_header(f"batch 1, {model_text}, {args.context}-token context; torchao "
                              f"{versions['torchao']}, bitsandbytes {versions['bitsandbytes']}; copy bandwidth "
                              f"{bw / 1e12:.2f} TB/s; 48B-A3B layout in int8 (predicted): {predicted:.1f} GB",
                              device=None if DEVICE == "cuda" else "CPU (smoke run)")
     log(header)
     work = Path(args.work)
-    build_checkpoint(work, args.layers, args.preset)
+    if args.in_memory:
+        make = lambda method: build_in_memory(method, args.in_memory)  # noqa: E731
+    else:
+        build_checkpoint(work, args.layers, args.preset)
+        make = lambda method: load(method, work)  # noqa: E731
     rows, reference = [], None
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         missing = missing_package(method)
@@ -224,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
             log(json.dumps(rows[-1]))
             continue
         try:
-            row = measure(method, work, args.context, args.steps, bw, reference)
+            row = measure(method, make, args.context, args.steps, bw, reference)
         except Exception as exc:  # report and go on with the other methods
             traceback.print_exc()
             row = {"method": method, "error": f"{type(exc).__name__}: {str(exc)[:200]}".replace("|", "/")}

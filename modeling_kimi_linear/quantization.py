@@ -104,11 +104,12 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return sum(tensor_bytes(getattr(tensor, name)) for name in names if getattr(tensor, name) is not None)
 
 
-def _skipped(name: str, skip: list[str]) -> bool:
-    """transformers' own module-boundary matching of ``modules_to_not_convert`` patterns."""
+def kept_high_precision(name: str, skip: list[str] | None = None) -> bool:
+    """Whether parameter or module ``name`` matches ``skip`` (default :data:`HIGH_PRECISION_MODULES`), with
+    transformers' own module-boundary matching of ``modules_to_not_convert`` patterns."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    return not should_convert_module(name, skip)
+    return not should_convert_module(name, HIGH_PRECISION_MODULES if skip is None else skip)
 
 
 def int8_weight_only_bytes(model: nn.Module, skip: list[str] | None = None) -> int:
@@ -126,7 +127,7 @@ def int8_weight_only_bytes(model: nn.Module, skip: list[str] | None = None) -> i
         for param_name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
             linear_weight = isinstance(module, nn.Linear) and param_name == "weight"
-            quantized = (linear_weight or experts.fullmatch(full) is not None) and not _skipped(full, skip)
+            quantized = (linear_weight or experts.fullmatch(full) is not None) and not kept_high_precision(full, skip)
             if quantized:
                 rows = param.numel() // param.shape[-1]
                 total += param.numel() + 5 * rows
