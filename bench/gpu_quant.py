@@ -12,7 +12,8 @@ method through ``from_pretrained(..., quantization_config=...)`` (see ``modeling
 
 Per method: load time, weight bytes (``get_memory_footprint``, which counts quantized storage) and GPU memory
 after loading, a ``--context``-token prefill, ``--steps`` decode steps through CUDA graphs (median TPOT; the
-first step, which captures, apart) and op by op, greedy tokens against bf16's, a short ``generate()``, and a
+first step, which captures, apart) and op by op, greedy tokens against bf16's, a short ``generate()``, one PEFT
+LoRA training step on top (QLoRA for ``bnb4``), and a
 roofline TPOT = bytes one decode token reads (weights of every layer, 8/256 of the routed experts, one
 embedding row, the MLA cache) / the copy bandwidth measured in the same run. A method that fails is reported
 with its error and the others still run. Also prints the 48B-A3B layout's predicted int8 weight bytes.
@@ -224,24 +225,46 @@ def measure(method: str, make, context: int, steps: int, bw: float, reference: l
     generated = model.generate(short, max_new_tokens=8, do_sample=False)
     row["generate_ok"] = tuple(generated.shape) == (1, short.shape[1] + 8)
     row["peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if DEVICE == "cuda" else None
-    del model, out, o, cache
+    del out, o, cache
+    row["lora"] = lora_step(model, prompt[:, :256])
+    del model
     return row
+
+
+def lora_step(model: KimiLinearForCausalLM, batch: torch.Tensor) -> str:
+    """PEFT LoRA on the attention and MLP projections of the (quantized) model: one forward and backward; ``ok``
+    when every adapter got a finite, non-zero gradient and the base weights none (QLoRA for bnb4)."""
+    if importlib.util.find_spec("peft") is None:
+        return "peft not importable"
+    import peft
+
+    targets = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    wrapped.train()
+    with torch.enable_grad():
+        loss = wrapped(input_ids=batch, labels=batch).loss
+        loss.backward()
+    grads = [p.grad for n, p in wrapped.named_parameters() if "lora_" in n]
+    base = [n for n, p in wrapped.named_parameters() if "lora_" not in n and p.grad is not None]
+    good = bool(grads) and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    return "ok" if good and not base and any(float(g.abs().sum()) > 0 for g in grads) else (
+        f"bad: loss {float(loss):.3g}, {len(grads)} adapters, {len(base)} base weights with gradients")
 
 
 def table(rows: list[dict], header: str) -> str:
     ref = next((r for r in rows if r["method"] == "bf16" and "tpot_graph_ms" in r), None)
     lines = [header, "", "| method | experts stored as | load (s) | weights (GB) | allocated (GB) | TPOT graph (ms) "
-             "| vs bf16 | roofline (ms) | TPOT eager (ms) | greedy = bf16 | generate() |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs bf16 | roofline (ms) | TPOT eager (ms) | greedy = bf16 | generate() | LoRA step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r or "skipped" in r:
-            lines.append(f"| {r['method']} | {r.get('skipped') or r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['method']} | {r.get('skipped') or r['error']} | | | | | | | | | | |")
             continue
         ratio = f"{r['tpot_graph_ms'] / ref['tpot_graph_ms']:.2f}x" if ref else "-"
         lines.append(f"| {r['method']} | {r['experts_stored_as']} | {r['load_s']} | {r['weights_GB']} | "
                      f"{r['allocated_GB']} | {r['tpot_graph_ms']} | {ratio} | {r['roofline_ms']} | "
                      f"{r['tpot_eager_ms']} | {r.get('greedy_same_as_bf16', '-')} | "
-                     f"{'ok' if r['generate_ok'] else 'wrong shape'} |")
+                     f"{'ok' if r['generate_ok'] else 'wrong shape'} | {r['lora']} |")
     return "\n".join(lines)
 
 
