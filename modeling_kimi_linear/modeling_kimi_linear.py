@@ -31,7 +31,7 @@ from .mla_layer import KimiMLAAttention
 from .transformers_compat import CACHE_FIELD, build_output, cache_field, one_cache, output_cache
 from .moe import KimiExperts, KimiMLP, KimiMoEGate, KimiSparseMoeBlock
 from .norms import KimiGatedRMSNorm, KimiRMSNorm
-from .quantization import prepare_quantization_config, tensor_bytes
+from .quantization import default_key_accepted, prepare_quantization_config, tensor_bytes
 
 
 class KimiDecoderLayer(GradientCheckpointingLayer):
@@ -134,7 +134,7 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
         kwargs.setdefault("use_safetensors", True)
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = prepare_quantization_config(kwargs["quantization_config"])
-        with conversion_registered(cls.__name__):
+        with conversion_registered(cls.__name__), default_key_accepted():
             return super().from_pretrained(*args, **kwargs)
 
     def get_memory_footprint(self, return_buffers: bool = True) -> int:

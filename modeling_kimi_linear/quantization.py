@@ -31,9 +31,11 @@ predicts a model's weight bytes under int8 weight-only quantization from its sha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -68,6 +70,16 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequant().to(dtype)
 
 
+@contextlib.contextmanager
+def default_key_accepted() -> Iterator[None]:
+    """Silence torchao's deprecation warning for an ``FqnToConfig`` with a ``"_default"`` entry: that key is how
+    transformers' torchao integration (5.24 / 5.25) applies one config to every ``nn.Linear`` beside named
+    parameters, and torchao warns again each time such a config is rebuilt from a saved ``config.json``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Config Deprecation: _default")
+        yield
+
+
 def prepare_quantization_config(quantization_config: Any) -> Any:
     """A copy of a ``TorchAoConfig`` / ``BitsAndBytesConfig`` with this model's defaults filled in (see the
     module docstring); any other value (``None``, a dict, other methods) is returned unchanged."""
@@ -81,8 +93,7 @@ def prepare_quantization_config(quantization_config: Any) -> Any:
             warnings.warn(f"{kind}: the routed experts stay in the load dtype (torchao quantizes only 2-D weights "
                           f"with it; {', '.join(EXPERT_CAPABLE)} cover the experts too)", UserWarning, stacklevel=3)
         elif not isinstance(config.quant_type, FqnToConfig):
-            with warnings.catch_warnings():  # "_default" is what transformers' integration reads (5.25)
-                warnings.filterwarnings("ignore", message="Config Deprecation: _default")
+            with default_key_accepted():
                 config.quant_type = FqnToConfig({"_default": config.quant_type, EXPERTS_PATTERN: config.quant_type})
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = list(HIGH_PRECISION_MODULES)

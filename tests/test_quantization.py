@@ -20,6 +20,7 @@ from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.presets import load_preset  # noqa: E402
 from modeling_kimi_linear.quantization import (  # noqa: E402
     HIGH_PRECISION_MODULES,
+    default_key_accepted,
     int8_weight_only_bytes,
     is_plain,
     prepare_quantization_config,
@@ -179,7 +180,8 @@ def test_caller_choices_are_kept_and_defaults_filled():
     assert isinstance(config.quant_type, FqnToConfig)
     assert config.modules_to_not_convert == HIGH_PRECISION_MODULES
     assert isinstance(given.quant_type, INT8) and given.modules_to_not_convert is None  # the caller's is a copy
-    own = TorchAoConfig(FqnToConfig({"_default": INT8()}), modules_to_not_convert=["lm_head"])
+    with default_key_accepted():
+        own = TorchAoConfig(FqnToConfig({"_default": INT8()}), modules_to_not_convert=["lm_head"])
     kept = prepare_quantization_config(own)
     assert kept.quant_type is own.quant_type and kept.modules_to_not_convert == ["lm_head"]
     bnb = prepare_quantization_config(BitsAndBytesConfig(load_in_8bit=True))
