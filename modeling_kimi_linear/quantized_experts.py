@@ -50,7 +50,7 @@ def gather_dequantized(weight: torch.Tensor, index: torch.Tensor, dtype: torch.d
         and tuple(scale.shape) == (*qdata.shape[:2], 1)
         and (zero is None or tuple(zero.shape) == tuple(scale.shape))
     ):
-        q = qdata[index].to(dtype)  # int8 values and their differences are exact in bf16 / fp16 / fp32
+        q = qdata[index].to(dtype)  # int8 / float8 values (and int8 differences) are exact in bf16, fp16, fp32
         if zero is not None:
             q = q - zero[index].to(dtype)
         return q * scale[index].to(dtype)
