@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .cuda_graph_decode import StaticDecodeStep, StaticDecoder
+from .quantization import is_plain
 
 if TYPE_CHECKING:
     from .cache_kimi_linear import KimiLinearCache
@@ -182,6 +183,8 @@ class CompiledDecoder(StaticDecoder):
 
     def _program(self, ids: torch.Tensor, cache: "KimiLinearCache", mla: list[int], kda: list[int]) -> _Program:
         """Load the program for this model and batch size from :func:`program_dir`, compiling it if absent."""
+        if not all(is_plain(p) for p in self.model.parameters()):  # export unwraps them into names it can't bind
+            raise NotImplementedError("quantized weights (torchao tensor subclasses) are not compiled")
         step = StepProgram(self.model, mla, kda)
         signature = {
             "torch": torch.__version__,

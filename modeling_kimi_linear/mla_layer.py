@@ -15,6 +15,7 @@ from torch import nn
 
 from . import kernels
 from .norms import KimiRMSNorm
+from .quantization import dequantize, is_plain
 
 if TYPE_CHECKING:
     from .cache_kimi_linear import KimiLinearCache
@@ -78,8 +79,14 @@ class KimiMLAAttention(nn.Module):
         return torch.cat([k_nope, k_rope], -1), v
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``kv_b_proj`` split per head: key part ``[nh, nope, r]`` and value part ``[nh, v, r]`` (views)."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        """``kv_b_proj`` split per head: key part ``[nh, nope, r]`` and value part ``[nh, v, r]`` (views).
+
+        Quantization keeps ``kv_b_proj`` in high precision by default (:mod:`quantization`); a quantized one
+        (torchao int8 / float8) is dequantized here on each call (a few MB a layer, read once per step)."""
+        w = self.kv_b_proj.weight
+        if not is_plain(w):
+            w = dequantize(w, w.dtype)
+        w = w.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def attend_latent(self, q: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor | None,

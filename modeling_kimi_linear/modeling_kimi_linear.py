@@ -32,6 +32,7 @@ from .mla_layer import KimiMLAAttention
 from .transformers_compat import CACHE_FIELD, build_output, cache_field, one_cache, output_cache
 from .moe import KimiExperts, KimiMLP, KimiMoEGate, KimiSparseMoeBlock
 from .norms import KimiGatedRMSNorm, KimiRMSNorm
+from .quantization import default_key_accepted, prepare_quantization_config, tensor_bytes
 
 
 class KimiDecoderLayer(GradientCheckpointingLayer):
@@ -126,10 +127,22 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         """``PreTrainedModel.from_pretrained`` that also reads the released per-expert tensor names (and
-        directories saved by native transformers). Weights are read from safetensors only."""
+        directories saved by native transformers). Weights are read from safetensors only.
+
+        A ``quantization_config`` (``TorchAoConfig``, ``BitsAndBytesConfig``) also covers the routed experts and
+        keeps the weights the math reads directly in high precision unless the caller says otherwise
+        (:func:`quantization.prepare_quantization_config`)."""
         kwargs.setdefault("use_safetensors", True)
-        with conversion_registered(cls.__name__):
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = prepare_quantization_config(kwargs["quantization_config"])
+        with conversion_registered(cls.__name__), default_key_accepted():
             return super().from_pretrained(*args, **kwargs)
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes of the parameters (and buffers) as stored: a quantized tensor counts its data, scales and zero
+        points (transformers' own count takes a torchao tensor at its nominal dtype's size)."""
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        return sum(tensor_bytes(t) for t in tensors)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save with the released tensor names (per-expert ``w1``/``w2``/``w3``, dense layers as ``mlp.*``),

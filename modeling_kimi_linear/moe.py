@@ -15,6 +15,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .kernels import moe_decode_kernels
+from .quantization import is_plain
+from .quantized_experts import forward as quantized_experts_forward
 
 if TYPE_CHECKING:
     from .configuration_kimi_linear import KimiLinearConfig
@@ -139,6 +141,8 @@ class KimiExperts(nn.Module):
         (at most ``kernels.MOE_DECODE_MAX_COPIES`` token copies, no autograd) runs the Triton kernels of
         :func:`moe_decode_triton.experts` instead (each chosen expert's weights read once).
         """
+        if not is_plain(self.gate_up_proj):  # int8 / float8 weights: see quantized_experts
+            return quantized_experts_forward(self, x, ids, weights)
         num_tokens, top_k = ids.shape
         gate_up, down = self.gate_up_proj, self.down_proj
         ops = moe_decode_kernels(self.decode_kernels, x, ids.numel(), gate_up, down)
