@@ -171,7 +171,7 @@ class ModelGuard:
         self._autocast = _autocast_state()
         named = list(self.model.named_parameters(remove_duplicate=False))
         named += list(self.model.named_buffers(remove_duplicate=False))
-        self._tensors = [(t, t.data_ptr(), t.dtype) for _, t in named]
+        self._tensors = [(t, _address(t), t.dtype, type(t) in (torch.Tensor, nn.Parameter)) for _, t in named]
         modules = list(self.model.named_modules(remove_duplicate=False))
         self._foreign = [_AttributeWatch(m) for _, m in modules if not isinstance(m, known)]
         self._signature = self._full_signature(named, modules)
@@ -187,8 +187,8 @@ class ModelGuard:
         package does not know (adapter layers), autocast."""
         if _registrations != self._registrations or _autocast_state() != self._autocast:
             return True
-        for tensor, address, dtype in self._tensors:
-            if tensor.data_ptr() != address or tensor.dtype != dtype:
+        for tensor, address, dtype, plain in self._tensors:
+            if (tensor.data_ptr() if plain else _address(tensor)) != address or tensor.dtype != dtype:
                 return True
         return any(watch.changed() for watch in self._foreign)
 
@@ -210,8 +210,17 @@ class ModelGuard:
 
     def _full_signature(self, named: list, modules: list) -> tuple:
         portable = self._portable(named, modules)
-        addresses = [(id(t), t.data_ptr(), str(t.device)) for _, t in named]
+        addresses = [(id(t), _address(t), str(t.device)) for _, t in named]
         return json.dumps(portable, default=str), tuple(addresses), tuple(id(m) for _, m in modules)
+
+
+def _address(tensor: torch.Tensor) -> int | tuple:
+    """Where a tensor's data lives: its data pointer, or for a wrapper subclass (a quantized weight, whose own
+    ``data_ptr()`` is 0) the addresses of the tensors it wraps."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return tuple(_address(getattr(tensor, name)) for name in names)
+    return tensor.data_ptr()
 
 
 def _autocast_state() -> tuple:

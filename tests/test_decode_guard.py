@@ -268,3 +268,18 @@ def test_a_cast_model_gets_its_own_program(program_dir):
     model.to(torch.bfloat16)
     assert decode_gap(model, steps=3) <= 0.1
     assert set(program_dir.glob("decode-*.pt2")) - before, "no program was built for the bf16 model"
+
+
+def test_guard_sees_a_quantized_weight_moved():
+    """A torchao weight is a wrapper tensor whose own ``data_ptr()`` is 0: the guard follows the tensors inside."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = tiny_model(MIXES["3:1"])
+    quantize_(model.model.layers[0].self_attn, Int8WeightOnlyConfig())
+    guard = ModelGuard(model)
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert not guard.changed()
+    torch.utils.swap_tensors(weight, torch.nn.Parameter(weight.detach().clone(), requires_grad=False))
+    assert weight is model.model.layers[0].self_attn.q_proj.weight  # same object, new memory inside
+    assert guard.changed()
