@@ -592,6 +592,32 @@ def test_sentencepiece_save_and_reload(tmp_path, sp_model, sp_tok):
             assert again.encode(text) == tok.encode(text)
 
 
+def test_load_tokenizer_uses_this_packages_classes(tmp_path, ranks, kimi, sp_tok):
+    """modeling_kimi_linear.load_tokenizer: our classes for directories that name them (no module beside the files
+    needed, the release's TikTokenTokenizer included), AutoTokenizer for anything else."""
+    from transformers import PreTrainedTokenizerFast
+
+    from modeling_kimi_linear import load_tokenizer
+
+    released, sp_dir, other = tmp_path / "released", tmp_path / "sp", tmp_path / "other"
+    released.mkdir()
+    write_rank_file(ranks, released / "tiktoken.model")
+    (released / "tokenizer_config.json").write_text(json.dumps(released_tokenizer_config(len(ranks))))
+    sp_tok.save_pretrained(str(sp_dir))
+    for name in ("tokenization_kimi_sp.py", "atomic_write.py"):
+        (sp_dir / name).unlink()
+    tok = load_tokenizer(released)
+    assert type(tok) is KimiTokenizer and tok.encode(CODE) == kimi.encode(CODE)
+    tok = load_tokenizer(sp_dir)
+    assert type(tok) is KimiSentencePieceTokenizer and tok.encode(CODE) == sp_tok.encode(CODE)
+    PreTrainedTokenizerFast(tokenizer_object=kimi.backend_tokenizer).save_pretrained(str(other))
+    tok = load_tokenizer(other)
+    assert type(tok) is not KimiTokenizer and tok.encode(CODE) == kimi.encode(CODE)
+    (other / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="tokenizer_config.json: not a JSON object"):
+        load_tokenizer(other)
+
+
 # ------------------------------------------------------------------------------------------- remote code
 LOADER = r"""
 import json, sys
