@@ -243,10 +243,11 @@ def write_generation_config(src: Path, out: Path, config) -> None:
 
 
 def write_tokenizer_files(src: Path, out: Path) -> list[str]:
-    """Tokenizer step (one function, to be swapped for ``KimiTokenizer.from_pretrained(src).save_pretrained(out)``
-    once that class exists): copy the vocabulary and side files and point ``tokenizer_config.json`` at our
-    tokenizer class (``auto_map`` to the module copied beside it). SRC's own tokenizer code is not copied (the
-    released ``tokenization_kimi.py`` does not import on transformers 5). Returns the files written."""
+    """Tokenizer step: copy the vocabulary and side files and point ``tokenizer_config.json`` at our tokenizer class
+    (``auto_map`` to the module copied beside it, with the sibling modules it imports). The files are copied, not
+    re-saved through ``KimiTokenizer``, so the release's own settings stay as they were. SRC's own tokenizer code is
+    not copied (the released ``tokenization_kimi.py`` does not import on transformers 5). Returns the files
+    written."""
     for vocab, (cls, module) in OUR_TOKENIZERS.items():
         if (src / vocab).is_file():
             break

@@ -9,14 +9,16 @@ Steps (each skipped when its output exists in ``--work``):
 
 1. ``corpus/``: the Python standard library's source (``demo/corpus.py``), train and validation files.
 2. ``tokenizer/``: a byte-fallback BPE sentencepiece model trained on the training split, saved as a
-   ``KimiSentencePieceTokenizer`` directory (``AutoTokenizer`` with ``trust_remote_code`` loads it).
+   ``KimiSentencePieceTokenizer`` directory.
 3. ``tokens.safetensors``: both splits encoded, each file between BOS and EOS.
 4. Training from random initialisation (``configuration/demo.json``; ``--layout all-mla`` makes every layer MLA
    at the same width for the comparison run) on random windows of ``--seq-len`` tokens, AdamW, cosine schedule
    over ``--max-steps`` or over the wall-clock ``--time-budget`` (the schedule then follows elapsed time and the
    number of steps done is recorded), bf16 autocast on GPU.
 5. Validation loss (mean token cross-entropy over consecutive windows of the held-out files), then the model
-   (bf16, self-contained remote-code checkpoint) and tokenizer are saved to ``--out`` with ``train_metrics.json``.
+   (bf16) and tokenizer are saved to ``--out`` with ``train_metrics.json``: config, weights and tokenizer files,
+   without the package modules ``save_pretrained`` copies (``kimi-linear demo --export DIR`` writes that
+   self-contained form from the saved files).
 """
 
 from __future__ import annotations
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     model.config.use_cache = model.generation_config.use_cache = True  # Trainer leaves use_cache=False behind
     model.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for code in tmp.glob("*.py"):  # the package's modules: the stored demo holds files to load, not code
+        code.unlink()
     (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

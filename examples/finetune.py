@@ -75,29 +75,16 @@ class FinetuneError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
-def _byte_to_char() -> dict[int, str]:
-    """A printable character for every byte (printable Latin-1 bytes stand for themselves, the others take code
-    points from 256 on), the alphabet of ``tokenizers``' byte-level pre-tokenizer and decoder."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def build_byte_tokenizer():
     """A self-contained byte tokenizer: ``<pad>``=0, ``<s>``=1, ``</s>``=2 and byte ``b`` = ``3 + b`` (259 ids),
     with a small chat template that marks assistant turns for the loss mask. Saved as an ordinary
     ``tokenizer.json``, so ``AutoTokenizer.from_pretrained`` reloads it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # the byte-level pre-tokenizer's alphabet
 
     vocab = {token: i for i, token in enumerate(BYTE_SPECIAL_TOKENS)}
-    vocab.update({char: BYTE_OFFSET + byte for byte, char in _byte_to_char().items()})
+    vocab.update({char: BYTE_OFFSET + byte for byte, char in bytes_to_unicode().items()})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
@@ -109,16 +96,17 @@ def build_byte_tokenizer():
 
 
 def load_tokenizer(args: argparse.Namespace):
-    """``--byte-tokenizer``, ``--tokenizer DIR``, or the tokenizer saved with ``--model DIR``."""
+    """``--byte-tokenizer``, ``--tokenizer DIR``, or the tokenizer saved with ``--model DIR`` (this package's
+    tokenizer classes load their own files, others come through ``AutoTokenizer`` with ``trust_remote_code``)."""
     if args.byte_tokenizer:
         return build_byte_tokenizer()
-    from transformers import AutoTokenizer
+    from modeling_kimi_linear import load_tokenizer as load_checkpoint_tokenizer
 
     source = args.tokenizer or args.model
     if source is None:
         raise FinetuneError("--preset has no tokenizer: pass --tokenizer DIR or --byte-tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+        return load_checkpoint_tokenizer(source)
     except (OSError, ValueError) as err:
         raise FinetuneError(f"no tokenizer could be loaded from {source}: {err}") from err
 

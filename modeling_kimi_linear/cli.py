@@ -2,6 +2,7 @@
 
     kimi-linear generate "def fibonacci(n):"        # the embedded demo model, streamed to the terminal
     kimi-linear generate --model DIR "Hello" --do-sample --temperature 0.8
+    kimi-linear demo --export DIR                   # the demo as a self-contained trust_remote_code checkpoint
     kimi-linear info DIR --context 1048576          # layers, parameters, cache bytes per token and at a context
     kimi-linear convert SRC DST                     # released checkpoint -> ours (conversion/ scripts)
     kimi-linear export SRC DST                      # ours -> released layout (native transformers, vLLM)
@@ -15,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 DEMO_NAME = "kimi-linear-demo"
@@ -30,12 +34,52 @@ def demo_checkpoint_dirs() -> list[Path]:
 
 
 def demo_checkpoint() -> Path:
-    """Path of the embedded demo checkpoint (``FileNotFoundError`` naming the places searched)."""
+    """Path of the embedded demo checkpoint (``FileNotFoundError`` naming the places searched). It holds the
+    config, weights and tokenizer files only: this package loads it; :func:`export_checkpoint` writes the form
+    that loads without the package."""
     for path in demo_checkpoint_dirs():
         if (path / "config.json").is_file():
             return path
     searched = ", ".join(str(p) for p in demo_checkpoint_dirs())
     raise FileNotFoundError(f"the demo checkpoint was not found (looked in {searched}); pass --model DIR")
+
+
+def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Write the checkpoint ``src`` (ours, e.g. the demo) to the new directory ``dst`` in its self-contained form:
+    loaded with this package and saved with ``save_pretrained``, which writes the config, the weights (same
+    tensors), the tokenizer files, this package's modules and the ``auto_map`` entries, so that
+    ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(dst, trust_remote_code=True)`` load it where the
+    package is not installed. Other files of ``src`` (``train_metrics.json``) are copied. The directory is built
+    under a temporary name beside ``dst`` and renamed at the end: on any error nothing is left at ``dst``.
+    ``FileExistsError`` if ``dst`` exists."""
+    from . import KimiLinearForCausalLM, load_tokenizer
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst} already exists; export into a new directory")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        KimiLinearForCausalLM.from_pretrained(src, dtype="auto").save_pretrained(tmp)
+        load_tokenizer(src).save_pretrained(tmp)
+        for path in src.iterdir():
+            if path.is_file() and path.suffix != ".py" and not (tmp / path.name).exists():
+                shutil.copyfile(path, tmp / path.name)
+        mask = _umask()  # mkdtemp makes a 0700 directory, and transformers writes the weights 0600
+        os.chmod(tmp, 0o777 & ~mask)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~mask)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _device(name: str):
@@ -48,8 +92,9 @@ def _device(name: str):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
+    from . import load_tokenizer
     from .modeling_kimi_linear import KimiLinearForCausalLM
 
     model_dir = Path(args.model) if args.model else demo_checkpoint()
@@ -57,7 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir, trust_remote_code=True)
+    tokenizer = load_tokenizer(args.tokenizer or model_dir)
     model = KimiLinearForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     if args.compile:
         model.compile_cpu_decode = True
@@ -83,6 +128,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     if streamer is None:
         print(tokenizer.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    src = demo_checkpoint()
+    if args.export is None:
+        print(src)
+        return 0
+    dst = export_checkpoint(src, args.export)
+    print(f"wrote {dst}: AutoModelForCausalLM.from_pretrained({str(dst)!r}, trust_remote_code=True) loads it")
     return 0
 
 
@@ -212,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "seconds of compiling the first time a model shape is seen, about a second later)")
     gen.set_defaults(func=cmd_generate)
 
+    demo = sub.add_parser("demo", help="where the embedded demo model is; --export DIR: a self-contained copy",
+                          description="Print the path of the embedded demo checkpoint (config, weights and tokenizer "
+                                      "files, loaded by this package). With --export DIR, write it to the new "
+                                      "directory DIR with this package's modules and auto_map, so that "
+                                      "transformers' Auto classes load it with trust_remote_code=True where the "
+                                      "package is not installed.")
+    demo.add_argument("--export", metavar="DIR", help="write the self-contained checkpoint to DIR (must not exist)")
+    demo.set_defaults(func=cmd_demo)
+
     info = sub.add_parser("info", help="layers, parameters and cache size of a checkpoint, config or preset",
                           description="Describe a model: layer pattern, parameters, hybrid cache bytes.")
     info.add_argument("model", nargs="?", help="checkpoint dir, config.json or preset name (default: the demo)")
@@ -229,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     bench = sub.add_parser("bench", help="run a benchmark from bench/",
-                           description="Run bench/cpu.py, bench/gpu.py or bench/gpu_check.py; later arguments go to it.")
-    bench.add_argument("which", choices=["cpu", "gpu", "gpu_check"])
+                           description="Run bench/cpu.py, bench/gpu.py, bench/gpu_check.py or bench/tokenizer.py; later "
+                                       "arguments go to it.")
+    bench.add_argument("which", choices=["cpu", "gpu", "gpu_check", "tokenizer"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark script (try -- --help)")
     bench.set_defaults(func=cmd_bench)
     return parser
@@ -244,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, FileExistsError) as exc:
         print(f"kimi-linear: {exc}", file=sys.stderr)
         return 2
 

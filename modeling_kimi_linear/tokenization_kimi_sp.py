@@ -10,40 +10,23 @@ with BOS prepended by default (``add_bos_token=True``: a causal LM then always s
 ``add_eos_token=False``). Decoding is exact for every text without the U+2581 character (sentencepiece's space
 marker, which decodes to a space), since characters outside the vocabulary fall back to their UTF-8 bytes.
 
-This module is copied into checkpoints as remote code: it imports only transformers, sentencepiece and tqdm.
+This module is copied into checkpoints as remote code (with its sibling :mod:`atomic_write`): it imports only
+transformers, sentencepiece and tqdm.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import sentencepiece as spm
 from transformers import AddedToken, PreTrainedTokenizer
 
+from .atomic_write import write_atomically
+
 VOCAB_FILE_NAME = "tokenizer.model"
-
-
-def _write_atomically(path: str, data: bytes) -> str:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; a saved tokenizer is as readable as any file
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _line_blocks(text: str, max_chars: int) -> Iterator[str]:
@@ -150,7 +133,7 @@ def train_sentencepiece(
         raise ValueError(f"train_sentencepiece: sentencepiece training failed: {exc}") from None
     if not model.data:
         raise ValueError("train_sentencepiece: sentencepiece produced no model (empty input?)")
-    return _write_atomically(os.fspath(model_prefix) + ".model", model.data)
+    return write_atomically(os.fspath(model_prefix) + ".model", model.data)
 
 
 class _ModelBuffer:
@@ -314,7 +297,7 @@ class KimiSentencePieceTokenizer(PreTrainedTokenizer):
         if not os.path.isdir(save_directory):
             raise ValueError(f"save_vocabulary: {save_directory!r} is not a directory")
         name = (f"{filename_prefix}-" if filename_prefix else "") + VOCAB_FILE_NAME
-        return (_write_atomically(os.path.join(save_directory, name), self._proto),)
+        return (write_atomically(os.path.join(save_directory, name), self._proto),)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> tuple[str, ...]:
         """The base ``save_pretrained``, then ``add_bos_token``/``add_eos_token`` put back into
@@ -327,7 +310,7 @@ class KimiSentencePieceTokenizer(PreTrainedTokenizer):
         config["add_bos_token"] = self.add_bos_token
         config["add_eos_token"] = self.add_eos_token
         text = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        _write_atomically(path, text.encode("utf-8"))
+        write_atomically(path, text.encode("utf-8"))
         return files
 
 

@@ -1,8 +1,10 @@
-"""The ``kimi-linear`` command line: help texts, ``info`` against an actual model and cache, bench delegation."""
+"""The ``kimi-linear`` command line: help texts, ``info`` against an actual model and cache, bench delegation, the
+embedded demo (generation, and its export as a checkpoint that loads without the package)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,8 @@ from modeling_kimi_linear.cli import build_parser, main
 from modeling_kimi_linear.presets import load_preset
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["info", "--help"], ["bench", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["info", "--help"], ["bench", "--help"],
+                                  ["demo", "--help"]])
 def test_help_exits_cleanly(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
@@ -70,15 +73,14 @@ def test_bench_passes_arguments_to_the_script():
 
 def test_generate_with_the_demo_prints_what_the_model_generates(capsys):
     """The command's greedy output equals tokenizer + model.generate run directly on the demo checkpoint."""
-    from transformers import AutoTokenizer
-
+    from modeling_kimi_linear import KimiSentencePieceTokenizer
     from modeling_kimi_linear.cli import demo_checkpoint
 
     prompt = "def add(a, b):\n"
     assert main(["generate", prompt, "--max-new-tokens", "12", "--no-stream", "--dtype", "float32"]) == 0
     printed = capsys.readouterr().out
     path = demo_checkpoint()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    tokenizer = KimiSentencePieceTokenizer.from_pretrained(path)
     model = KimiLinearForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -115,11 +117,77 @@ def test_info_on_the_demo_checkpoint_reads_its_config(capsys):
     assert info["layers"] == config.num_hidden_layers and info["mla_layers"] == len(config.mla_layers)
 
 
-def test_the_demo_checkpoint_carries_the_packages_current_modules():
-    """Its remote code (trust_remote_code=True) must be this package's: `python demo/refresh_code.py` mends it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demo"))
-    try:
-        import refresh_code
-    finally:
-        sys.path.pop(0)
-    assert refresh_code.stale_files() == []
+def test_the_demo_checkpoint_holds_no_code():
+    """config, weights and tokenizer files only: this package loads it; `kimi-linear demo --export` adds the code."""
+    from modeling_kimi_linear.cli import demo_checkpoint
+
+    names = sorted(p.name for p in demo_checkpoint().iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
+                     "tokenizer_config.json", "train_metrics.json"]
+
+
+EXPORT_LOADER = r"""
+import json, sys
+sys.modules["modeling_kimi_linear"] = None  # the installed package must not be importable
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+path, prompt = sys.argv[1], sys.argv[2]
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+with torch.no_grad():
+    out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+base = AutoModel.from_pretrained(path, trust_remote_code=True)
+print(json.dumps({"classes": [type(o).__module__ + "." + type(o).__name__ for o in (tokenizer, model, base)],
+                  "tokens": out[0].tolist()}))
+"""
+
+
+def test_demo_export_loads_with_remote_code_without_the_package(tmp_path, capsys):
+    """`kimi-linear demo --export DIR` writes a checkpoint that transformers' Auto classes load with
+    trust_remote_code in a process where this package cannot be imported, generating what the package generates."""
+    from safetensors.torch import load_file
+
+    from modeling_kimi_linear import KimiSentencePieceTokenizer
+    from modeling_kimi_linear.cli import demo_checkpoint
+
+    dst = tmp_path / "export" / "demo"
+    assert main(["demo", "--export", str(dst)]) == 0
+    assert str(dst) in capsys.readouterr().out
+    assert [p.name for p in dst.parent.iterdir()] == ["demo"]  # nothing temporary left beside it
+    files = {p.name for p in dst.iterdir()}
+    assert {"modeling_kimi_linear.py", "configuration_kimi_linear.py", "tokenization_kimi_sp.py",
+            "atomic_write.py", "train_metrics.json"} <= files
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(dst / name).stat().st_mode & 0o777 for name in files} == {0o666 & ~umask}
+    auto_map = json.loads((dst / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_kimi_linear.KimiLinearForCausalLM"
+    assert json.loads((dst / "tokenizer_config.json").read_text())["auto_map"] == {
+        "AutoTokenizer": ["tokenization_kimi_sp.KimiSentencePieceTokenizer", None]}
+    src = demo_checkpoint()
+    original, exported = load_file(src / "model.safetensors"), load_file(dst / "model.safetensors")
+    assert original.keys() == exported.keys()
+    assert all(original[k].dtype == exported[k].dtype and torch.equal(original[k], exported[k]) for k in original)
+
+    prompt = "def add(a, b):\n"
+    tokenizer = KimiSentencePieceTokenizer.from_pretrained(src)
+    model = KimiLinearForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model.generate(tokenizer(prompt, return_tensors="pt")["input_ids"], max_new_tokens=8,
+                                  min_new_tokens=8, do_sample=False)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([sys.executable, "-c", EXPORT_LOADER, str(dst), prompt], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert all(name.startswith("transformers_modules.") for name in got["classes"])
+    assert [name.rsplit(".", 1)[1] for name in got["classes"]] == [
+        "KimiSentencePieceTokenizer", "KimiLinearForCausalLM", "KimiLinearModel"]
+    assert got["tokens"] == expected[0].tolist()
+
+    # an existing directory is refused, one line, nothing changed
+    assert main(["demo", "--export", str(dst)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert {p.name for p in dst.iterdir()} == files

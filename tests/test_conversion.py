@@ -198,7 +198,9 @@ def test_convert_released(tmp_path, native_source, capsys, shards):
             assert cfg[key] == value, key
     # the package's modules, exactly the set save_pretrained copies; none of the release's code
     py_files = {p.name for p in dst.glob("*.py")}
-    tokenizer_code = {"tokenization_kimi.py"} if (PACKAGE / "tokenization_kimi.py").is_file() else set()
+    tokenizer_code = set()
+    if (PACKAGE / "tokenization_kimi.py").is_file():  # the tokenizer module and the sibling it imports
+        tokenizer_code = {"tokenization_kimi.py", "atomic_write.py"}
     assert py_files == saved_code_files(tmp_path) | tokenizer_code
     for name in py_files:
         assert (dst / name).read_bytes() == (PACKAGE / name).read_bytes(), name

@@ -1,6 +1,7 @@
-"""Tokenizers: KimiTokenizer (released tiktoken.model format) against the tiktoken library, and
-KimiSentencePieceTokenizer against the raw sentencepiece processor. Rank files and sentencepiece models are built
-here from this repository's own text; save/load and AutoTokenizer remote-code loading are checked end to end."""
+"""Tokenizers: KimiTokenizer (released tiktoken.model format, a tokenizers-backed fast tokenizer) against the tiktoken
+library, and KimiSentencePieceTokenizer against the raw sentencepiece processor. Rank files and sentencepiece models
+are built here from this repository's own text (nothing is downloaded); save/load and AutoTokenizer remote-code
+loading are checked end to end."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import regex
 
 tiktoken = pytest.importorskip("tiktoken")
 spm = pytest.importorskip("sentencepiece")
@@ -70,15 +72,25 @@ if __name__ == "__main__":
 TEXTS = [
     "Hello, world! This is a simple ASCII sentence.",
     CODE,
+    # CJK, and Han next to other letters (the pattern's && intersections keep Han out of the letter runs)
     "我们的模型采用混合线性注意力架构。中文文本，标点符号！",
     "Kimi Linear 使用 KDA 和 MLA，速度很快！Привет мир, مرحبا بالعالم, नमस्ते दुनिया, こんにちは世界, 안녕하세요 ÀÉÎÕÜ",
+    "abc中文def ABC漢字Def 日本語のテキストとカタカナ、ひらがな。한국어 텍스트 ＡＢＣ全角ａｂｃ x中y",
     "I'm sure they'll say it's fine; we've done it, you'd agree. DON'T SHOUT: IT'S LOUD, WE'RE HERE, I'LL GO. "
     "o'clock rock'n'roll l'été c’est Bob's",
     "1234567890 3.14159 2025-01-01 12,345,678 ٣٤٥٦٧ １２３４ 1e-10 v2.0.1 0000000",
+    # whitespace and CRLF runs
     "a  b   c\n\n\n  \t\t\n \r\n\r\n    end   \n   ",
+    "line one\r\nline two\r\n\r\n\r\n  \r\n\t\r\n\r\r\n\n\rx  \r\n",
+    # emoji, skin tones, ZWJ sequences, flags, keycaps
     "😀👍🏽 👨‍👩‍👧‍👦 🇫🇷 ✨🚀 emoji😀text",
+    "🏳️‍🌈 👩🏽‍💻 🧑‍🤝‍🧑 1️⃣ #️⃣ 🇯🇵🇺🇸 ❤️‍🔥 a\u200db",
+    # special-token strings inside text, whole and partial
     "<|im_user|>user<|im_middle|>hi<|im_end|>[BOS]x[EOS] <|im_assistant|>assistant<|im_middle|>",
+    "[BOS[BOS]] <|im_end <|im_end|>> [PAD][UNK][EOT] <|im_middle|><|im_middle|>",
+    # combining marks, titlecase and modifier letters
     "Combining: e\u0301 n\u0303 A\u030a; titlecase ǅemal ǈ ǋ; modifiers ʰʲˀ; Greek ΑΒΓ αβγ ΆΈ; ſ K ß ﬅ İı",
+    "Z\u0334\u0321a\u0337l\u0335g\u0338o \u1112\u1161\u11ab (NFD Hangul) क्षत्रिय naïve café e\u0301\u0301\u0301",
     "whitespace kinds:\u00a0nbsp\u2028ls\u2029ps\u3000ideo\u0085nel\x0bvt\x0cff\x1cfs tail",
     "   ",
     "",
@@ -90,6 +102,7 @@ FUZZ_ALPHABET = (
     + list("ابت") + list("नमस") + list("٣١２３") + ["\u0301", "\u0308", "\u200d", "\u00a0", "\u3000", "\u2028", "\x0b",
                                                    "\x1c", "\x85", "ǅ", "ʰ", "ſ", "K", "ﬅ", "İ", "😀", "🏽", "🇫"]
     + ["'s", "'T", "'re", "'LL", "'d", "'m", "'ve", "<|im_end|>", "[BOS]", "  ", "\r\n", "\n\n", "1234", "Hello"]
+    + ["\ufe0f", "👩", "💻", "\r\r", " \r\n ", "\u0334", "ひ", "漢"]
 )
 
 
@@ -146,17 +159,24 @@ def train_byte_bpe(text: str, merges: int) -> dict[bytes, int]:
 
 def crafted_ranks(shuffle: bool = False) -> dict[bytes, int]:
     """Learned merges plus every adjacent byte pair and some random 3-5 byte substrings of the test texts (so that a
-    pre-token boundary in the wrong place changes the ids). ``shuffle``: ranks in random order, bytes included."""
+    pre-token boundary in the wrong place changes the ids). ``shuffle``: ranks in random order, bytes included.
+    Special-token names are left out (the released file has none: Kimi's pattern never makes ``[BOS]`` one piece)."""
     ranks = train_byte_bpe(corpus_text(), 300)
     rng = random.Random(1)
+    names = {name.encode() for name, _ in K2_SPECIALS.values()}
+
+    def add(token: bytes) -> None:
+        if token not in names:
+            ranks.setdefault(token, len(ranks))
+
     for text in TEXTS + fuzz_texts():
         data = text.encode("utf-8")
         for i in range(len(data) - 1):
-            ranks.setdefault(data[i:i + 2], len(ranks))
+            add(data[i:i + 2])
         for _ in range(3):
             if len(data) > 5:
                 i = rng.randrange(len(data) - 5)
-                ranks.setdefault(data[i:i + rng.randint(3, 5)], len(ranks))
+                add(data[i:i + rng.randint(3, 5)])
     if shuffle:
         order = list(ranks)
         rng.shuffle(order)
@@ -195,59 +215,91 @@ def vocab_dir(tmp_path_factory, ranks) -> Path:
 
 @pytest.fixture(scope="module")
 def kimi(vocab_dir) -> KimiTokenizer:
-    return KimiTokenizer(str(vocab_dir / "tiktoken.model"), use_tiktoken=False)
+    return KimiTokenizer(str(vocab_dir / "tiktoken.model"))
+
+
+def ordinary(ranks: dict[bytes, int], text: str) -> list[int]:
+    return reference_encoding(ranks).encode_ordinary(text)
 
 
 # ------------------------------------------------------------------------------------------- KimiTokenizer: encoding
 @pytest.mark.parametrize("shuffle", [False, True], ids=["learned-ranks", "shuffled-ranks"])
-def test_pure_python_encoding_matches_tiktoken(tmp_path, shuffle):
+def test_encoding_matches_tiktoken(tmp_path, shuffle):
     table = crafted_ranks(shuffle=shuffle)
-    tok = KimiTokenizer(str(write_rank_file(table, tmp_path / "tiktoken.model")), use_tiktoken=False)
+    tok = KimiTokenizer(str(write_rank_file(table, tmp_path / "tiktoken.model")))
     ref = reference_encoding(table)
     for text in TEXTS + fuzz_texts():
         assert tok.encode(text) == ref.encode(text, allowed_special="all"), repr(text)
         assert tok.encode(text, split_special_tokens=True) == ref.encode_ordinary(text), repr(text)
 
 
-def test_tiktoken_fast_path_gives_the_same_ids(kimi, vocab_dir):
-    fast = KimiTokenizer(str(vocab_dir / "tiktoken.model"), use_tiktoken=True)
-    long_text = corpus_text()
-    for text in TEXTS + fuzz_texts(60, seed=3) + [long_text]:
-        assert fast.encode(text) == kimi.encode(text), repr(text[:60])
+def test_batch_encoding_matches_tiktoken(kimi, ranks):
+    texts = TEXTS + fuzz_texts(60, seed=3) + [corpus_text()]
+    ref = reference_encoding(ranks)
+    assert kimi(texts)["input_ids"] == ref.encode_batch(texts, allowed_special="all")
+    assert kimi.is_fast
+
+
+def test_the_rust_split_runs_kimis_pattern_like_the_regex_module(kimi):
+    """Oniguruma (tokenizers' Split) accepts the pattern, && class intersections included, and splits like the
+    ``regex`` module in its V1 mode (where && intersects); the tokenizer's first pre-tokenizer is that split."""
+    from tokenizers import Regex, pre_tokenizers
+
+    split = pre_tokenizers.Split(Regex(KIMI_PATTERN), behavior="isolated")
+    pattern = regex.compile(KIMI_PATTERN, regex.V1)
+    texts = TEXTS + fuzz_texts(400, seed=9)
+    for text in texts:
+        pieces = pattern.findall(text)
+        assert "".join(pieces) == text
+        assert [piece for piece, _ in split.pre_tokenize_str(text)] == pieces, repr(text)
+        assert [piece for piece, _ in kimi.backend_tokenizer.pre_tokenizer[0].pre_tokenize_str(text)] == pieces
+    # the intersection matters: read as V0 (&& as two literal ampersands) the same pattern splits Han differently
+    assert regex.findall(KIMI_PATTERN, "ab中c", flags=regex.V0) != pattern.findall("ab中c") == ["ab", "中", "c"]
 
 
 def test_special_strings_in_text_become_control_tokens(kimi, ranks):
     nb = len(ranks)
     ids = kimi.encode("a<|im_end|>b[BOS]<|tool_call_begin|>", add_special_tokens=False)
-    assert nb + 2 in ids and nb + 0 in ids and nb + 13 in ids
+    assert ids == ordinary(ranks, "a") + [nb + 2] + ordinary(ranks, "b") + [nb + 0, nb + 13]
     assert kimi.encode(f"<|reserved_token_{nb + 100}|>") == [nb + 100]
     assert kimi.encode("hello") == kimi.encode("hello", add_special_tokens=True)  # no BOS is added
     assert (kimi.bos_token_id, kimi.eos_token_id, kimi.unk_token_id, kimi.pad_token_id) == (nb, nb + 1, nb + 254,
                                                                                             nb + 255)
     assert kimi("x y")["input_ids"] == kimi.encode("x y")
-    text = "a<|im_end|>b"
-    plain = reference_encoding(ranks).encode_ordinary(text)
-    assert kimi.encode(text, split_special_tokens=True) == plain
-    assert kimi.encode(text, allow_special_tokens=False) == plain  # the released tokenizer's keyword
+    text = f"a<|im_end|>b<|reserved_token_{nb + 100}|>[PAD]"
+    assert kimi.encode(text, split_special_tokens=True) == ordinary(ranks, text)
+    assert kimi.encode(text, allow_special_tokens=False) == ordinary(ranks, text)  # the released tokenizer's keyword
     assert kimi.encode(text, allow_special_tokens=True) == kimi.encode(text)
+    assert kimi.tokenize(text, split_special_tokens=True) == kimi.convert_ids_to_tokens(ordinary(ranks, text))
+
+
+def test_tool_call_markers_stay_control_tokens_when_special_tokens_are_split(kimi, ranks):
+    """The documented difference from the released tokenizer: the five tool-call markers are added tokens that the
+    release marks special=False, and a fast tokenizer's split_special_tokens only splits special ones."""
+    nb = len(ranks)
+    text = "a<|tool_call_begin|>b<|im_end|>"
+    assert kimi.encode(text, split_special_tokens=True) == (
+        ordinary(ranks, "a") + [nb + 13] + ordinary(ranks, "b<|im_end|>"))
 
 
 def test_lone_surrogates_encode_like_tiktoken(kimi, ranks):
-    text = "a\ud800b 😀 \udfff"
-    assert kimi.encode(text) == reference_encoding(ranks).encode(text)
+    ref = reference_encoding(ranks)
+    for text in ["a\ud800b 😀 \udfff", "\udbff", "x\ud83d\ude00y", "<|im_end|>\ud800"]:
+        assert kimi.encode(text) == ref.encode(text, allowed_special="all"), repr(text)
+    assert kimi(["ok", "a\ud800b"])["input_ids"] == ref.encode_batch(["ok", "a\ud800b"])
 
 
 # ------------------------------------------------------------------------------------------- KimiTokenizer: decoding
-def test_decode_round_trip_and_bytes(kimi, ranks):
+def test_decode_round_trip(kimi, ranks):
     ref = reference_encoding(ranks)
     for text in TEXTS + fuzz_texts(80, seed=5):
         ids = kimi.encode(text)
         assert kimi.decode(ids) == text
         assert kimi.decode(ids) == ref.decode(ids)
+    assert kimi.batch_decode(kimi(TEXTS)["input_ids"]) == TEXTS
     emoji = kimi.encode("🦊")
-    assert len(emoji) > 1  # split inside the character: partial bytes decode with U+FFFD
-    assert kimi.decode(emoji[:1]) == bytes(kimi.decode_bytes(emoji[:1])).decode("utf-8", "replace")
-    assert "\ufffd" in kimi.decode(emoji[:1])
+    assert len(emoji) > 1  # split inside the character: partial bytes decode with U+FFFD, as tiktoken's decode
+    assert kimi.decode(emoji[:1]) == ref.decode(emoji[:1]) and "\ufffd" in kimi.decode(emoji[:1])
     chat = "<|im_user|>user<|im_middle|>hi<|im_end|><|tool_call_begin|>"
     assert kimi.decode(kimi.encode(chat), skip_special_tokens=True) == "userhi<|tool_call_begin|>"
     assert kimi.decode(kimi.encode(chat)[0]) == "<|im_user|>"
@@ -255,16 +307,12 @@ def test_decode_round_trip_and_bytes(kimi, ranks):
         kimi.decode([len(ranks) + 10_000])
 
 
-def test_vocab_tokens_and_strings(kimi, ranks):
+def test_vocab_tokens_offsets_and_strings(kimi, ranks):
     nb = len(ranks)
     assert kimi.vocab_size == nb + 256 == len(kimi)
     vocab = kimi.get_vocab()
-    # the crafted ranks hold '[BOS]' as a BPE token too: the special token wins the string, ids stay distinct
-    shadowed = {ranks[name.encode()] for name in reference_specials(nb) if name.encode() in ranks}
-    assert ranks[b"[BOS]"] in shadowed and vocab["[BOS]"] == nb
-    assert set(vocab.values()) == set(range(nb + 256)) - shadowed and len(vocab) == nb + 256 - len(shadowed)
-    assert kimi.convert_ids_to_tokens(ranks[b"[BOS]"]) == "[BOS]" and kimi.decode([ranks[b"[BOS]"]]) == "[BOS]"
-    assert vocab["<|im_end|>"] == nb + 2 and vocab[f"<|reserved_token_{nb + 5}|>"] == nb + 5
+    assert set(vocab.values()) == set(range(nb + 256)) and len(vocab) == nb + 256
+    assert vocab["[BOS]"] == nb and vocab["<|im_end|>"] == nb + 2 and vocab[f"<|reserved_token_{nb + 5}|>"] == nb + 5
     # token strings are the GPT-2 byte alphabet: a space shows as 'Ġ', a newline as 'Ċ'
     assert vocab["Ġ"] == ranks[b" "] and vocab["Ċ"] == ranks[b"\n"] and vocab["a"] == ranks[b"a"]
     for text in TEXTS:
@@ -272,12 +320,17 @@ def test_vocab_tokens_and_strings(kimi, ranks):
         assert kimi.convert_tokens_to_ids(tokens) == kimi.encode(text)
         assert kimi.convert_tokens_to_string(tokens) == text
         assert kimi.convert_ids_to_tokens(kimi.encode(text)) == tokens
+    # offsets: each token's characters (ASCII text: one byte each)
+    out = kimi(CODE, return_offsets_mapping=True)
+    pieces = [CODE[start:end] for start, end in out["offset_mapping"]]
+    assert "".join(pieces) == CODE
+    assert [kimi.decode([i]) for i in out["input_ids"]] == pieces
 
 
 def test_added_tokens_get_fresh_ids(vocab_dir, ranks):
-    tok = KimiTokenizer(str(vocab_dir / "tiktoken.model"), use_tiktoken=False)
+    tok = KimiTokenizer(str(vocab_dir / "tiktoken.model"))
     nb = len(ranks)
-    assert tok.add_tokens(["<think>", "</think>", "[BOS]", "a"]) == 2
+    tok.add_tokens(["<think>", "</think>", "[BOS]", "a"])
     assert tok.convert_tokens_to_ids(["<think>", "</think>", "[BOS]", "a"]) == [nb + 256, nb + 257, nb, ranks[b"a"]]
     assert len(tok) == nb + 258
     assert tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]}) == 1
@@ -305,6 +358,10 @@ def test_bad_rank_files_are_named(tmp_path, ranks):
     partial = {t: i for i, t in enumerate(sorted(partial, key=partial.get))}
     write_rank_file(partial, bad)
     with pytest.raises(ValueError, match="every single byte"):
+        KimiTokenizer(str(bad))
+    # a special-token name that is also an ordinary token cannot have both ids in a tokenizers vocabulary
+    write_rank_file({**ranks, b"[EOS]": len(ranks)}, bad)
+    with pytest.raises(ValueError, match=r"'\[EOS\]' \(id \d+\) is also an ordinary token"):
         KimiTokenizer(str(bad))
 
 
@@ -411,28 +468,38 @@ def test_loads_a_released_directory(tmp_path, ranks, kimi):
     assert (tmp_path / "ours" / "tiktoken.model").read_bytes() == (released / "tiktoken.model").read_bytes()
 
 
-def test_save_and_reload(tmp_path, kimi):
+def test_save_and_reload(tmp_path, kimi, ranks):
     out = tmp_path / "saved"
     kimi.save_pretrained(str(out))
     files = set(os.listdir(out))
-    assert {"tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "tokenization_kimi.py"} <= files
+    assert files == {"tiktoken.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                     "tokenization_kimi.py", "atomic_write.py"}
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "tiktoken.model").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    assert (out / "tiktoken.model").read_text() == write_rank_file(ranks, tmp_path / "expected.model").read_text()
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["auto_map"] == {"AutoTokenizer": ["tokenization_kimi.KimiTokenizer", None]}
     assert config["tokenizer_class"] == "KimiTokenizer"
     assert (config["bos_token"], config["eos_token"], config["pad_token"], config["unk_token"]) == (
         "[BOS]", "[EOS]", "[PAD]", "[UNK]")
-    assert len(config["added_tokens_decoder"]) == 256
-    # the copied module imports nothing from this package (it must work as remote code)
-    source = (out / "tokenization_kimi.py").read_text()
-    assert "from ." not in source and "modeling_kimi_linear" not in source.split('"""', 2)[2]
-    again = KimiTokenizer.from_pretrained(str(out), use_tiktoken=False)
-    for text in TEXTS:
-        assert again.encode(text) == kimi.encode(text)
-    assert again.chat_template == kimi.chat_template
-    assert again.extra_special_tokens == kimi.extra_special_tokens
+    named = {int(i): (t["content"], t["special"]) for i, t in config["added_tokens_decoder"].items()}
+    assert len(named) == 256 and all(named[len(ranks) + off] == entry for off, entry in K2_SPECIALS.items())
+    # the copied modules import nothing from this package but each other (they must work as remote code)
+    for name in ("tokenization_kimi.py", "atomic_write.py"):
+        source = (out / name).read_text()
+        imports = re.findall(r"^from \.(\w+) import", source, flags=re.M)
+        assert set(imports) <= {"atomic_write"} and "modeling_kimi_linear" not in source.split('"""', 2)[2]
+    # reloaded from tokenizer.json, and from the rank file and config alone (a converted release's files)
+    again = KimiTokenizer.from_pretrained(str(out))
+    (out / "tokenizer.json").unlink()
+    from_ranks = KimiTokenizer.from_pretrained(str(out))
+    for tok in (again, from_ranks):
+        for text in TEXTS:
+            assert tok.encode(text) == kimi.encode(text)
+        assert tok.chat_template == kimi.chat_template
+        assert tok.extra_special_tokens == kimi.extra_special_tokens
+        assert tok.added_tokens_decoder == kimi.added_tokens_decoder
 
 
 # ------------------------------------------------------------------------------------------- sentencepiece
@@ -525,6 +592,32 @@ def test_sentencepiece_save_and_reload(tmp_path, sp_model, sp_tok):
             assert again.encode(text) == tok.encode(text)
 
 
+def test_load_tokenizer_uses_this_packages_classes(tmp_path, ranks, kimi, sp_tok):
+    """modeling_kimi_linear.load_tokenizer: our classes for directories that name them (no module beside the files
+    needed, the release's TikTokenTokenizer included), AutoTokenizer for anything else."""
+    from transformers import PreTrainedTokenizerFast
+
+    from modeling_kimi_linear import load_tokenizer
+
+    released, sp_dir, other = tmp_path / "released", tmp_path / "sp", tmp_path / "other"
+    released.mkdir()
+    write_rank_file(ranks, released / "tiktoken.model")
+    (released / "tokenizer_config.json").write_text(json.dumps(released_tokenizer_config(len(ranks))))
+    sp_tok.save_pretrained(str(sp_dir))
+    for name in ("tokenization_kimi_sp.py", "atomic_write.py"):
+        (sp_dir / name).unlink()
+    tok = load_tokenizer(released)
+    assert type(tok) is KimiTokenizer and tok.encode(CODE) == kimi.encode(CODE)
+    tok = load_tokenizer(sp_dir)
+    assert type(tok) is KimiSentencePieceTokenizer and tok.encode(CODE) == sp_tok.encode(CODE)
+    PreTrainedTokenizerFast(tokenizer_object=kimi.backend_tokenizer).save_pretrained(str(other))
+    tok = load_tokenizer(other)
+    assert type(tok) is not KimiTokenizer and tok.encode(CODE) == kimi.encode(CODE)
+    (other / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="tokenizer_config.json: not a JSON object"):
+        load_tokenizer(other)
+
+
 # ------------------------------------------------------------------------------------------- remote code
 LOADER = r"""
 import json, sys
@@ -548,7 +641,8 @@ def test_auto_tokenizer_remote_code_without_the_package(tmp_path, kimi, ranks, s
     released.mkdir()
     write_rank_file(ranks, released / "tiktoken.model")
     (released / "tokenizer_config.json").write_text(json.dumps(released_tokenizer_config(len(ranks))))
-    shutil.copyfile(ours / "tokenization_kimi.py", released / "tokenization_kimi.py")
+    for name in ("tokenization_kimi.py", "atomic_write.py"):  # what the conversion copies
+        shutil.copyfile(ours / name, released / name)
 
     texts = [t for t in TEXTS if t] + [CODE]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
