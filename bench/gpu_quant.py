@@ -40,10 +40,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__:  # kimi_linear_bench.gpu_quant (installed) or python -m bench.gpu_quant
+    from .gpu import copy_bandwidth, log
+    from .gpu_report import save_report, versions_header
+else:  # run as a script from a checkout (python bench/gpu_quant.py): make its package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from gpu import copy_bandwidth, log  # type: ignore[no-redef]
+    from gpu_report import save_report, versions_header  # type: ignore[no-redef]
 
-from bench.gpu import copy_bandwidth, log  # noqa: E402
-from bench.gpu_report import save_report, versions_header  # noqa: E402
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.presets import load_preset  # noqa: E402
 from modeling_kimi_linear.quantization import (  # noqa: E402

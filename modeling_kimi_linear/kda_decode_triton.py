@@ -40,9 +40,11 @@ needs the whole ``D x D`` state column, so splitting a head across programs woul
 written once. With B * H = 32 programs at batch 1 the kernel does not fill an H100's 132 SMs; it still replaces ~25
 launches with one, which is what a graph-replayed step pays for.
 
-Registers: at ``num_warps=8`` (the default, 256 threads) the state tile is 64 fp32 registers per thread. Compiled
-for sm_90a by Triton 3.6 (no GPU needed; ``tests/test_kda_decode_triton.py`` does it) the kernel takes 186
-registers at 8 warps, 254 at 4 and 128 (the cap for 512 threads) at 16, with no spills in any. That needs the
+Registers: at ``num_warps=4`` (the default, 128 threads) the state tile is 128 fp32 registers per thread. Compiled
+for sm_90a by Triton 3.6 (no GPU needed; ``tests/test_kda_decode_triton.py`` does it) the kernel takes 254
+registers at 4 warps, 186 at 8 and 128 (the cap for 512 threads) at 16, with no spills in any. Measured on an H100
+(``bench/gpu_check.py --only kdastep``, 2026-12-07, graph replays): 6.0 / 11.1 / 14.0 us per call at 4 / 8 / 16
+warps at batch 1, 11.6 / 23.2 / 28.3 at batch 8, hence 4. That needs the
 per-channel vectors (conv taps, gates, q / k) to be computed one tap at a time as ``[D]`` vectors: a ``[D, W]``
 tile in the arithmetic made the compiler pass the whole state through shared memory to match its layout, and
 spill. ``num_warps`` is an argument so that ``bench/gpu_check.py --only kdastep`` compares 4, 8 and 16 on the device.
@@ -64,7 +66,7 @@ try:  # inside try: transformers' remote-code loader then does not require trito
 except ImportError as err:  # only :func:`kernels.kda_decode_step` imports this module, for CUDA tensors
     raise ImportError("the fused KDA decode kernel needs triton: pip install triton") from err
 
-DEFAULT_NUM_WARPS = 8
+DEFAULT_NUM_WARPS = 4
 
 
 @triton.jit

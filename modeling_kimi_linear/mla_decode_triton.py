@@ -52,7 +52,7 @@ except ImportError as err:
     raise ImportError("modeling_kimi_linear.mla_decode_triton needs triton: pip install triton") from err
 
 SPLITS_PER_SM = 2  # thread blocks per SM aimed at over the whole batch (2 full waves, or 1 at 2 blocks per SM)
-MIN_TILES_PER_SPLIT = 8  # a split covers at least this many tiles (short contexts: few splits, a cheap combine)
+MIN_TILES_PER_SPLIT = 4  # a split covers at least this many tiles (short contexts: few splits, a cheap combine)
 MAX_SPLITS = 1024  # per sequence
 INTERPRETER_SMS = 4  # the "SM count" used for CPU tensors (Triton's interpreter, tests only)
 COMBINE_BLOCK = 128  # value columns per combine program (on a GPU; the interpreter takes all in one program)
@@ -82,11 +82,13 @@ class MLADecodeConfig:
 # in flight; with 2 stages it waits for every copy before computing (no overlap), and 64-row ``kv_major`` tiles
 # need 256 KB at 3 stages (too much), so those are left out. A tile is block_s * 576 * 2 bytes (36 KB at 32 rows).
 CONFIGS: tuple[MLADecodeConfig, ...] = (
+    MLADecodeConfig(block_s=64, kv_major=False, num_warps=8, num_stages=3),  # 1 large tile in flight
     MLADecodeConfig(block_s=32, kv_major=False, num_warps=8, num_stages=4),  # 2 tiles in flight, mma.sync
     MLADecodeConfig(block_s=32, kv_major=True, num_warps=8, num_stages=5),  # 3 in flight, wgmma for p @ tile
-    MLADecodeConfig(block_s=64, kv_major=False, num_warps=8, num_stages=3),  # 1 large tile in flight
     MLADecodeConfig(block_s=16, kv_major=False, num_warps=8, num_stages=6),  # 4 small tiles in flight
 )
+# Measured at 1M rows on an H100 (bench/gpu_check.py --only mla, 2026-12-07; copy bandwidth 3.02 TB/s), in this
+# order: 552 / 791 / 849 / 1303 us, i.e. 72% / 51% / 47% / 31% of the copy bandwidth: the first is the default.
 FP32_CONFIG = MLADecodeConfig(block_s=16, kv_major=False, num_warps=8, num_stages=3)  # fp32 rows are twice as wide
 
 

@@ -73,7 +73,7 @@ except ImportError as exc:
 ACTIVATIONS = ("silu", "swish")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_M = 16  # copies per row block of the expert GEMVs (tl.dot's smallest M)
-GATE_UP_TILE = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+GATE_UP_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 DOWN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 SUM_BLOCK = 256  # output features per program of _sum_copies
 ROUTER_BLOCK_E = 8  # experts per program of _router_logits
