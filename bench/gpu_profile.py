@@ -180,13 +180,13 @@ def profile_context(model, context: int, args, bw: float) -> list[dict]:  # noqa
             torch.cuda.synchronize()
         parts: dict[str, float] = defaultdict(float)
         kernels_total = 0.0
-        for event in prof.key_averages():
-            device_us = getattr(event, "device_time_total", 0.0)
-            if event.key.startswith("part::"):
-                parts[event.key.removeprefix("part::")] += device_us / args.steps
+        cpu = torch.autograd.DeviceType.CPU
         for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                kernels_total += event.time_range.elapsed_us() / args.steps
+            if event.device_type != cpu:  # a kernel (or the GPU-side copy of a range, not counted twice)
+                if not event.name.startswith("part::"):
+                    kernels_total += event.time_range.elapsed_us() / args.steps
+            elif event.name.startswith("part::"):  # the host-side range: the device time of what it launched
+                parts[event.name.removeprefix("part::")] += event.device_time_total / args.steps
         model.cuda_graph_decode = True
         for _ in range(3):
             token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)

@@ -4,7 +4,8 @@ hybrid against all-MLA of the same width), cold start. Writes gpu_scale.json / g
 Models have random bf16 weights, built on the meta device and initialised on the GPU (98 GB: no checkpoint of the
 48B fits the lent machine's 64 GB disk). Each measurement fills a cache with a real prefill of ``--prefill`` tokens
 per sequence and extends the MLA latents to the context by repeating the prefill's rows (decode cost does not
-depend on the values; the KDA states are the real prefill's); the table says so.
+depend on the values; the KDA states are the real prefill's); the table says so. The cache starts about 3n + 8
+tokens short of the nominal context, so that the generated tokens end at it (:func:`cached_tokens`).
 
 * **decode** (batch 1): TPOT = (time of ``generate()`` for n+1 new tokens - time for 1) / n, greedy with
   ``min_new_tokens`` so nothing stops early, after one untimed ``generate()`` that captures the CUDA graphs of the
@@ -121,10 +122,17 @@ def timed_generate(model, ids: torch.Tensor, cache, new_tokens: int) -> tuple[fl
 
 
 @torch.no_grad()
+def cached_tokens(context: int, args) -> int:  # noqa: ANN001
+    """Tokens the cache holds before the timed ``generate()`` calls: ``context`` less room for every token they add
+    (about 3n + 8), so that the whole measurement stays in the MLA buffer bucket of ``context`` rows (2**20 rows
+    at 1M: a bucket of 2**20 + 100 rows would be 1.31M rows, 25% more cache than 1M tokens need)."""
+    return context - (3 * args.new_tokens + 8)
+
+
 def step_time(model, batch: int, context: int, args) -> dict:  # noqa: ANN001
     """Seconds per generated token (per step) of ``model`` at ``batch`` x ``context``, through ``generate()``."""
     n = args.new_tokens
-    cache, ids = fill(model, batch, context, args.prefill, spare=3 * n + 8)
+    cache, ids = fill(model, batch, cached_tokens(context, args), args.prefill, spare=3 * n + 8)
     _, ids = timed_generate(model, ids, cache, n)  # captures the graphs of the buckets the timed calls use
     t1, ids = timed_generate(model, ids, cache, 1)
     tn, ids = timed_generate(model, ids, cache, n + 1)
@@ -157,7 +165,7 @@ def largest_batch(model, context: int, bytes_: Bytes, reserve_gb: float) -> int:
     if model.device.type != "cuda":
         return 4
     free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    per_seq = decode_bucket(context + 64) * bytes_.latent_per_token + bytes_.kda_state
+    per_seq = decode_bucket(context) * bytes_.latent_per_token + bytes_.kda_state // 2  # (kda_state: read + write)
     return max(1, int((free - reserve_gb * GB) // per_seq))
 
 
@@ -206,7 +214,7 @@ def run_batched(model, layout: str, args, bw: float | None, bytes_: Bytes) -> li
 
 
 _COLD = """
-import json, sys, time
+import json, os, sys, time
 start = time.perf_counter()
 import torch
 sys.path.insert(0, {repo!r})
@@ -220,7 +228,7 @@ if model.device.type == "cuda":
     torch.cuda.synchronize()
 done = time.perf_counter()
 recorded = 0
-if model.device.type == "cuda" and {record!r}:
+if model.device.type == "cuda" and {record!r} and os.environ.get("KIMI_LINEAR_TRITON_TUNING") == "0":
     from pathlib import Path
     from modeling_kimi_linear import triton_tuning
     recorded = triton_tuning.dump(Path({record!r}))
@@ -237,15 +245,20 @@ def run_cold(args, device: torch.device, dtype: torch.dtype) -> dict:
     model.save_pretrained(work / "ckpt")
     del model
     gc.collect()
-    env = dict(os.environ, TRITON_CACHE_DIR=str(work / "triton"), PYTHONUNBUFFERED="1")
-    script = _COLD.format(repo=str(Path(__file__).resolve().parent.parent), path=str(work / "ckpt"),
-                          dtype=str(dtype).removeprefix("torch."), device=str(device), prompt=args.cold_prompt,
-                          record=args.record_tuning)
     from modeling_kimi_linear import triton_tuning
 
-    shipped = sum(len(v) for v in triton_tuning.read().get(triton_tuning.machine_key() or "", {}).values())
-    result = {"layers": args.cold_layers, "prompt_tokens": args.cold_prompt, "shipped_tuning_entries": shipped}
-    for name in ("fresh_machine", "second_process"):
+    records = args.record_tuning or str(work / "tuning.json")
+    script = _COLD.format(repo=str(Path(__file__).resolve().parent.parent), path=str(work / "ckpt"),
+                          dtype=str(dtype).removeprefix("torch."), device=str(device), prompt=args.cold_prompt,
+                          record=records)
+    base = dict(os.environ, PYTHONUNBUFFERED="1", **{triton_tuning.ENV_FILE: records})
+    # (1) a fresh machine as it is without recorded tuning: empty Triton cache, records off (it records its own);
+    # (2) a second process on that machine; (3) a fresh machine with the records: another empty Triton cache
+    runs = {"fresh_without_tuning": dict(base, TRITON_CACHE_DIR=str(work / "triton"), **{triton_tuning.ENV_SWITCH: "0"}),
+            "second_process": dict(base, TRITON_CACHE_DIR=str(work / "triton")),
+            "fresh_machine": dict(base, TRITON_CACHE_DIR=str(work / "triton_fresh"))}
+    result = {"layers": args.cold_layers, "prompt_tokens": args.cold_prompt}
+    for name, env in runs.items():
         log(f"cold start: {name.replace('_', ' ')}")
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1500)
         if done.returncode:
@@ -254,6 +267,8 @@ def run_cold(args, device: torch.device, dtype: torch.dtype) -> dict:
         result[f"{name}_s"] = round(times["total_s"], 2)
         result[f"{name}_load_s"] = round(times["load_s"], 2)
         log(f"  {times}")
+    result["recorded_tuning_entries"] = sum(
+        len(v) for v in triton_tuning.read(Path(records)).get(triton_tuning.machine_key() or "", {}).values())
     return result
 
 
@@ -297,9 +312,13 @@ def report(result: dict) -> str:
     if result.get("cold_start"):
         c = result["cold_start"]
         lines += [f"Cold start ({c['layers']} layers of the release's width, {c['prompt_tokens']}-token prompt, "
-                  "from `from_pretrained` to the first token): fresh machine (empty Triton cache) "
-                  f"{c['fresh_machine_s']} s (load {c['fresh_machine_load_s']} s), second process "
-                  f"{c['second_process_s']} s (load {c['second_process_load_s']} s)."]
+                  "from the start of a process through `from_pretrained` to the first token; each on an empty Triton "
+                  "cache but the second process):", "",
+                  "| run | total (s) | of which imports and loading (s) |", "|---|---|---|"]
+        for name, what in (("fresh_without_tuning", "fresh machine, without the recorded tuning"),
+                           ("fresh_machine", "fresh machine, with the recorded tuning (what a user gets)"),
+                           ("second_process", "second process on the same machine")):
+            lines.append(f"| {what} | {c[f'{name}_s']} | {c[f'{name}_load_s']} |")
     return "\n".join(lines)
 
 

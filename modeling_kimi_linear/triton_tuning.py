@@ -14,7 +14,8 @@ different GPU or version finds no record and autotunes as before. A recorded con
 one of the kernel's own candidates. Any of them computes the same result; the record only saves the search.
 
 The records live in ``triton_tuned_configs.json`` next to this module (written by ``bench/gpu_scale.py`` on the
-lent GPUs); ``KIMI_LINEAR_TRITON_TUNING=0`` switches them off.
+lent GPUs); ``KIMI_LINEAR_TRITON_TUNING_FILE`` names another file, ``KIMI_LINEAR_TRITON_TUNING=0`` switches them
+off.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 TUNED_FILE = Path(__file__).with_name("triton_tuned_configs.json")
 ENV_SWITCH = "KIMI_LINEAR_TRITON_TUNING"
+ENV_FILE = "KIMI_LINEAR_TRITON_TUNING_FILE"
 _FIELDS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
@@ -83,11 +85,18 @@ def read(path: Path = TUNED_FILE) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def apply(path: Path = TUNED_FILE) -> int:
-    """Fill fla's autotuners' caches with the recorded choices for this GPU and these versions; returns how many
-    entries were filled (0 if none match, or with ``KIMI_LINEAR_TRITON_TUNING=0``)."""
+def records_file() -> Path:
+    """The records :func:`apply` reads: ``$KIMI_LINEAR_TRITON_TUNING_FILE``, else the file shipped here."""
+    return Path(os.environ.get(ENV_FILE) or TUNED_FILE)
+
+
+def apply(path: Path | None = None) -> int:
+    """Fill fla's autotuners' caches with the recorded choices for this GPU and these versions (from ``path``,
+    default :func:`records_file`); returns how many entries were filled (0 if none match, or with
+    ``KIMI_LINEAR_TRITON_TUNING=0``)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return 0
+    path = records_file() if path is None else path
     key = machine_key()
     records = read(path).get(key, {}) if key else {}
     if not records:
