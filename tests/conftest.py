@@ -11,6 +11,16 @@ import torch
 KDA, MLA = "linear_attention", "full_attention"
 
 
+def load_script(path: Path, name: str):  # noqa: ANN201 - the module
+    """Import a script that is not part of a package (``examples/...``) as module ``name``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

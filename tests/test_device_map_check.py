@@ -3,11 +3,12 @@ saved and loaded, logits, greedy tokens, TPOT rows), the layer cut of a preset, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import load_script
 
 import torch
 
@@ -18,10 +19,7 @@ SCRIPT = ROOT / "examples" / "multi_gpu" / "device_map_check.py"
 
 
 def check_module():
-    spec = importlib.util.spec_from_file_location("device_map_check_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "device_map_check_example")
 
 
 def test_single_run_on_the_cpu(tmp_path):

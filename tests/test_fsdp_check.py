@@ -3,13 +3,14 @@ process, and the comparison it decides by flags a difference."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import load_script
 
 import torch
 
@@ -18,10 +19,7 @@ SCRIPT = ROOT / "examples" / "multi_gpu" / "fsdp_check.py"
 
 
 def fsdp_check_module():
-    spec = importlib.util.spec_from_file_location("fsdp_check_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "fsdp_check_example")
 
 
 def test_two_cpu_processes_match_one_process(tmp_path):
