@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import load_script
-
 import torch
 
+from conftest import load_script
 from modeling_kimi_linear import KimiLinearForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
