@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="n in the TPOT formula")
     parser.add_argument("--prefill", type=int, default=64, help="real prefill tokens per sequence")
     parser.add_argument("--reserve-gb", type=float, default=6.0, help="device memory kept free when sizing batches")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="cut the layout to this many layers (3 KDA : 1 MLA kept), e.g. to fit an 80 GB GPU")
     parser.add_argument("--cold-layers", type=int, default=2)
     parser.add_argument("--cold-prompt", type=int, default=512)
     parser.add_argument("--device", default="cuda")
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             wants_batched = "batched" in parts and layout in args.layouts.split(",")
             if not (wants_decode or wants_batched):
                 continue
-            model = build_model(layout_config(args.preset, layout), device, dtype)
+            model = build_model(layout_config(args.preset, layout, args.layers), device, dtype)
             bytes_ = Bytes(model)
             if wants_decode:
                 result["decode"] = run_decode(model, args, bw, bytes_)
