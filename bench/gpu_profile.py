@@ -31,12 +31,14 @@ if __package__:  # kimi_linear_bench.gpu_profile (installed) or python -m bench.
     from .gpu import copy_bandwidth, log
     from .gpu_check_common import set_decode_kernels
     from .gpu_long_context import extend_cache
+    from .gpu_scale import layout_config
     from .gpu_report import save_report, versions_header
 else:  # run as a script from a checkout (python bench/gpu_profile.py): make its package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gpu import copy_bandwidth, log  # type: ignore[no-redef]
     from gpu_check_common import set_decode_kernels  # type: ignore[no-redef]
     from gpu_long_context import extend_cache  # type: ignore[no-redef]
+    from gpu_scale import layout_config  # type: ignore[no-redef]
     from gpu_report import save_report, versions_header  # type: ignore[no-redef]
 
 from modeling_kimi_linear import kda_layer  # noqa: E402
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="kimi_linear_48b_a3b", choices=available_presets())
     parser.add_argument("--contexts", default="4096,1048576")
     parser.add_argument("--kernels", default="torch,triton", help="decode_kernels settings to profile, in order")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="cut the layout to this many layers (3 KDA : 1 MLA kept), e.g. to fit an 80 GB GPU")
     parser.add_argument("--prefill", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--trace", action="store_true", help="also write a chrome trace per context and setting")
@@ -231,11 +235,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("gpu_profile needs a CUDA GPU")
     bw = copy_bandwidth()
     torch.manual_seed(0)
-    model = build_random_model(args.preset, torch.device("cuda"), torch.bfloat16)
+    model = build_random_model(layout_config(args.preset, "hybrid", args.layers), torch.device("cuda"), torch.bfloat16)
     rows = []
     for context in (int(c) for c in args.contexts.split(",")):
         rows += profile_context(model, context, args, bw)
-    head = versions_header(f"bf16, batch 1, preset {args.preset}; copy bandwidth {bw / 1e12:.2f} TB/s")
+    cut = f" cut to {args.layers} layers" if args.layers else ""
+    head = versions_header(f"bf16, batch 1, preset {args.preset}{cut}; copy bandwidth {bw / 1e12:.2f} TB/s")
     lines = [head, "", "| context | decode_kernels | part | device time per step (us) | roofline (us) | x roofline |",
              "|---|---|---|---|---|---|"]
     for r in rows:
