@@ -11,7 +11,8 @@ tokens short of the nominal context, so that the generated tokens end at it (:fu
   ``min_new_tokens`` so nothing stops early, after one untimed ``generate()`` that captures the CUDA graphs of the
   buckets the timed calls use. Roofline = bytes a step must move / the copy bandwidth measured in the same run:
   every weight but the unchosen experts (one embedding row), the MLA latents attended over, and each KDA state
-  read and written once.
+  read and written once. The anchor, in the same run: native transformers' ``kimi_linear`` with the same layout
+  (random weights of its own), TPOT through ``generate()`` from a real prompt (``--native-contexts``).
 * **batched**: tokens/s = batch x n / (time for n+1 tokens - time for 1), for each layout, context and batch
   (``max`` = the largest batch whose caches fit beside the weights); batch roofline from the same byte count with
   the experts a step actually touches (counted in one eager step: the distinct experts each MoE layer routes the
@@ -185,6 +186,52 @@ def run_decode(model, args, bw: float | None, bytes_: Bytes) -> list[dict]:  # n
     return rows
 
 
+def native_model(config, device: torch.device, dtype: torch.dtype):  # noqa: ANN201 - transformers' model
+    """transformers' own ``kimi_linear`` model with ``config``'s layout (random weights drawn on ``device``)."""
+    from transformers import KimiLinearConfig as NativeConfig
+    from transformers import KimiLinearForCausalLM as NativeModel
+
+    values = {k: v for k, v in config.to_dict().items() if k not in ("auto_map", "architectures", "transformers_version")}
+    native = NativeConfig(**values)  # it reads the released layout our to_dict writes (tests/test_config.py)
+    start = time.perf_counter()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = NativeModel(native)
+    finally:
+        torch.set_default_dtype(default)
+    sync(device)
+    log(f"built native {native.num_hidden_layers} layers in {time.perf_counter() - start:.1f} s; {memory_line(device)}")
+    return model.eval()
+
+
+def run_native(args, device: torch.device, dtype: torch.dtype) -> list[dict]:  # noqa: ANN001
+    """The anchor: native transformers' TPOT at ``--native-contexts`` through ``generate()`` from a real prompt of
+    that many tokens (its cache cannot be filled synthetically), TPOT = (t(n+1) - t(1)) / n, n = --native-tokens."""
+    model = native_model(layout_config(args.preset, "hybrid", args.layers), device, dtype)
+    rows, n = [], args.native_tokens
+
+    def timed(ids: torch.Tensor, new: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=model.config.pad_token_id)
+        sync(device)
+        return time.perf_counter() - start
+
+    for context in args.native_contexts:
+        log(f"native decode: batch 1 from a {context}-token prompt")
+        ids = torch.randint(3, model.config.vocab_size, (1, context - n - 1), device=device)
+        first = timed(ids, 2)  # compiles and autotunes the prefill's kernels at this length
+        t1, tn = timed(ids, 1), timed(ids, n + 1)
+        rows.append({"layers": model.config.num_hidden_layers, "context": context, "batch": 1,
+                     "tpot_ms": round(1e3 * (tn - t1) / n, 3), "first_generate_s": round(first, 2)})
+        log(f"  {rows[-1]}")
+    del model
+    return rows
+
+
 def run_batched(model, layout: str, args, bw: float | None, bytes_: Bytes) -> list[dict]:  # noqa: ANN001
     rows = []
     for context in args.batched_contexts:
@@ -292,6 +339,11 @@ def report(result: dict) -> str:
         for r in result["decode"]:
             lines.append(f"| {r['layers']} | {r['context']} | 1 | {r['tpot_ms']} | {r.get('roofline_ms', '-')} | "
                          f"{r.get('tpot_over_roofline', '-')} | {r.get('paper_tpot_ms') or '-'} |")
+        ours = {r["context"]: r["tpot_ms"] for r in result["decode"]}
+        for r in result.get("native_decode", []):
+            speedup = f"{r['tpot_ms'] / ours[r['context']]:.1f}x" if r["context"] in ours else "-"
+            lines.append(f"| native transformers, {r['layers']} layers | {r['context']} (real prompt) | 1 | "
+                         f"{r['tpot_ms']} | - | ours is {speedup} faster | - |")
         lines.append("")
     if result.get("batched"):
         lines += ["| layout | context | batch | tokens/s | roofline tokens/s | share of roofline | experts touched |",
@@ -334,6 +386,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,8,32,max", help="batch sizes ('max': the largest that fits)")
     parser.add_argument("--layouts", default="hybrid,all_mla", help="layouts for the batched part")
     parser.add_argument("--new-tokens", type=int, default=32, help="n in the TPOT formula")
+    parser.add_argument("--native-contexts", type=ints, default=[4096],
+                        help="decode part: contexts at which native transformers' hybrid is timed in the same run "
+                             "(the anchor; empty: none)")
+    parser.add_argument("--native-tokens", type=int, default=8, help="n in native's TPOT formula")
     parser.add_argument("--prefill", type=int, default=64, help="real prefill tokens per sequence")
     parser.add_argument("--reserve-gb", type=float, default=6.0, help="device memory kept free when sizing batches")
     parser.add_argument("--layers", type=int, default=None,
@@ -380,6 +436,11 @@ def main(argv: list[str] | None = None) -> None:
         log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     torch.manual_seed(0)
     with torch.no_grad():
+        if "decode" in parts and args.native_contexts:
+            result["native_decode"] = run_native(args, device, dtype)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         for layout in ("hybrid", "all_mla"):
             wants_decode = layout == "hybrid" and "decode" in parts
             wants_batched = "batched" in parts and layout in args.layouts.split(",")
