@@ -3,9 +3,8 @@
 Nothing here imports ``fla`` at module import time: on a CPU-only machine with fla and triton installed,
 touching fla's kernels fails ("0 active drivers"), so :func:`fla_kda_ops` is only called for CUDA tensors.
 Supported fla versions: :data:`FLA_REQUIREMENT` (``fla-core >= 0.5.1, < 0.7``; the pre-gated KDA call itself exists
-since 0.4.0). The
-short convolution and gated norm use fla 0.6's module layout (``fla.modules.causal_conv1d``); where those do not
-import, they run on the PyTorch references instead.
+since 0.4.0). The short convolution and gated norm use fla 0.6's module layout (``fla.modules.causal_conv1d``);
+where those do not import, they run on the PyTorch references instead.
 """
 
 from __future__ import annotations
