@@ -311,3 +311,66 @@ def moe_tiles(rows: list[dict], block: KimiSparseMoeBlock, gen: torch.Generator,
                                   f"{ms * 1e3:.1f} us, {moved / (ms * 1e-3) / 1e12:.2f} TB/s "
                                   f"({moved / (ms * 1e-3) / bandwidth:.0%} of copy)",
                          "rel_err": ms * 1e3, "info": True})
+
+
+@torch.no_grad()
+def multi_linear_check(rows: list[dict]) -> None:
+    """Several linear maps in one Triton launch (``kernels.linears`` -> ``multi_linear_triton``) against the module
+    calls, at the release's width in bf16: a KDA layer's eight projections (q, k, v, f_a, beta, g_a from x, then
+    f_b and g_b from the ranks; two launches), an MLA layer's two (q_proj, kv_a_proj_with_mqa) and the shared
+    expert's gate and up. Per group and batch 1 / 8: the worst output's error, both times (CUDA-graph replays) and
+    the launch's share of the copy bandwidth; then a few tiles for the KDA group at batch 1."""
+    from modeling_kimi_linear import multi_linear_triton
+    from modeling_kimi_linear.kda_layer import KimiDeltaAttention
+    from modeling_kimi_linear.kernels import linears
+    from modeling_kimi_linear.mla_layer import KimiMLAAttention
+    from modeling_kimi_linear.moe import KimiMLP
+    from modeling_kimi_linear.presets import load_preset
+
+    cfg = load_preset("kimi_linear_48b_a3b")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def built(module: torch.nn.Module) -> torch.nn.Module:
+        module = module.to("cuda", torch.bfloat16)
+        for p in module.parameters():
+            p.data = (torch.randn(p.shape, device="cuda", generator=gen) * 0.02).to(p.dtype)
+        return module
+
+    kda, mla = built(KimiDeltaAttention(cfg, 0)), built(KimiMLAAttention(cfg, 3))
+    mlp = built(KimiMLP(cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act))
+    groups = {
+        "KDA q/k/v/f_a/beta/g_a + f_b/g_b": lambda x, ch: [
+            *(first := linears(ch, [(x, kda.q_proj), (x, kda.k_proj), (x, kda.v_proj), (x, kda.f_a_proj),
+                                    (x, kda.b_proj), (x, kda.g_a_proj)])),
+            *linears(ch, [(first[3], kda.f_b_proj), (first[5], kda.g_b_proj)])],
+        "MLA q_proj + kv_a_proj_with_mqa": lambda x, ch: linears(ch, [(x, mla.q_proj), (x, mla.kv_a_proj_with_mqa)]),
+        "shared expert gate + up": lambda x, ch: linears(ch, [(x, mlp.gate_proj), (x, mlp.up_proj)]),
+    }
+    weights = {"KDA q/k/v/f_a/beta/g_a + f_b/g_b": [kda.q_proj, kda.k_proj, kda.v_proj, kda.f_a_proj, kda.b_proj,
+                                                    kda.g_a_proj, kda.f_b_proj, kda.g_b_proj],
+               "MLA q_proj + kv_a_proj_with_mqa": [mla.q_proj, mla.kv_a_proj_with_mqa],
+               "shared expert gate + up": [mlp.gate_proj, mlp.up_proj]}
+    bandwidth = copy_bandwidth()
+    for name, fn in groups.items():
+        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in weights[name])
+        for bsz in (1, 8):
+            x = torch.randn(bsz, 1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
+            err = max(rel(a, b) for a, b in zip(fn(x, "triton"), fn(x, "torch")))
+            rows.append({"check": f"multi-linear launch vs module calls: {name}, B={bsz} (worst output)",
+                         "rel_err": err})
+            t_mod, t_tri = replay_us(lambda: fn(x, "torch")), replay_us(lambda: fn(x, "triton"))
+            share = nbytes / (t_tri * 1e-6) / bandwidth  # bytes read, against the copy's bytes read + written
+            rows.append({"check": f"  same, us (graph replay; a time, not an error): module calls {t_mod:.1f}, "
+                                  f"one launch per group {t_tri:.1f} ({t_mod / t_tri:.2f}x); {nbytes / 1e6:.1f} MB "
+                                  f"of weights at {share:.0%} of the copy bandwidth",
+                         "rel_err": t_tri, "info": True})
+    x = torch.randn(1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
+    pairs = [(x, m.weight) for m in weights["KDA q/k/v/f_a/beta/g_a + f_b/g_b"][:6]]
+    tiles = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for n, k, w, s in
+             ((32, 128, 4, 4), (16, 128, 4, 4), (64, 128, 4, 3), (32, 256, 4, 3), (16, 256, 4, 4), (64, 64, 4, 4),
+              (32, 128, 8, 4))]
+    times = [replay_us(lambda t=t: multi_linear_triton.multi_linear(pairs, tile=t)) for t in tiles]
+    rows.append({"check": "  KDA's six projections from x, B=1, us per tile (BLOCK_N, BLOCK_K, warps, stages): "
+                          + ", ".join(f"{tuple(t.values())} {u:.1f}" for t, u in zip(tiles, times))
+                          + f" (default {tuple(multi_linear_triton.TILE.values())})",
+                 "rel_err": min(times), "info": True})

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import fused_kda_decode, gated_rms_norm, kda, kda_decode_step, kda_padded, needs_grad, short_conv
+from .kernels import (
+    fused_kda_decode, gated_rms_norm, kda, kda_decode_step, kda_padded, linears, needs_grad, short_conv,
+)
 from .norms import KimiGatedRMSNorm
 
 if TYPE_CHECKING:
@@ -86,9 +88,14 @@ class KimiDeltaAttention(nn.Module):
         return torch.cat([q, k, v], -1), f, b, gate
 
     def split_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """:meth:`projections` with the raw q, k and v ``[B, T, P]`` kept apart: ``(q, k, v, f, b, gate)``."""
-        return (self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_b_proj(self.f_a_proj(x)), self.b_proj(x),
-                self.g_b_proj(self.g_a_proj(x)))
+        """:meth:`projections` with the raw q, k and v ``[B, T, P]`` kept apart: ``(q, k, v, f, b, gate)``.
+
+        A decode step of plain ``nn.Linear`` projections on CUDA runs them as two Triton launches instead of eight
+        (:func:`kernels.linears`); anything else calls the modules."""
+        q, k, v, f_a, b, g_a = linears(self.decode_kernels, [(x, self.q_proj), (x, self.k_proj), (x, self.v_proj),
+                                                             (x, self.f_a_proj), (x, self.b_proj), (x, self.g_a_proj)])
+        f, gate = linears(self.decode_kernels, [(f_a, self.f_b_proj), (g_a, self.g_b_proj)])
+        return q, k, v, f, b, gate
 
     def log_decay(self, f: torch.Tensor) -> torch.Tensor:
         """``g = -exp(A_log) * softplus(f + dt_bias)`` in fp32 from the gate logits ``f [B, T, P or H]``, shape

@@ -1,5 +1,6 @@
 """The one dispatch seam between the pure-PyTorch kernels and the Triton ones: fla's (KDA itself, KDA's short
-convolution for prompts, its gated output norm) and this package's own decode kernels (``*_triton.py``).
+convolution for prompts, its gated output norm) and this package's own decode kernels (``*_triton.py``: MLA
+flash-decoding, the MoE's router and experts, the fused KDA step, several linear maps in one launch).
 
 fla's kernels follow ``config.kda_backend``:
 
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from .kda_fla import (
     FLA_INSTALL_HINT, fla_kda_ops, fla_module_ops, gated_rms_norm_fla, kda_fla, needs_grad, short_conv_fla,
@@ -142,6 +145,52 @@ def moe_decode_module():  # noqa: ANN201
     from . import moe_decode_triton
 
     return moe_decode_triton
+
+
+# One Triton launch for several linear maps (multi_linear_triton): at most this many (x, module) pairs, and at most
+# this many tokens (decode steps; prompts keep cuBLAS, which is the better tool for matrices).
+MULTI_LINEAR_SLOTS = 6
+MULTI_LINEAR_MAX_TOKENS = 64
+
+
+def linears(choice: str, pairs: Sequence[tuple[torch.Tensor, nn.Module]]) -> list[torch.Tensor]:
+    """``[module(x) for x, module in pairs]``, as one Triton launch (:func:`multi_linear_triton.multi_linear`)
+    where :func:`plain_linears` says that computes the same, else as the module calls themselves.
+
+    ``choice`` is ``config.decode_kernels``; the launch serves CUDA tensors only, with ``choice`` resolving to
+    ``"triton"`` (:func:`resolve_decode_kernels`)."""
+    x = pairs[0][0]
+    if (resolve_decode_kernels(choice, x.device) == "triton" and plain_linears(pairs)
+            and not needs_grad(*(t for t, _ in pairs), *(m.weight for _, m in pairs))):
+        from .multi_linear_triton import multi_linear
+
+        return multi_linear([(t, m.weight) for t, m in pairs])
+    return [m(t) for t, m in pairs]
+
+
+def plain_linears(pairs: Sequence[tuple[torch.Tensor, nn.Module]]) -> bool:
+    """Whether ``x W^T`` is all that each ``module(x)`` of ``pairs`` computes, so one launch may replace the calls:
+    at most :data:`MULTI_LINEAR_SLOTS` pairs and :data:`MULTI_LINEAR_MAX_TOKENS` tokens of one leading shape;
+    every module exactly ``nn.Linear`` (not a PEFT or quantization wrapper, not a subclass) without bias, hooks
+    (accelerate's offloading hooks included) or global module hooks; plain weights of x's dtype on x's device
+    (not a quantized tensor subclass); no autocast."""
+    x = pairs[0][0]
+    if len(pairs) > MULTI_LINEAR_SLOTS or x.numel() > MULTI_LINEAR_MAX_TOKENS * x.shape[-1]:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or torch.is_autocast_enabled(x.device.type):
+        return False
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    for t, m in pairs:
+        if type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if hasattr(m, "_hf_hook") or t.shape[:-1] != x.shape[:-1] or t.dtype != x.dtype or t.device != x.device:
+            return False
+        w = m.weight
+        if type(w) not in (torch.Tensor, nn.Parameter) or w.dtype != x.dtype or w.device != x.device:
+            return False
+    return True
 
 
 def kda(

@@ -60,15 +60,19 @@ class KimiMLAAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=False)
 
-    def queries(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, T, D]`` -> ``[B, nh, T, qk_nope + qk_rope]``."""
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.unflatten(-1, (self.num_heads, self.q_dim)).transpose(1, 2)
+    def queries_and_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T, D]`` -> queries ``[B, nh, T, qk_nope + qk_rope]`` and what is cached per token,
+        ``[B, T, kv_lora_rank + qk_rope]`` = normalised latent ‖ shared key part.
 
-    def latent(self, x: torch.Tensor) -> torch.Tensor:
-        """What is cached per token: ``[B, T, kv_lora_rank + qk_rope]`` = normalised latent ‖ shared key part."""
-        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], -1)
-        return torch.cat([self.kv_a_layernorm(c), k_rope], -1)
+        The two projections of x run as one launch where :func:`kernels.linears` serves (a decode step of plain
+        ``nn.Linear`` modules on CUDA)."""
+        first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
+        q, kv = kernels.linears(self.decode_kernels, [(x, first), (x, self.kv_a_proj_with_mqa)])
+        if not hasattr(self, "q_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        c, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], -1)
+        latent = torch.cat([self.kv_a_layernorm(c), k_rope], -1)
+        return q.unflatten(-1, (self.num_heads, self.q_dim)).transpose(1, 2), latent
 
     def expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent ``[B, S, L]`` -> per-head keys ``[B, nh, S, qk]`` and values ``[B, nh, S, v]``."""
@@ -172,8 +176,7 @@ class KimiMLAAttention(nn.Module):
         ``[B or 1, 1, T, S]`` mask (True = attend) over all ``S`` cached + new tokens.
         """
         seqlen = hidden_states.shape[1]
-        q = self.queries(hidden_states)
-        latent = self.latent(hidden_states)
+        q, latent = self.queries_and_latent(hidden_states)
         past, row_limit = 0, None
         if cache is not None:
             # a static decode step always has a past; not reading the token counter keeps it out of compiled guards

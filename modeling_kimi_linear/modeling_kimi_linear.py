@@ -49,7 +49,8 @@ class KimiDecoderLayer(GradientCheckpointingLayer):
         if config.is_moe_layer(layer_idx):
             self.block_sparse_moe = KimiSparseMoeBlock(config)
         else:
-            self.mlp = KimiMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+            self.mlp = KimiMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                               decode_kernels=getattr(config, "decode_kernels", "auto"))
         self.input_layernorm = KimiRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = KimiRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 

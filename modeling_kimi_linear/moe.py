@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .kernels import moe_decode_kernels
+from .kernels import linears, moe_decode_kernels
 from .quantization import is_plain
 from .quantized_experts import forward as quantized_experts_forward
 
@@ -25,15 +25,18 @@ if TYPE_CHECKING:
 class KimiMLP(nn.Module):
     """SwiGLU MLP ``down(act(gate(x)) * up(x))`` (dense layers and the shared experts)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu",
+                 decode_kernels: str = "auto") -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act_fn = ACT2FN[hidden_act]
+        self.decode_kernels = decode_kernels  # config.decode_kernels: gate and up in one launch at decode time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(self.decode_kernels, [(x, self.gate_proj), (x, self.up_proj)])
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class KimiMoEGate(nn.Module):
@@ -223,7 +226,8 @@ class KimiSparseMoeBlock(nn.Module):
         )
         if config.num_shared_experts:
             self.shared_experts = KimiMLP(
-                config.hidden_size, config.moe_intermediate_size * config.num_shared_experts, config.hidden_act
+                config.hidden_size, config.moe_intermediate_size * config.num_shared_experts, config.hidden_act,
+                decode_kernels=getattr(config, "decode_kernels", "auto"),
             )
         else:
             self.shared_experts = None

@@ -21,6 +21,24 @@ def load_script(path: Path, name: str):  # noqa: ANN201 - the module
     return module
 
 
+@pytest.fixture(scope="module")
+def interpreter_loops_with_numpy_2_4():
+    """Triton 3.6's interpreter turns a loop bound into a Python int with ``int(array_of_shape_1)``, which numpy
+    >= 2.4 refuses (triton-lang/triton#9171, fixed after 3.6): read the one element explicitly while these tests
+    run. Nothing outside the interpreter is touched."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):  # noqa: ANN001
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    yield
+    interpreter._patch_lang_tensor = original
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

@@ -28,22 +28,7 @@ H, DV, DR = 32, 512, 64  # the release's shape: 32 heads, 512 latent values + 64
 L = DV + DR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_loops_with_numpy_2_4():
-    """Triton 3.6's interpreter turns a loop bound into a Python int with ``int(array_of_shape_1)``, which numpy
-    >= 2.4 refuses (triton-lang/triton#9171, fixed after 3.6): read the one element explicitly while these tests
-    run. Nothing outside the interpreter is touched."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):  # noqa: ANN001
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    yield
-    interpreter._patch_lang_tensor = original
+pytestmark = pytest.mark.usefixtures("interpreter_loops_with_numpy_2_4")
 
 
 def reference64(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None, scale: float, dv: int):

@@ -1,0 +1,125 @@
+"""Several bias-free linear maps of a few tokens in one Triton launch (decode time, CUDA only).
+
+At batch 1 a KDA layer's projections are nine small matrix-vector products (q, k, v, the gate's and the output
+gate's two ranks, beta, o_proj). cuBLAS runs each as its own kernel, and the first H100 run of this package's
+decode kernels measured the nine at 62 us a layer for 77 MB of weights: 1.2 TB/s, 40% of the copy bandwidth
+(docs/benchmarks.md, "Fused KDA decode step"). Most of that is the launch and tail of each small kernel, not the
+bytes. :func:`multi_linear` computes ``y_i = x_i W_i^T`` for up to :data:`MAX_SLOTS` pairs in one grid: every
+program owns ``BLOCK_N`` output features of one weight and streams those rows once through a K loop, so the
+weights of all slots are read by one wave of programs. The layer then takes three launches for its projections
+(q/k/v/f_a/beta/g_a from x, then f_b/g_b from the two ranks, then o_proj) instead of nine.
+
+Math: ``y[m, n] = sum_k x[m, k] W[n, k]``, fp32 accumulation (``tl.dot`` over 16-row blocks of tokens, padded;
+for fp32 inputs ``input_precision="ieee"``, never TF32), rounded once to x's dtype: what ``nn.Linear`` computes up
+to the order of the fp32 sum. Nothing reads back to the host (CUDA-graph capturable).
+
+Nothing imports this module unless :func:`kernels.linears` chose it for CUDA tensors; the modules' own calls stay
+the reference and the CPU path, and serve every module that is not a plain ``nn.Linear`` (adapters, quantized
+weights, hooks: see :func:`kernels.plain_linears`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+try:  # in a try block, transformers' remote-code check does not ask for triton where these kernels never run
+    import triton
+    import triton.language as tl
+except ImportError as exc:
+    raise ImportError("the multi-linear decode kernel needs triton: pip install triton") from exc
+
+from .kernels import MULTI_LINEAR_SLOTS as MAX_SLOTS  # (x, W) pairs one launch takes
+
+BLOCK_M = 16  # tl.dot's smallest M: the tokens of a step, padded
+TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def multi_linear(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], *, tile: dict | None = None) -> list[torch.Tensor]:
+    """``[x_i @ W_i.T for (x_i, W_i) in pairs]`` in one launch.
+
+    Each ``x_i`` is ``[..., K_i]`` with the same leading shape (the tokens), each ``W_i`` a contiguous
+    ``[N_i, K_i]``; all of one dtype (bf16, fp16 or fp32). Returns ``[..., N_i]`` tensors in that dtype. ``tile``
+    overrides :data:`TILE` (benchmarks).
+    """
+    if not 1 <= len(pairs) <= MAX_SLOTS:
+        raise ValueError(f"multi_linear takes 1 to {MAX_SLOTS} (x, W) pairs, got {len(pairs)}")
+    lead = pairs[0][0].shape[:-1]
+    dtype = pairs[0][0].dtype
+    flat, dims = [], []
+    for i, (x, w) in enumerate(pairs):
+        if x.shape[:-1] != lead or w.dim() != 2 or w.shape[1] != x.shape[-1]:
+            raise ValueError(f"pair {i}: expected x [..., K] with leading shape {tuple(lead)} and W [N, K]; got "
+                             f"{tuple(x.shape)} and {tuple(w.shape)}")
+        if x.dtype != dtype or w.dtype != dtype or dtype not in DTYPES:
+            raise ValueError(f"pair {i}: x and W must share one of {DTYPES} with the other pairs; got {x.dtype}, "
+                             f"{w.dtype}")
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        flat.append((x2, w.contiguous()))
+        dims.append(w.shape[0])
+    tokens = flat[0][0].shape[0]
+    tile = {**TILE, **(tile or {})}
+    outs = [torch.empty(tokens, n, dtype=dtype, device=flat[0][0].device) for n in dims]
+    if tokens == 0:
+        return [y.view(*lead, n) for y, n in zip(outs, dims)]
+    ends, total = [], 0
+    for n in dims:
+        total += triton.cdiv(n, tile["BLOCK_N"])
+        ends.append(total)
+    args = []
+    for i in range(MAX_SLOTS):
+        j = min(i, len(flat) - 1)  # unused slots repeat the last pair; no program reaches them
+        x2, w = flat[j]
+        args += [x2, w, outs[j], w.shape[0], w.shape[1], x2.stride(0)]
+    ends += [total] * (MAX_SLOTS - len(ends))
+    precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    _multi_linear[(total, triton.cdiv(tokens, BLOCK_M))](
+        *args, *ends[:-1], tokens,
+        BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    )
+    return [y.view(*lead, n) for y, n in zip(outs, dims)]
+
+
+_SLOT_ARGS = [f"{name}{i}" for i in range(MAX_SLOTS) for name in ("n", "k", "sx")] + [f"e{i}" for i in range(5)]
+
+
+@triton.jit(do_not_specialize=_SLOT_ARGS + ["M"])  # sizes stay runtime ints: the slot chosen below merges them
+def _multi_linear(
+    x0, w0, y0, n0, k0, sx0, x1, w1, y1, n1, k1, sx1, x2, w2, y2, n2, k2, sx2,
+    x3, w3, y3, n3, k3, sx3, x4, w4, y4, n4, k4, sx4, x5, w5, y5, n5, k5, sx5,
+    e0, e1, e2, e3, e4, M,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """y_s[rows, feats] = x_s[rows] W_s[feats]^T for the slot s whose block range holds program_id(0)."""
+    pid = tl.program_id(0)
+    x_ptr, w_ptr, y_ptr, N, K, sx, first = x0, w0, y0, n0, k0, sx0, e0 * 0  # (a runtime int, like the e's)
+    if pid >= e0:
+        x_ptr, w_ptr, y_ptr, N, K, sx, first = x1, w1, y1, n1, k1, sx1, e0
+    if pid >= e1:
+        x_ptr, w_ptr, y_ptr, N, K, sx, first = x2, w2, y2, n2, k2, sx2, e1
+    if pid >= e2:
+        x_ptr, w_ptr, y_ptr, N, K, sx, first = x3, w3, y3, n3, k3, sx3, e2
+    if pid >= e3:
+        x_ptr, w_ptr, y_ptr, N, K, sx, first = x4, w4, y4, n4, k4, sx4, e3
+    if pid >= e4:
+        x_ptr, w_ptr, y_ptr, N, K, sx, first = x5, w5, y5, n5, k5, sx5, e4
+    feats = (pid - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+    feat_ok = feats < N
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    kk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * sx + kk[None, :]
+    w_rows = w_ptr + feats.to(tl.int64)[:, None] * K + kk[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0_ in range(0, K, BLOCK_K):
+        k_ok = (k0_ + kk) < K
+        xt = tl.load(x_rows + k0_, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_rows + k0_, mask=feat_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+    dest = y_ptr + rows.to(tl.int64)[:, None] * N + feats[None, :]
+    tl.store(dest, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & feat_ok[None, :])

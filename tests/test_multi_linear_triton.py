@@ -1,0 +1,262 @@
+"""Several linear maps in one Triton launch (modeling_kimi_linear/multi_linear_triton.py) and the seam that sends
+decode-step projections there (``kernels.linears``).
+
+The kernel runs on CPU tensors under Triton's interpreter (float32: the interpreter's ``tl.dot`` on bf16 is wrong)
+or on a GPU; without triton, or without either, those tests skip::
+
+    TRITON_INTERPRET=1 /work/venv-triton/bin/python -m pytest -q tests/test_multi_linear_triton.py
+
+The reference is a float64 product written here. The seam tests run anywhere: CPU tensors never reach the kernel,
+and a layer whose projections go through the kernel computes what its module calls compute.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from modeling_kimi_linear import KimiLinearCache, kernels
+from modeling_kimi_linear.kda_layer import KimiDeltaAttention
+from modeling_kimi_linear.mla_layer import KimiMLAAttention
+from modeling_kimi_linear.moe import KimiMLP
+from modeling_kimi_linear.presets import load_preset
+
+INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+
+@pytest.fixture(scope="module")
+def mlt(request):
+    """The kernel module, where its kernel can run (GPU, or Triton's interpreter on CPU)."""
+    pytest.importorskip("triton")
+    if DEVICE == "cpu" and not INTERPRET:
+        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1")
+    request.getfixturevalue("interpreter_loops_with_numpy_2_4")
+    from modeling_kimi_linear import multi_linear_triton
+
+    return multi_linear_triton
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def pairs_of(gen: torch.Generator, lead: tuple[int, ...], dims: list[tuple[int, int]]):
+    """(x, W) pairs: one x per distinct K (shared by the pairs of that K, as a layer's projections share x)."""
+    xs = {k: torch.randn(*lead, k, generator=gen) for k in {k for _, k in dims}}
+    return [(xs[k].to(DEVICE), torch.randn(n, k, generator=gen).to(DEVICE)) for n, k in dims]
+
+
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 1), (17,)])
+@pytest.mark.parametrize("dims", [
+    [(96, 64)],
+    [(40, 64), (7, 64), (33, 136), (128, 64), (1, 64), (65, 200)],  # odd N and K, a 1-row weight
+    [(64, 128), (64, 128)],
+])
+def test_matches_float64(mlt, lead, dims):
+    """Every output against ``x W^T`` in float64: token counts across the 16-row block, N and K off the tiles."""
+    gen = torch.Generator().manual_seed(len(dims) * 100 + sum(lead))
+    pairs = pairs_of(gen, lead, dims)
+    outs = mlt.multi_linear(pairs)
+    assert len(outs) == len(pairs)
+    for (x, w), y in zip(pairs, outs):
+        assert y.shape == (*lead, w.shape[0]) and y.dtype == x.dtype
+        assert rel(y, x.double() @ w.double().T) < 1e-6
+
+
+def test_small_tiles_loop_over_k_and_strided_x(mlt):
+    """Tiles smaller than the shapes (several K blocks, several programs per weight) and an x that is a strided
+    view (a slice of a wider tensor, rows not contiguous) give the same products."""
+    gen = torch.Generator().manual_seed(7)
+    wide = torch.randn(5, 300, generator=gen).to(DEVICE)
+    x = wide[:, 10:210]
+    w1, w2 = (torch.randn(n, 200, generator=gen).to(DEVICE) for n in (50, 70))
+    tile = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 2, "num_stages": 2}
+    for y, w in zip(mlt.multi_linear([(x, w1), (x, w2)], tile=tile), (w1, w2)):
+        assert rel(y, x.double() @ w.double().T) < 1e-6
+
+
+def test_rejects_bad_input(mlt):
+    x, w = torch.randn(2, 8).to(DEVICE), torch.randn(4, 8).to(DEVICE)
+    with pytest.raises(ValueError, match="1 to 6"):
+        mlt.multi_linear([])
+    with pytest.raises(ValueError, match="1 to 6"):
+        mlt.multi_linear([(x, w)] * 7)
+    with pytest.raises(ValueError, match="pair 1"):
+        mlt.multi_linear([(x, w), (torch.randn(3, 8).to(DEVICE), w)])
+    with pytest.raises(ValueError, match="pair 1"):
+        mlt.multi_linear([(x, w), (x, torch.randn(4, 9).to(DEVICE))])
+    with pytest.raises(ValueError, match="pair 0"):
+        mlt.multi_linear([(x, w.double())])
+
+
+def _force_triton(monkeypatch):
+    """Let the seam choose Triton for CPU tensors (the interpreter runs them)."""
+    real = kernels.resolve_decode_kernels
+    monkeypatch.setattr(kernels, "resolve_decode_kernels",
+                        lambda choice, device: "triton" if choice == "triton" else real(choice, device))
+
+
+def _counting(monkeypatch, mlt) -> list[int]:
+    calls = []
+    real = mlt.multi_linear
+
+    def counted(pairs, **kwargs):
+        calls.append(len(pairs))
+        return real(pairs, **kwargs)
+
+    monkeypatch.setattr(mlt, "multi_linear", counted)
+    return calls
+
+
+def test_layers_through_the_seam_match_module_calls(mlt, monkeypatch):
+    """A KDA layer, an MLA layer and an MLP with ``decode_kernels="triton"``: decode steps (a prefill before them,
+    batch 2, one padded token) give what the same modules give through their own calls, and the launches are the
+    expected ones (KDA: 6 + 2 pairs a step; MLA: 2; MLP: 2); a prompt of more tokens than
+    ``MULTI_LINEAR_MAX_TOKENS`` keeps the module calls."""
+    _force_triton(monkeypatch)
+    calls = _counting(monkeypatch, mlt)
+    config = load_preset("tiny", kda_backend="torch")
+    gen = torch.Generator().manual_seed(3)
+    for layer_cls, idx in ((KimiDeltaAttention, 0), (KimiMLAAttention, 3)):
+        ref = layer_cls(config, idx).eval()
+        for p in ref.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.2
+        fast = layer_cls(config, idx).eval()
+        fast.load_state_dict(ref.state_dict())
+        ref.decode_kernels, fast.decode_kernels = "torch", "triton"
+        cache_ref, cache_fast = KimiLinearCache(config), KimiLinearCache(config)
+        calls.clear()
+        with torch.no_grad():
+            x = torch.randn(2, 40, config.hidden_size, generator=gen)  # 80 tokens: past MULTI_LINEAR_MAX_TOKENS
+            assert torch.equal(fast(x, cache=cache_fast), ref(x, cache=cache_ref))
+            assert calls == []
+            for step in range(3):
+                x = torch.randn(2, 1, config.hidden_size, generator=gen)
+                kwargs = {}
+                if step == 1 and layer_cls is KimiDeltaAttention:
+                    kwargs["token_mask"] = torch.tensor([[True], [False]])
+                assert rel(fast(x, cache=cache_fast, **kwargs), ref(x, cache=cache_ref, **kwargs)) < 1e-5, step
+        assert calls == ([6, 2] if layer_cls is KimiDeltaAttention else [2]) * 3
+    ref = KimiMLP(config.hidden_size, 48, decode_kernels="torch")
+    fast = KimiMLP(config.hidden_size, 48, decode_kernels="triton")
+    fast.load_state_dict(ref.state_dict())
+    calls.clear()
+    with torch.no_grad():
+        x = torch.randn(4, config.hidden_size, generator=gen)
+        assert rel(fast(x), ref(x)) < 1e-5
+    assert calls == [2]
+
+
+def test_seam_keeps_module_calls_where_they_compute_more(monkeypatch):
+    """``plain_linears`` turns down everything a single ``x W^T`` would get wrong: a wrapper or subclass, a bias,
+    hooks (accelerate's too), other dtypes or devices, quantized tensor subclasses, autocast, too many tokens or
+    pairs; and ``linears`` keeps module calls under autograd and for CPU tensors."""
+    lin = nn.Linear(8, 4, bias=False)
+    x = torch.randn(2, 8)
+    ok = [(x, lin), (x, nn.Linear(8, 3, bias=False))]
+    assert kernels.plain_linears(ok)
+
+    class Sub(nn.Linear):
+        pass
+
+    assert not kernels.plain_linears([(x, Sub(8, 4, bias=False))])
+    assert not kernels.plain_linears([(x, nn.Linear(8, 4))])  # bias
+    assert not kernels.plain_linears([(x, lin)] * 7)
+    assert not kernels.plain_linears([(torch.randn(65, 8), lin)])
+    assert not kernels.plain_linears([(x, lin), (torch.randn(3, 8), lin)])
+    assert not kernels.plain_linears([(x.double(), lin)])
+    hooked = nn.Linear(8, 4, bias=False)
+    handle = hooked.register_forward_pre_hook(lambda m, a: None)
+    assert not kernels.plain_linears([(x, hooked)])
+    handle.remove()
+    assert kernels.plain_linears([(x, hooked)])
+    hooked._hf_hook = object()  # what accelerate's add_hook_to_module leaves on a module it wraps
+    assert not kernels.plain_linears([(x, hooked)])
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        assert not kernels.plain_linears(ok)
+    finally:
+        handle.remove()
+
+    class Quantized(torch.Tensor):
+        pass
+
+    wrapped = nn.Linear(8, 4, bias=False)
+    wrapped.weight = nn.Parameter(lin.weight.detach().as_subclass(Quantized), requires_grad=False)
+    assert not kernels.plain_linears([(x, wrapped)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.plain_linears(ok)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the kernel was chosen")
+
+    fake = type(sys)("fake")
+    fake.multi_linear = boom
+    monkeypatch.setitem(sys.modules, "modeling_kimi_linear.multi_linear_triton", fake)
+    out = kernels.linears("auto", ok)  # CPU tensors: module calls
+    assert torch.equal(out[0], lin(x))
+    monkeypatch.setattr(kernels, "resolve_decode_kernels", lambda choice, device: "triton")
+    assert kernels.linears("triton", ok)[0].requires_grad  # autograd: module calls
+    with torch.no_grad(), pytest.raises(AssertionError, match="chosen"):
+        kernels.linears("triton", ok)
+
+
+COMPILE = r"""
+import json, subprocess, sys
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from modeling_kimi_linear import multi_linear_triton as m
+fn, names = m._multi_linear, m._multi_linear.arg_names
+const = {"BLOCK_M": m.BLOCK_M, "BLOCK_N": m.TILE["BLOCK_N"], "BLOCK_K": m.TILE["BLOCK_K"], "PRECISION": "tf32"}
+ptr = {n for n in names if n[0] in "xwy" and n[1:].isdigit()}
+signature = {n: "constexpr" if n in const else "*bf16" if n in ptr else "i32" for n in names}
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptr}
+src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
+kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": m.TILE["num_warps"], "num_stages": m.TILE["num_stages"]})
+tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+usage = ""
+if tool.exists():
+    Path("kernel.cubin").write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([str(tool), "--dump-resource-usage", "kernel.cubin"], capture_output=True, text=True).stdout
+print(json.dumps({"usage": usage}))
+"""
+
+
+def test_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """The interpreter runs Python, not the compiler (which must merge the six slots' pointers and sizes chosen at
+    run time): compile the kernel for an H100 / H200 (sm_90, no GPU needed) with its default tile and check that
+    ptxas keeps it in registers."""
+    pytest.importorskip("triton")
+    import json
+    import subprocess
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    result = subprocess.run([sys.executable, "-c", COMPILE], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    usage = json.loads(result.stdout.strip().splitlines()[-1])["usage"]
+    if usage:
+        assert "STACK:0 " in usage, usage
+
+
+def test_checkpoints_carry_the_kernel_module_without_requiring_triton():
+    """``save_pretrained`` copies the modules that transformers' relative-import scan finds: the kernel module must
+    be among them, and loading must not require triton."""
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    package = Path(kernels.__file__).parent
+    copied = {Path(p).name for p in get_relative_import_files(str(package / "modeling_kimi_linear.py"))}
+    assert "multi_linear_triton.py" in copied
+    assert "triton" not in get_imports(str(package / "multi_linear_triton.py"))
