@@ -80,10 +80,8 @@ def labelled(model) -> None:  # noqa: ANN001
         handles.append(module.register_forward_hook(post))
 
     for module in model.modules():
-        if isinstance(module, KimiDeltaAttention):
-            for name in ("q_proj", "k_proj", "v_proj", "f_a_proj", "f_b_proj", "b_proj", "g_a_proj", "g_b_proj"):
-                wrap(getattr(module, name), "kda: projections")
-            wrap(module.o_proj, "kda: output projection")
+        if isinstance(module, KimiDeltaAttention):  # its projections: split_projections, below (hooks on the
+            wrap(module.o_proj, "kda: output projection")  # linears would send them back to module calls)
         elif isinstance(module, KimiMLAAttention):
             wrap(module, "mla")
         elif isinstance(module, KimiMoEGate):
@@ -111,17 +109,20 @@ def labelled(model) -> None:  # noqa: ANN001
 
         saved[fn_name] = fn
         setattr(kda_layer, fn_name, ranged)
-    original_log_decay = KimiDeltaAttention.log_decay
+    methods = {"log_decay": "kda: gate", "split_projections": "kda: projections"}
+    originals = {name: getattr(KimiDeltaAttention, name) for name in methods}
+    for name, part in methods.items():
 
-    def log_decay(self, f):  # noqa: ANN001
-        with record_function(label("kda: gate")):
-            return original_log_decay(self, f)
+        def method(self, *args, _fn=originals[name], _part=part):  # noqa: ANN001, ANN002
+            with record_function(label(_part)):
+                return _fn(self, *args)
 
-    KimiDeltaAttention.log_decay = log_decay
+        setattr(KimiDeltaAttention, name, method)
     try:
         yield
     finally:
-        KimiDeltaAttention.log_decay = original_log_decay
+        for name, fn in originals.items():
+            setattr(KimiDeltaAttention, name, fn)
         for fn_name, fn in saved.items():
             setattr(kda_layer, fn_name, fn)
         for h in handles:
