@@ -374,3 +374,26 @@ def multi_linear_check(rows: list[dict]) -> None:
                           + ", ".join(f"{tuple(t.values())} {u:.1f}" for t, u in zip(tiles, times))
                           + f" (default {tuple(multi_linear_triton.TILE.values())})",
                  "rel_err": min(times), "info": True})
+
+
+@torch.no_grad()
+def rms_norm_check(rows: list[dict]) -> None:
+    """The decoder's residual add + RMSNorm as one Triton launch (``kernels.add_rms_norm`` ->
+    ``rms_norm_triton``) against the add and ``KimiRMSNorm`` (the PyTorch path), bf16 at the release's width
+    (2304), for 1, 8 and 4096 rows: both results' errors and both times (CUDA-graph replays)."""
+    from modeling_kimi_linear.kernels import add_rms_norm
+    from modeling_kimi_linear.norms import KimiRMSNorm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    norm = KimiRMSNorm(2304, eps=1e-6).to("cuda", torch.bfloat16)
+    norm.weight.data = (1 + 0.1 * torch.randn(2304, device="cuda", generator=gen)).to(torch.bfloat16)
+    for n in (1, 8, 4096):
+        x, res = (torch.randn(n, 1, 2304, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+        (y_t, h_t), (y_p, h_p) = add_rms_norm("triton", x, res, norm), add_rms_norm("torch", x, res, norm)
+        rows.append({"check": f"residual add + RMSNorm, one launch vs PyTorch, {n} rows: output (new residual "
+                              f"exact: {bool(torch.equal(h_t, h_p))})", "rel_err": rel(y_t, y_p)
+                     + (0.0 if torch.equal(h_t, h_p) else float("inf"))})
+        t_p, t_t = replay_us(lambda: add_rms_norm("torch", x, res, norm)), replay_us(
+            lambda: add_rms_norm("triton", x, res, norm))
+        rows.append({"check": f"  same, us (graph replay; a time, not an error): PyTorch {t_p:.1f}, one launch "
+                              f"{t_t:.1f} ({t_p / t_t:.1f}x)", "rel_err": t_t, "info": True})

@@ -90,10 +90,8 @@ def labelled(model) -> None:  # noqa: ANN001
             wrap(module, "routed experts")
         elif isinstance(module, KimiSparseMoeBlock) and module.shared_experts is not None:
             wrap(module.shared_experts, "shared expert")
-    for layer in model.model.layers:  # the decoder's norms (those inside attention count with their layer)
-        wrap(layer.input_layernorm, "norms")
-        wrap(layer.post_attention_layernorm, "norms")
-        if hasattr(layer, "mlp"):
+    for layer in model.model.layers:  # the decoder's norms: add_rms_norm, below (those inside attention count
+        if hasattr(layer, "mlp"):     # with their layer; a hook on a norm would send it back to the module call)
             wrap(layer.mlp, "dense MLP")
     wrap(model.model.norm, "norms")
     wrap(model.model.embed_tokens, "embedding")
@@ -109,6 +107,14 @@ def labelled(model) -> None:  # noqa: ANN001
 
         saved[fn_name] = fn
         setattr(kda_layer, fn_name, ranged)
+    decoder = sys.modules[type(model.model.layers[0]).__module__]
+    add_norm = decoder.add_rms_norm
+
+    def add_rms_norm(*args):  # noqa: ANN002
+        with record_function(label("norms")):
+            return add_norm(*args)
+
+    decoder.add_rms_norm = add_rms_norm
     methods = {"log_decay": "kda: gate", "split_projections": "kda: projections"}
     originals = {name: getattr(KimiDeltaAttention, name) for name in methods}
     for name, part in methods.items():
@@ -121,6 +127,7 @@ def labelled(model) -> None:  # noqa: ANN001
     try:
         yield
     finally:
+        decoder.add_rms_norm = add_norm
         for name, fn in originals.items():
             setattr(KimiDeltaAttention, name, fn)
         for fn_name, fn in saved.items():

@@ -1,6 +1,7 @@
 """The one dispatch seam between the pure-PyTorch kernels and the Triton ones: fla's (KDA itself, KDA's short
 convolution for prompts, its gated output norm) and this package's own decode kernels (``*_triton.py``: MLA
-flash-decoding, the MoE's router and experts, the fused KDA step, several linear maps in one launch).
+flash-decoding, the MoE's router and experts, the fused KDA step, several linear maps in one launch, the
+residual add with RMSNorm).
 
 fla's kernels follow ``config.kda_backend``:
 
@@ -25,7 +26,7 @@ from .kda_fla import (
     FLA_INSTALL_HINT, fla_kda_ops, fla_module_ops, gated_rms_norm_fla, kda_fla, needs_grad, short_conv_fla,
 )
 from .kda_torch import kda_chunk_torch, kda_recurrent_torch
-from .norms import gated_rms_normalize
+from .norms import KimiRMSNorm, gated_rms_normalize
 from .short_conv_torch import positions_in_documents, short_conv_torch
 
 _warned_missing_fla = False
@@ -191,6 +192,40 @@ def plain_linears(pairs: Sequence[tuple[torch.Tensor, nn.Module]]) -> bool:
         if type(w) not in (torch.Tensor, nn.Parameter) or w.dtype != x.dtype or w.device != x.device:
             return False
     return True
+
+
+def add_rms_norm(
+    choice: str, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(h), h)`` with ``h = residual + x`` (``h = x`` without a residual): the decoder's residual add and
+    RMSNorm as one Triton launch (:func:`rms_norm_triton.add_rms_norm`) where :func:`plain_rms_norm` says that
+    computes the same and ``choice`` (``config.decode_kernels``) resolves to ``"triton"`` for x's device, else the
+    add and the module call themselves (the reference)."""
+    if resolve_decode_kernels(choice, x.device) == "triton" and plain_rms_norm(x, residual, norm):
+        from .rms_norm_triton import add_rms_norm as fused
+
+        return fused(x, residual, norm.weight, norm.variance_epsilon)
+    h = x if residual is None else residual + x
+    return norm(h), h
+
+
+def plain_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module) -> bool:
+    """Whether ``norm`` is exactly :class:`norms.KimiRMSNorm` (no subclass, no hooks or global module hooks) with a
+    plain weight of x's dtype and device, ``residual`` (if any) is like x, nothing needs gradients and no autocast
+    is on: then :func:`rms_norm_triton.add_rms_norm` computes what the module computes."""
+    w = getattr(norm, "weight", None)
+    if type(norm) is not KimiRMSNorm or norm._forward_hooks or norm._forward_pre_hooks or hasattr(norm, "_hf_hook"):
+        return False
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
+        return False
+    if type(w) not in (torch.Tensor, nn.Parameter) or w.dtype != x.dtype or w.device != x.device:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        return False
+    return not needs_grad(x, w, *(() if residual is None else (residual,)))
 
 
 def kda(

@@ -28,6 +28,7 @@ from .compiled_decode import CompiledDecoder
 from .cuda_graph_decode import StaticDecoder
 from .device_placement import weights_on_one_device
 from .kda_layer import KimiDeltaAttention
+from .kernels import add_rms_norm
 from .mla_layer import KimiMLAAttention
 from .transformers_compat import CACHE_FIELD, build_output, cache_field, one_cache, output_cache
 from .moe import KimiExperts, KimiMLP, KimiMoEGate, KimiSparseMoeBlock
@@ -42,6 +43,7 @@ class KimiDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_idx = layer_idx
         self.is_kda = config.is_kda_layer(layer_idx)
+        self.decode_kernels = getattr(config, "decode_kernels", "auto")  # the norms' Triton launch on CUDA
         if self.is_kda:
             self.self_attn = KimiDeltaAttention(config, layer_idx)
         else:
@@ -62,15 +64,14 @@ class KimiDecoderLayer(GradientCheckpointingLayer):
         cu_seqlens: torch.Tensor | None = None,
         past_key_values: KimiLinearCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        # each norm with the residual add before it: one Triton launch at decode time on CUDA (kernels.add_rms_norm)
+        hidden_states, residual = add_rms_norm(self.decode_kernels, hidden_states, None, self.input_layernorm)
         if self.is_kda:
             hidden_states = self.self_attn(hidden_states, token_mask, past_key_values, cu_seqlens)
         else:
             hidden_states = self.self_attn(hidden_states, attn_mask, past_key_values)
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states, residual = add_rms_norm(self.decode_kernels, hidden_states, residual,
+                                               self.post_attention_layernorm)
         router_logits = None
         if hasattr(self, "block_sparse_moe"):
             hidden_states, router_logits = self.block_sparse_moe(hidden_states)

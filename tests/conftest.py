@@ -39,6 +39,45 @@ def interpreter_loops_with_numpy_2_4():
     interpreter._patch_lang_tensor = original
 
 
+SM90_COMPILE = r"""
+import json, subprocess, sys
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+{setup}
+src = ASTSource(fn=fn, signature=signature, constexprs={{(names.index(n),): v for n, v in const.items()}}, attrs=attrs)
+kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+usage = ""
+if tool.exists():
+    Path("kernel.cubin").write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([str(tool), "--dump-resource-usage", "kernel.cubin"], capture_output=True, text=True).stdout
+print(json.dumps({{"usage": usage}}))
+"""
+
+
+def assert_compiles_for_sm90_without_spills(tmp_path: Path, setup: str, *argv: str) -> None:
+    """Triton's interpreter runs Python, not the compiler: compile a kernel for an H100 / H200 (sm_90, no GPU
+    needed) in a fresh process without ``TRITON_INTERPRET``, and check that ptxas keeps it in registers (no
+    local-memory spills; checked where triton ships cuobjdump). ``setup`` is Python that defines ``fn`` (the
+    kernel), ``names`` (its argument names), ``const`` (constexpr values by name), ``signature``, ``attrs`` and
+    ``options`` for ``triton.compile``; ``argv`` reaches it as ``sys.argv[1:]``."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    result = subprocess.run([sys.executable, "-c", SM90_COMPILE.format(setup=setup), *argv], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    usage = json.loads(result.stdout.strip().splitlines()[-1])["usage"]
+    if usage:
+        assert "STACK:0 " in usage, usage
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

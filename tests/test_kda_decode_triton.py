@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: kernels are then interpreted
 
@@ -26,7 +25,8 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # set to something else by the caller
     pytest.skip("TRITON_INTERPRET=1 is needed to run Triton kernels on the CPU", allow_module_level=True)
 
-from modeling_kimi_linear import KimiLinearCache, kda_layer  # noqa: E402
+from conftest import assert_compiles_for_sm90_without_spills  # noqa: E402
+from modeling_kimi_linear import KimiLinearCache, kda_layer, kernels  # noqa: E402
 from modeling_kimi_linear.kda_decode_triton import kda_decode_step  # noqa: E402
 from modeling_kimi_linear.kda_layer import KimiDeltaAttention  # noqa: E402
 from modeling_kimi_linear.presets import load_preset  # noqa: E402
@@ -222,6 +222,8 @@ def test_layer_decode_matches_pytorch_path(monkeypatch, granularity, bsz, dtype)
 
     monkeypatch.setattr(kda_layer, "fused_kda_decode", fused_kda_decode)
     monkeypatch.setattr(kda_layer, "kda_decode_step", counted_step)
+    # the projections stay module calls here (their one-launch form is tests/test_multi_linear_triton.py's)
+    monkeypatch.setattr(kda_layer, "linears", lambda choice, pairs: kernels.linears("torch", pairs))
     cache_ref, cache_fused = KimiLinearCache(config), KimiLinearCache(config)
     hidden = config.hidden_size
     out_tol, state_tol = TOLERANCE[dtype]
@@ -265,12 +267,7 @@ def test_layer_takes_pytorch_path_when_gradients_are_needed(monkeypatch):
     assert out.requires_grad
 
 
-COMPILE = r"""
-import json, subprocess, sys
-from pathlib import Path
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+COMPILE_SETUP = r"""
 from modeling_kimi_linear import kda_decode_triton as m
 fn, names = m._kda_decode_kernel, m._kda_decode_kernel.arg_names
 model_ptrs = ("q_ptr", "k_ptr", "v_ptr", "f_ptr", "b_ptr", "gate_ptr", "wq_ptr", "wk_ptr", "wv_ptr", "norm_w_ptr",
@@ -284,14 +281,7 @@ odd = {"stride_tc", "stride_oc", "stride_mb"}
 signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in const and n not in odd
          and n not in ("scale", "eps")}
-src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": m.DEFAULT_NUM_WARPS})
-tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-usage = ""
-if tool.exists():
-    Path("kernel.cubin").write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run([str(tool), "--dump-resource-usage", "kernel.cubin"], capture_output=True, text=True).stdout
-print(json.dumps({"usage": usage}))
+options = {"num_warps": m.DEFAULT_NUM_WARPS}
 """
 
 
@@ -300,15 +290,4 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path, gate):
     """The interpreter runs Python, not the compiler: compile the kernel for an H100 / H200 (sm_90, no GPU needed)
     at the release's shapes and default warps, and check that ptxas keeps it in registers (no local-memory
     spills)."""
-    import json
-    import subprocess
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    result = subprocess.run([sys.executable, "-c", COMPILE, gate], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    usage = json.loads(result.stdout.strip().splitlines()[-1])["usage"]
-    if usage:
-        assert "STACK:0 " in usage, usage
+    assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, gate)

@@ -242,6 +242,7 @@ def test_block_through_the_seam_matches_torch_path(mdt, monkeypatch):
     if DEVICE == "cpu":
         monkeypatch.setattr(kernels, "resolve_decode_kernels", fake_resolve)
     block = random_block().to(DEVICE)
+    block.shared_experts.decode_kernels = "torch"  # its launch is tests/test_multi_linear_triton.py's
     x = torch.randn(1, 6, 48, device=DEVICE)
     calls = []
     monkeypatch.setattr(kernels, "moe_decode_module", lambda: calls.append(1) or mdt)
@@ -310,6 +311,7 @@ def test_seam_sends_only_decode_calls_without_autograd(monkeypatch):
     call without autograd, and stay on PyTorch with autograd, past MOE_DECODE_MAX_COPIES, for a quantized weight
     subclass, or with ``decode_kernels="torch"``."""
     block = random_block(num_experts_per_token=4)
+    block.shared_experts.decode_kernels = "torch"  # its launch is tests/test_multi_linear_triton.py's
     fake = _FakeKernels(block)
     monkeypatch.setattr(kernels, "resolve_decode_kernels", fake_resolve)
     monkeypatch.setattr(kernels, "moe_decode_module", lambda: fake)

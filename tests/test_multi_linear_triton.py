@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_compiles_for_sm90_without_spills
 from modeling_kimi_linear import KimiLinearCache, kernels
 from modeling_kimi_linear.kda_layer import KimiDeltaAttention
 from modeling_kimi_linear.mla_layer import KimiMLAAttention
@@ -206,27 +207,14 @@ def test_seam_keeps_module_calls_where_they_compute_more(monkeypatch):
         kernels.linears("triton", ok)
 
 
-COMPILE = r"""
-import json, subprocess, sys
-from pathlib import Path
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+COMPILE_SETUP = r"""
 from modeling_kimi_linear import multi_linear_triton as m
 fn, names = m._multi_linear, m._multi_linear.arg_names
 const = {"BLOCK_M": m.BLOCK_M, "BLOCK_N": m.TILE["BLOCK_N"], "BLOCK_K": m.TILE["BLOCK_K"], "PRECISION": "tf32"}
 ptr = {n for n in names if n[0] in "xwy" and n[1:].isdigit()}
 signature = {n: "constexpr" if n in const else "*bf16" if n in ptr else "i32" for n in names}
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptr}
-src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": m.TILE["num_warps"], "num_stages": m.TILE["num_stages"]})
-tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-usage = ""
-if tool.exists():
-    Path("kernel.cubin").write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run([str(tool), "--dump-resource-usage", "kernel.cubin"], capture_output=True, text=True).stdout
-print(json.dumps({"usage": usage}))
+options = {"num_warps": m.TILE["num_warps"], "num_stages": m.TILE["num_stages"]}
 """
 
 
@@ -234,19 +222,7 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     """The interpreter runs Python, not the compiler (which must merge the six slots' pointers and sizes chosen at
     run time): compile the kernel for an H100 / H200 (sm_90, no GPU needed) with its default tile and check that
     ptxas keeps it in registers."""
-    pytest.importorskip("triton")
-    import json
-    import subprocess
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    result = subprocess.run([sys.executable, "-c", COMPILE], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    usage = json.loads(result.stdout.strip().splitlines()[-1])["usage"]
-    if usage:
-        assert "STACK:0 " in usage, usage
+    assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP)
 
 
 def test_checkpoints_carry_the_kernel_module_without_requiring_triton():

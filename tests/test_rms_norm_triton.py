@@ -1,0 +1,145 @@
+"""The decoder's residual add + RMSNorm as one Triton launch (modeling_kimi_linear/rms_norm_triton.py) and the
+seam that sends the decoder's norms there (``kernels.add_rms_norm``).
+
+The kernel runs on CPU tensors under Triton's interpreter (float32) or on a GPU; without triton, or without either,
+those tests skip::
+
+    TRITON_INTERPRET=1 /work/venv-triton/bin/python -m pytest -q tests/test_rms_norm_triton.py
+
+References: the norm written out in float64 here, and ``KimiRMSNorm`` itself (the PyTorch path).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_compiles_for_sm90_without_spills
+from modeling_kimi_linear import KimiLinearForCausalLM, kernels
+from modeling_kimi_linear.norms import KimiRMSNorm
+from modeling_kimi_linear.presets import load_preset
+
+INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+
+@pytest.fixture(scope="module")
+def rnt():
+    """The kernel module, where its kernel can run (GPU, or Triton's interpreter on CPU)."""
+    pytest.importorskip("triton")
+    if DEVICE == "cpu" and not INTERPRET:
+        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1")
+    from modeling_kimi_linear import rms_norm_triton
+
+    return rms_norm_triton
+
+
+def norm64(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = h.double()
+    return weight.double() * h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2304), (3, 64), (2, 5, 100), (0, 64)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_matches_float64_and_the_module(rnt, shape, with_residual):
+    """Rows of 2304 (the release), 64 and 100 (not a power of two), with and without a residual, no rows at all:
+    ``h`` is exactly ``residual + x``; ``y`` matches the float64 norm and ``KimiRMSNorm`` to fp32 rounding."""
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=gen).to(DEVICE)
+    residual = torch.randn(*shape, generator=gen).to(DEVICE) if with_residual else None
+    norm = KimiRMSNorm(shape[-1], eps=1e-6).to(DEVICE)
+    norm.weight.data = torch.randn(shape[-1], generator=gen).to(DEVICE)
+    y, h = rnt.add_rms_norm(x, residual, norm.weight.detach(), norm.variance_epsilon)
+    want_h = x if residual is None else residual + x
+    assert y.shape == x.shape and h.shape == x.shape and y.dtype == x.dtype
+    assert torch.equal(h, want_h)
+    if x.numel():
+        assert (y.double() - norm64(want_h, norm.weight.detach(), 1e-6)).abs().max() < 1e-5
+        assert (y - norm(want_h)).abs().max() < 1e-5
+
+
+def test_rejects_bad_input(rnt):
+    x, w = torch.randn(2, 8).to(DEVICE), torch.ones(8).to(DEVICE)
+    with pytest.raises(ValueError, match="weight"):
+        rnt.add_rms_norm(x, None, torch.ones(9).to(DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        rnt.add_rms_norm(x, torch.randn(3, 8).to(DEVICE), w, 1e-6)
+    with pytest.raises(ValueError, match="share one of"):
+        rnt.add_rms_norm(x, None, w.double(), 1e-6)
+
+
+def test_model_decode_through_the_seam_matches_module_calls(rnt, monkeypatch):
+    """A tiny model with ``decode_kernels="triton"`` forced on for CPU tensors (every decoder norm then runs as
+    the kernel: two launches a layer) gives the logits of the same model on the PyTorch path, prompt and decode
+    steps; the final norm stays the module."""
+    real = kernels.resolve_decode_kernels
+    monkeypatch.setattr(kernels, "resolve_decode_kernels",
+                        lambda choice, device: "triton" if choice == "triton" else real(choice, device))
+    calls = []
+    fused = rnt.add_rms_norm
+    monkeypatch.setattr(rnt, "add_rms_norm", lambda *a: calls.append(1) or fused(*a))
+    config = load_preset("tiny", kda_backend="torch", decode_kernels="torch")
+    torch.manual_seed(0)
+    ref = KimiLinearForCausalLM(config).eval()
+    fast = KimiLinearForCausalLM(config).eval()
+    fast.load_state_dict(ref.state_dict())
+    for layer in fast.model.layers:
+        layer.decode_kernels = "triton"
+    ids = torch.randint(3, config.vocab_size, (2, 6))
+    with torch.no_grad():
+        a = fast(ids, use_cache=True)
+        b = ref(ids, use_cache=True)
+        assert (a.logits - b.logits).abs().max() < 1e-4
+        nxt = a.logits[:, -1:].argmax(-1)
+        a2 = fast(nxt, past_key_values=a.past_key_values, use_cache=True)
+        b2 = ref(nxt, past_key_values=b.past_key_values, use_cache=True)
+        assert (a2.logits - b2.logits).abs().max() < 1e-4
+    assert len(calls) == 2 * 2 * config.num_hidden_layers
+
+
+def test_seam_keeps_the_module_where_it_computes_more(monkeypatch):
+    """``plain_rms_norm`` turns down a subclass, hooks (accelerate's too), other dtypes, autocast and autograd;
+    CPU tensors never reach the kernel."""
+    norm = KimiRMSNorm(8)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert kernels.plain_rms_norm(x, None, norm) and kernels.plain_rms_norm(x, x, norm)
+        assert not kernels.plain_rms_norm(x, x.double(), norm)
+        assert not kernels.plain_rms_norm(x.double(), None, norm)
+
+        class Sub(KimiRMSNorm):
+            pass
+
+        assert not kernels.plain_rms_norm(x, None, Sub(8))
+        handle = norm.register_forward_hook(lambda m, a, o: None)
+        assert not kernels.plain_rms_norm(x, None, norm)
+        handle.remove()
+        norm._hf_hook = object()
+        assert not kernels.plain_rms_norm(x, None, norm)
+        del norm._hf_hook
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not kernels.plain_rms_norm(x, None, norm)
+    assert not kernels.plain_rms_norm(x, None, norm)  # the weight wants a gradient
+    y, h = kernels.add_rms_norm("auto", x, x, norm)  # CPU: the module
+    assert torch.equal(h, x + x) and torch.equal(y, norm(x + x))
+    assert kernels.add_rms_norm("auto", x, None, nn.LayerNorm(8))[1] is x  # any norm module on the PyTorch path
+
+
+COMPILE_SETUP = r"""
+from modeling_kimi_linear import rms_norm_triton as m
+fn, names = m._add_rms_norm, m._add_rms_norm.arg_names
+const = {"HAS_RESIDUAL": True, "BLOCK": 4096}
+ptr = {"x_ptr", "r_ptr", "h_ptr", "y_ptr", "w_ptr"}
+signature = {n: "constexpr" if n in const else "*bf16" if n in ptr else "fp32" if n == "eps" else "i32"
+             for n in names}
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptr | {"D"}}
+options = {"num_warps": 16}
+"""
+
+
+def test_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """The release's row (2304 values in a 4096 block, 16 warps) compiles for sm_90 and stays in registers."""
+    assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP)
