@@ -54,7 +54,7 @@ PARTS = ("kda: projections", "kda: short conv", "kda: gate", "kda: delta-rule st
          "kda: fused decode step", "kda: output projection", "mla", "router", "routed experts", "shared expert",
          "dense MLP", "norms", "embedding", "lm_head")
 _KDA_FUNCTIONS = {"short_conv": "kda: short conv", "kda": "kda: delta-rule step", "kda_padded": "kda: delta-rule step",
-                  "gated_rms_norm": "kda: gated norm", "kda_decode_step": "kda: fused decode step"}
+                  "kda_decode_step": "kda: fused decode step"}
 
 
 def label(name: str) -> str:
@@ -82,6 +82,7 @@ def labelled(model) -> None:  # noqa: ANN001
     for module in model.modules():
         if isinstance(module, KimiDeltaAttention):  # its projections: split_projections, below (hooks on the
             wrap(module.o_proj, "kda: output projection")  # linears would send them back to module calls)
+            wrap(module.o_norm, "kda: gated norm")
         elif isinstance(module, KimiMLAAttention):
             wrap(module, "mla")
         elif isinstance(module, KimiMoEGate):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import (
-    fused_kda_decode, gated_rms_norm, kda, kda_decode_step, kda_padded, linears, needs_grad, short_conv,
+    fused_kda_decode, kda, kda_decode_step, kda_padded, linears, needs_grad, short_conv,
 )
 from .norms import KimiGatedRMSNorm
 
@@ -77,8 +77,9 @@ class KimiDeltaAttention(nn.Module):
         return self
 
     def conv_weight(self) -> torch.Tensor:
-        """The q, k and v taps fused into one ``[3P, W]`` tensor (the convolutions run as one)."""
-        return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], 0).squeeze(1)
+        """The q, k and v taps fused into one ``[3P, W]`` tensor (the convolutions run as one). Each holder is
+        called as a module, so hooks that bring offloaded weights in (accelerate's) run first."""
+        return torch.cat([self.q_conv1d(), self.k_conv1d(), self.v_conv1d()], 0).squeeze(1)
 
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, T, D]`` -> raw ``qkv [B, T, 3P]``, gate logits ``f_b(f_a(x)) [B, T, P or H]``, beta logits
@@ -147,15 +148,16 @@ class KimiDeltaAttention(nn.Module):
                                output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         if cache is not None:
             cache.update_kda_state(self.layer_idx, conv_state_out, new_state)
-        o = gated_rms_norm(o, gate.unflatten(-1, (heads, dim)), self.o_norm.weight, self.o_norm.variance_epsilon,
-                           backend=self.backend).flatten(-2)
+        o = self.o_norm(o, gate.unflatten(-1, (heads, dim)), backend=self.backend).flatten(-2)
         return self.o_proj(o)
 
     def _decodes_fused(self, x: torch.Tensor, conv_state: torch.Tensor | None, state: torch.Tensor | None) -> bool:
         """Whether this decode step (one token, a cached state) runs as one fused Triton kernel: ``decode_kernels``
         resolves to ``"triton"`` and ``kda_backend`` not to ``"torch"`` (:func:`kernels.fused_kda_decode`), nothing
-        needs gradients, and the shapes are the kernel's (float32 state, power-of-two head_dim)."""
+        needs gradients, the shapes are the kernel's (float32 state, power-of-two head_dim), and no submodule's
+        weights are offloaded (accelerate hooks on the conv holders or the norm, which the kernel would bypass)."""
         return (
+            not any(hasattr(m, "_hf_hook") for m in (self.q_conv1d, self.k_conv1d, self.v_conv1d, self.o_norm)) and
             conv_state is not None and state is not None and state.dtype == torch.float32
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and self.head_dim & (self.head_dim - 1) == 0
@@ -184,6 +186,10 @@ class _DepthwiseConvWeight(nn.Module):
     def __init__(self, channels: int, width: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(channels, 1, width))
+
+    def forward(self) -> torch.Tensor:
+        """The taps ``[C, 1, W]`` (a module call, so that hooks which bring offloaded weights in run first)."""
+        return self.weight
 
     def extra_repr(self) -> str:
         return f"channels={self.weight.shape[0]}, kernel_size={self.weight.shape[-1]}"

@@ -186,7 +186,9 @@ class KimiMLAAttention(nn.Module):
                 row_limit = cache.graph_step.position + 1
         # The absorbed path reads kv_b_proj's weight directly; a wrapped projection (a PEFT LoRA adapter, a
         # quantised layer) must run as a module, so it takes the expanded path.
-        if past and seqlen <= ABSORB_MAX_QUERY and type(self.kv_b_proj) is nn.Linear:
+        # Offloaded weights (accelerate's hook on the module) likewise arrive only through a module call.
+        if past and seqlen <= ABSORB_MAX_QUERY and type(self.kv_b_proj) is nn.Linear \
+                and not hasattr(self.kv_b_proj, "_hf_hook"):
             out = self.attend_latent(q, latent, attn_mask, row_limit)
         else:
             out = self.attend_expanded(q, latent, attn_mask)

@@ -44,8 +44,12 @@ class KimiGatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(head_dim))
         self.variance_epsilon = eps
 
-    def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return gated_rms_normalize(o, gate, self.weight, self.variance_epsilon)
+    def forward(self, o: torch.Tensor, gate: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        """``o``, ``gate`` ``[..., head_dim]``; ``backend`` is ``config.kda_backend`` (fla's fused kernel for CUDA
+        tensors where it resolves to fla, :func:`gated_rms_normalize` otherwise; see ``kernels.gated_rms_norm``)."""
+        from .kernels import gated_rms_norm  # (kernels imports this module)
+
+        return gated_rms_norm(o, gate, self.weight, self.variance_epsilon, backend=backend)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"

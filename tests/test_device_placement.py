@@ -100,3 +100,27 @@ def test_generate_on_a_spread_model_decodes_op_by_op_with_one_warning():
     assert len(placement_warnings(record)) == 1
     assert "_compiled_decoder" not in model.__dict__  # nothing was compiled
     assert torch.equal(got, want) and torch.equal(again, want)
+
+
+def test_offloaded_layers_compute_what_the_model_computes(tmp_path):
+    """``from_pretrained(..., device_map=..., offload_folder=...)`` with every other decoder layer offloaded to
+    disk and the rest on the CPU: accelerate brings each offloaded module's weights in only around that module's
+    own call, so every weight the layers read must come through a module call (the conv taps, KDA's output norm;
+    MLA decodes on its expanded path then). The logits of a prompt and greedy ``generate()`` with a cache equal
+    those of the same weights loaded plainly."""
+    model = tiny()
+    model.save_pretrained(tmp_path / "ckpt")
+    layers = model.config.num_hidden_layers
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(layers)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "some parameters are on the meta device", the static-step warning
+        offloaded = KimiLinearForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map,
+                                                          offload_folder=tmp_path / "offload").eval()
+        assert any(p.device.type == "meta" for p in offloaded.parameters())
+        ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(offloaded(ids).logits, model(ids).logits)
+        want = model.generate(ids, max_new_tokens=6, do_sample=False)
+        got = offloaded.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
