@@ -29,14 +29,14 @@ import torch
 if __package__:  # kimi_linear_bench.gpu_check (installed) or python -m bench.gpu_check
     from .gpu_check_common import T0, TARGET, Rows, check_config, pair, rel, set_backend
     from .gpu_check_kernels import (
-        kda_decode_step_checks, mla_decode_check, moe_decode, multi_linear_check, rms_norm_check,
+        kda_decode_step_checks, mla_decode_check, moe_decode, moe_int8_check, multi_linear_check, rms_norm_check,
     )
     from .gpu_report import save_report, versions_header
 else:  # run as a script from a checkout (python bench/gpu_check.py): make its package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gpu_check_common import T0, TARGET, Rows, check_config, pair, rel, set_backend  # type: ignore[no-redef]
     from gpu_check_kernels import (  # type: ignore[no-redef]
-        kda_decode_step_checks, mla_decode_check, moe_decode, multi_linear_check, rms_norm_check,
+        kda_decode_step_checks, mla_decode_check, moe_decode, moe_int8_check, multi_linear_check, rms_norm_check,
     )
     from gpu_report import save_report, versions_header  # type: ignore[no-redef]
 
@@ -272,12 +272,15 @@ def bare_op(rows: list[dict]) -> None:
     rows.append({"check": "  same, final state", "rel_err": rel(s1, s2)})
 
 
+WITHOUT_FLA = {"mla", "moe", "mlinear", "norm", "moeint8"}  # checks of this package's own kernels alone
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.md / .json")
     parser.add_argument("--only", default="bare,layer,kdastep,model,graph,guard,moe,stability",
                         help="comma-separated checks to run, in this order (bare, layer, kdastep, model, graph, guard, "
-                             "moe, stability, mla, mlinear, norm)")
+                             "moe, stability, mla, mlinear, norm, moeint8)")
     parser.add_argument("--stability", default="32768,10000", help="prefill,decode-steps of the stability run "
                         "('0,0' skips it)")
     parser.add_argument("--traceback-after", type=float, default=0,
@@ -292,13 +295,13 @@ def main(argv: list[str] | None = None) -> None:
               "graph": lambda: graph_decode(rows), "guard": lambda: guard_checks(rows),
               "stability": lambda: steps and stability(rows, prefill, steps), "mla": lambda: mla_decode_check(rows),
               "moe": lambda: moe_decode(rows), "mlinear": lambda: multi_linear_check(rows),
-              "norm": lambda: rms_norm_check(rows)}
+              "norm": lambda: rms_norm_check(rows), "moeint8": lambda: moe_int8_check(rows)}
     names = args.only.split(",")
     unknown = [n for n in names if n not in checks]
     if unknown:
         parser.error(f"unknown check(s) {unknown}; choose from {sorted(checks)}")
-    if not torch.cuda.is_available() or (fla_kda_ops() is None and set(names) - {"mla", "moe", "mlinear", "norm"}):
-        sys.exit("gpu_check needs a CUDA GPU, and fla's kernels for every check but mla, moe, mlinear and norm: "
+    if not torch.cuda.is_available() or (fla_kda_ops() is None and set(names) - WITHOUT_FLA):
+        sys.exit(f"gpu_check needs a CUDA GPU, and fla's kernels for every check but {sorted(WITHOUT_FLA)}: "
                  + FLA_INSTALL_HINT)
     for name in names:  # in the order given, so the one that matters most can go first in a short lease
         checks[name]()

@@ -284,8 +284,8 @@ def moe_tiles(rows: list[dict], block: KimiSparseMoeBlock, gen: torch.Generator,
     ``moe_decode_triton`` are the first row of each)."""
     from modeling_kimi_linear import moe_decode_triton as mdt
 
-    gate_up = [mdt.GATE_UP_TILE, {"BLOCK_K": 256}, {"BLOCK_N": 32}, {"BLOCK_N": 32, "BLOCK_K": 256},
-               {"num_stages": 3}, {"num_warps": 8, "BLOCK_K": 256}]
+    gate_up = [mdt.GATE_UP_TILE, {"BLOCK_K": 256}, {"BLOCK_N": 16}, {"BLOCK_K": 64}, {"BLOCK_N": 64, "BLOCK_K": 64,
+               "num_stages": 3}, {"num_stages": 3}, {"num_warps": 8, "BLOCK_K": 256}]  # 64-wide K: no spills
     down = [mdt.DOWN_TILE, {"BLOCK_N": 16}, {"BLOCK_N": 64}, {"BLOCK_K": 256}, {"BLOCK_N": 16, "BLOCK_K": 256},
             {"num_stages": 3}]
     hidden = block.experts.gate_up_proj.shape[-1]
@@ -397,3 +397,61 @@ def rms_norm_check(rows: list[dict]) -> None:
             lambda: add_rms_norm("triton", x, res, norm))
         rows.append({"check": f"  same, us (graph replay; a time, not an error): PyTorch {t_p:.1f}, one launch "
                               f"{t_t:.1f} ({t_p / t_t:.1f}x)", "rel_err": t_t, "info": True})
+
+
+@torch.no_grad()
+def moe_int8_check(rows: list[dict], batches=(1, 8), reps: int = 8) -> None:
+    """The MoE expert kernels on per-row int8 weights (torchao's int8 weight-only layout, built here from random
+    bf16 weights at the release's width: int8 data, fp32 scale per output row, zero point 0) against the same
+    kernels on the dequantized bf16 weights and against ``quantized_experts``' PyTorch path; times (CUDA-graph
+    replays of ``reps`` tokens) and the share of the copy bandwidth for the int8 bytes the step reads."""
+    from types import SimpleNamespace
+
+    from modeling_kimi_linear import KimiLinearConfig
+    from modeling_kimi_linear import moe_decode_triton as mdt
+    from modeling_kimi_linear.quantized_experts import _gathered
+
+    cfg = KimiLinearConfig.from_json_file(str(RELEASE_CONFIG))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    experts, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    quantized = {}
+    for name, shape in (("gate_up", (experts, 2 * inter, hidden)), ("down", (experts, hidden, inter))):
+        w = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+        scale = w.abs().amax(-1, keepdim=True).float() / 127
+        q = (w.float() / scale).round().clamp(-127, 127).to(torch.int8)
+        quantized[name] = (q, scale, torch.zeros_like(q[..., :1]))
+        del w
+    deq = {name: ((q.float() - z.float()) * s).to(torch.bfloat16) for name, (q, s, z) in quantized.items()}
+    view = SimpleNamespace(gate_up_proj=deq["gate_up"], down_proj=deq["down"], act_fn=torch.nn.functional.silu)
+    bandwidth = copy_bandwidth()
+    for batch in batches:
+        xs = [torch.randn(batch, hidden, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(reps)]
+        routes = []
+        for _ in range(reps):
+            scores = torch.rand(batch, experts, device="cuda", generator=gen)
+            ids = scores.topk(cfg.num_experts_per_token, -1).indices
+            routes.append((ids, torch.rand(batch, ids.shape[1], device="cuda", generator=gen)))
+
+        def int8_call(x, r):
+            (gq, gs, gz), (dq, ds, dz) = quantized["gate_up"], quantized["down"]
+            return mdt.experts(x, r[0], r[1], gq, dq, gate_up_scale=gs, down_scale=ds, gate_up_zero=gz,
+                               down_zero=dz)
+
+        got = int8_call(xs[0], routes[0])
+        on_bf16 = mdt.experts(xs[0], routes[0][0], routes[0][1], deq["gate_up"], deq["down"])
+        torch_path = _gathered(view, xs[0], routes[0][0], routes[0][1])
+        rows.append({"check": f"MoE experts on int8 weights vs the same kernels on the dequantized bf16 weights "
+                              f"(batch {batch})", "rel_err": rel(got, on_bf16)})
+        rows.append({"check": f"  same, vs quantized_experts' PyTorch path (batch {batch})",
+                     "rel_err": rel(got, torch_path)})
+        distinct = sum(r[0].unique().numel() for r in routes) / reps
+        moved = distinct * 3 * hidden * inter  # one byte a weight (scales: 0.1%)
+        t_int8 = graph_time_ms(lambda: [int8_call(x, r) for x, r in zip(xs, routes)]) / reps
+        t_bf16 = graph_time_ms(lambda: [mdt.experts(x, r[0], r[1], deq["gate_up"], deq["down"])
+                                        for x, r in zip(xs, routes)]) / reps
+        t_torch = graph_time_ms(lambda: [_gathered(view, x, r[0], r[1]) for x, r in zip(xs, routes)]) / reps
+        rows.append({"check": f"  us per call (a time): int8 kernels {t_int8 * 1e3:.1f} ({moved / 1e6:.1f} MB at "
+                              f"{moved / (t_int8 * 1e-3) / bandwidth:.0%} of copy), bf16 kernels "
+                              f"{t_bf16 * 1e3:.1f} (int8 / bf16 = {t_int8 / t_bf16:.2f}), gather-and-dequantize "
+                              f"PyTorch path {t_torch * 1e3:.1f} (batch {batch})",
+                     "rel_err": t_int8 * 1e3, "info": True})

@@ -80,11 +80,15 @@ ROUTER_BLOCK_E = 8  # experts per program of _router_logits
 
 
 def experts_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> bool:
-    """Whether :func:`experts` computes what ``KimiExperts.forward`` would for these inputs: x and both weights
-    of one floating dtype (bf16, fp16, fp32), an activation it implements, and no autocast to another dtype (the
-    PyTorch path would cast the weights)."""
+    """Whether :func:`experts` computes what ``KimiExperts.forward`` would for these inputs: x of a floating dtype
+    (bf16, fp16, fp32) and both weights of that dtype or both int8 (torchao's per-row int8 data, given with their
+    scales: :mod:`quantized_experts`), an activation it implements, and no autocast to another dtype (the PyTorch
+    path would cast the weights)."""
     dtype = x.dtype
-    if dtype not in DTYPES or gate_up.dtype != dtype or down.dtype != dtype or activation not in ACTIVATIONS:
+    weight_dtype = dtype if gate_up.dtype != torch.int8 else torch.int8
+    if dtype not in DTYPES or gate_up.dtype != weight_dtype or down.dtype != weight_dtype:
+        return False
+    if activation not in ACTIVATIONS:
         return False
     return not torch.is_autocast_enabled(x.device.type) or torch.get_autocast_dtype(x.device.type) == dtype
 
@@ -109,13 +113,24 @@ def experts(
     *,
     gate_up_tile: dict | None = None,
     down_tile: dict | None = None,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
+    gate_up_zero: torch.Tensor | None = None,
+    down_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sum_j weights[t, j] * down[e] (act(gate[e] x_t) * up[e] x_t)`` with ``e = ids[t, j]``, fp32 accumulation,
     returned in ``x.dtype``: what ``KimiExperts.forward`` computes.
 
     ``x [N, D]``, ``ids [N, k]`` (integer), ``weights [N, k]``, ``gate_up [E, 2I, D]`` (gate rows first),
     ``down [E, D, I]``. ``gate_up_tile`` / ``down_tile`` override :data:`GATE_UP_TILE` / :data:`DOWN_TILE`
-    (benchmarks)."""
+    (benchmarks).
+
+    Int8 weights (torchao's per-row int8 layout, see :mod:`quantized_experts`): ``gate_up`` / ``down`` are the int8
+    data and ``*_scale`` (``[E, N]`` or ``[E, N, 1]``, fp32) and optionally ``*_zero`` (int8, same shape) give
+    ``W[e, n, k] = (q[e, n, k] - zero[e, n]) * scale[e, n]``. Each tile of int8 values is widened to x's dtype in
+    registers (exact: integers up to 255 in magnitude are exact in bf16), the products accumulate in fp32, and
+    each output row's sum is multiplied by its fp32 scale once: one byte read per weight, nothing dequantized in
+    memory."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not implemented here; choose from {ACTIVATIONS}")
     if x.dim() != 2 or ids.dim() != 2 or ids.shape[0] != x.shape[0] or weights.shape != ids.shape:
@@ -126,9 +141,22 @@ def experts(
     if x.shape[1] != hidden or two_i != 2 * inter or tuple(down.shape) != (num_experts, hidden, inter):
         raise ValueError(f"expected gate_up [E, 2I, D] and down [E, D, I] with D = {x.shape[1]}; got "
                          f"{tuple(gate_up.shape)} and {tuple(down.shape)}")
-    if not (x.dtype == gate_up.dtype == down.dtype) or x.dtype not in DTYPES:
-        raise ValueError(f"x and the expert weights must share one of {DTYPES}; got {x.dtype}, {gate_up.dtype}, "
-                         f"{down.dtype}")
+    quant = gate_up_scale is not None
+    if quant != (down_scale is not None) or (gate_up_zero is not None) != (down_zero is not None):
+        raise ValueError("give scales (and zero points) for both expert weights or for neither")
+    weight_dtype = torch.int8 if quant else x.dtype
+    if not (gate_up.dtype == down.dtype == weight_dtype) or x.dtype not in DTYPES:
+        raise ValueError(f"x must be one of {DTYPES} and the expert weights {weight_dtype} (int8 with scales); got "
+                         f"{x.dtype}, {gate_up.dtype}, {down.dtype}")
+    qargs = {}
+    for name, rows, scale, zero in (("gate_up", two_i, gate_up_scale, gate_up_zero), ("down", hidden, down_scale,
+                                                                                      down_zero)):
+        if not quant:
+            qargs[name] = (x, x)  # placeholders the kernels never read
+            continue
+        scale = scale.reshape(num_experts, rows).float().contiguous()
+        zero = (scale if zero is None else zero.reshape(num_experts, rows).contiguous())
+        qargs[name] = (scale, zero)
     num_tokens, top_k = ids.shape
     copies = num_tokens * top_k
     device = x.device
@@ -148,18 +176,20 @@ def experts(
     tile = {**GATE_UP_TILE, **(gate_up_tile or {})}
     h = torch.empty(copies, inter, dtype=x.dtype, device=device)
     _gate_up[(slots, triton.cdiv(inter, tile["BLOCK_N"]))](
-        x, gate_up, groups, order, h, hidden, inter,
+        x, gate_up, *qargs["gate_up"], groups, order, h, hidden, inter,
         slots, top_k,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
+        QUANT=quant, HAS_ZERO=gate_up_zero is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
     tile = {**DOWN_TILE, **(down_tile or {})}
     ys = torch.empty(copies, hidden, dtype=torch.float32, device=device)
     _down[(slots, triton.cdiv(hidden, tile["BLOCK_N"]))](
-        h, down, groups, order, flat_w, ys, hidden, inter,
+        h, down, *qargs["down"], groups, order, flat_w, ys, hidden, inter,
         slots,
         down.stride(0), down.stride(1), down.stride(2),
+        QUANT=quant, HAS_ZERO=down_zero is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
@@ -197,12 +227,14 @@ def _group_copies(ids_ptr, order_ptr, groups_ptr, C, E, G, CP: tl.constexpr, EP:
 
 @triton.jit
 def _gate_up(
-    x_ptr, w_ptr, groups_ptr, order_ptr, h_ptr, D: tl.constexpr, I: tl.constexpr,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, groups_ptr, order_ptr, h_ptr, D: tl.constexpr, I: tl.constexpr,
     G, TOP_K,
     stride_x, stride_we, stride_wn, stride_wk,
+    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """h[sorted copy, cols] = silu(W_gate[e] x) * (W_up[e] x) for the copies of one group and BLOCK_N columns."""
+    """h[sorted copy, cols] = silu(W_gate[e] x) * (W_up[e] x) for the copies of one group and BLOCK_N columns
+    (QUANT: W = (q - zero) * scale per row, the scale applied to the fp32 sums)."""
     g = tl.program_id(0)
     expert = tl.load(groups_ptr + g).to(tl.int64)
     start = tl.load(groups_ptr + G + g)
@@ -212,6 +244,13 @@ def _gate_up(
     kk = tl.arange(0, BLOCK_K)
     w_gate = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
     w_up = w_gate + I * stride_wn
+    row_gate = expert * 2 * I + cols  # [E, 2I] index of each column's gate row (its up row is I further)
+    if QUANT:
+        scale_gate = tl.load(scale_ptr + row_gate, mask=col_ok, other=0.0)
+        scale_up = tl.load(scale_ptr + row_gate + I, mask=col_ok, other=0.0)
+    if HAS_ZERO:
+        zero_gate = tl.load(zero_ptr + row_gate, mask=col_ok, other=0).to(tl.int32)
+        zero_up = tl.load(zero_ptr + row_gate + I, mask=col_ok, other=0).to(tl.int32)
     m0 = 0
     while m0 < count:  # row blocks of BLOCK_M copies (while: Triton's interpreter cannot range() to a loaded bound)
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -224,10 +263,16 @@ def _gate_up(
             k_ok = (k0 + kk) < D
             xt = tl.load(x_rows + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w_ok = col_ok[:, None] & k_ok[None, :]
-            wg = tl.load(w_gate + k0 * stride_wk, mask=w_ok, other=0.0)
-            wu = tl.load(w_up + k0 * stride_wk, mask=w_ok, other=0.0)
-            acc_gate = tl.dot(xt, tl.trans(wg), acc_gate, input_precision=PRECISION)
-            acc_up = tl.dot(xt, tl.trans(wu), acc_up, input_precision=PRECISION)
+            wg = tl.load(w_gate + k0 * stride_wk, mask=w_ok, other=0)
+            wu = tl.load(w_up + k0 * stride_wk, mask=w_ok, other=0)
+            if HAS_ZERO:
+                wg = wg.to(tl.int32) - zero_gate[:, None]
+                wu = wu.to(tl.int32) - zero_up[:, None]
+            acc_gate = tl.dot(xt, tl.trans(wg.to(xt.dtype)), acc_gate, input_precision=PRECISION)
+            acc_up = tl.dot(xt, tl.trans(wu.to(xt.dtype)), acc_up, input_precision=PRECISION)
+        if QUANT:
+            acc_gate = acc_gate * scale_gate[None, :]
+            acc_up = acc_up * scale_up[None, :]
         h = acc_gate * tl.sigmoid(acc_gate) * acc_up
         dest = h_ptr + (start + rows).to(tl.int64)[:, None] * I + cols[None, :]
         tl.store(dest, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -236,12 +281,14 @@ def _gate_up(
 
 @triton.jit
 def _down(
-    h_ptr, w_ptr, groups_ptr, order_ptr, weights_ptr, ys_ptr, D: tl.constexpr, I: tl.constexpr,
+    h_ptr, w_ptr, scale_ptr, zero_ptr, groups_ptr, order_ptr, weights_ptr, ys_ptr, D: tl.constexpr, I: tl.constexpr,
     G,
     stride_we, stride_wn, stride_wk,
+    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """ys[copy, feats] = weight[copy] * (W_down[e] h[copy])[feats], fp32, for the copies of one group."""
+    """ys[copy, feats] = weight[copy] * (W_down[e] h[copy])[feats], fp32, for the copies of one group (QUANT: as
+    in _gate_up)."""
     g = tl.program_id(0)
     expert = tl.load(groups_ptr + g).to(tl.int64)
     start = tl.load(groups_ptr + G + g)
@@ -250,6 +297,10 @@ def _down(
     feat_ok = feats < D
     kk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + expert * stride_we + feats[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
+    if QUANT:
+        scale = tl.load(scale_ptr + expert * D + feats, mask=feat_ok, other=0.0)
+    if HAS_ZERO:
+        zero = tl.load(zero_ptr + expert * D + feats, mask=feat_ok, other=0).to(tl.int32)
     m0 = 0
     while m0 < count:  # row blocks of BLOCK_M copies (while: Triton's interpreter cannot range() to a loaded bound)
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -259,12 +310,16 @@ def _down(
         for k0 in range(0, I, BLOCK_K):
             k_ok = (k0 + kk) < I
             ht = tl.load(h_rows + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_rows + k0 * stride_wk, mask=feat_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(ht, tl.trans(w), acc, input_precision=PRECISION)
+            w = tl.load(w_rows + k0 * stride_wk, mask=feat_ok[:, None] & k_ok[None, :], other=0)
+            if HAS_ZERO:
+                w = w.to(tl.int32) - zero[:, None]
+            acc = tl.dot(ht, tl.trans(w.to(ht.dtype)), acc, input_precision=PRECISION)
+        if QUANT:
+            acc = acc * scale[None, :]
         copy = tl.load(order_ptr + start + rows, mask=row_ok, other=0)
-        scale = tl.load(weights_ptr + copy, mask=row_ok, other=0.0)
+        routing = tl.load(weights_ptr + copy, mask=row_ok, other=0.0)
         dest = ys_ptr + copy.to(tl.int64)[:, None] * D + feats[None, :]
-        tl.store(dest, acc * scale[:, None], mask=row_ok[:, None] & feat_ok[None, :])
+        tl.store(dest, acc * routing[:, None], mask=row_ok[:, None] & feat_ok[None, :])
         m0 += BLOCK_M
 
 

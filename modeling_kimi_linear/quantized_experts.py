@@ -16,7 +16,9 @@ the chosen experts ``e = ids[:, j]``, accumulated in fp32. Only the chosen exper
 * more copies (prefill, training): copies are sorted by expert and each expert that received tokens runs once
   on its slice through the quantized tensor's own ``F.linear`` (the library's int8 / float8 weight-only matmul).
 
-Both are plain PyTorch and run on any device; they are the reference for any fused int8 kernel added later.
+Both are plain PyTorch and run on any device; they are the reference for the Triton path: a CUDA decode step with
+int8 experts runs :func:`moe_decode_triton.experts` on the int8 data and its scales (one byte read a weight;
+:func:`kernels.moe_decode_kernels` decides as for plain weights).
 """
 
 from __future__ import annotations
@@ -26,12 +28,29 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .quantization import dequantize, is_plain
+from .kernels import moe_decode_kernels
+from .quantization import dequantize
 
 if TYPE_CHECKING:
     from .moe import KimiExperts
 
 GATHER_BLOCK = 32  # (token, expert) pairs dequantized at once by the static-shape path
+
+
+def per_row_layout(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """``(qdata [E, N, K], scale [E, N, 1], zero point like the scale or None)`` of a quantized 3-D expert weight in
+    the per-row layout (torchao's int8 and float8 weight-only tensors: ``W = (q - zero) * scale``), else None."""
+    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    zero = getattr(weight, "zero_point", None)
+    if (
+        isinstance(qdata, torch.Tensor)
+        and isinstance(scale, torch.Tensor)
+        and qdata.dim() == 3
+        and tuple(scale.shape) == (*qdata.shape[:2], 1)
+        and (zero is None or (isinstance(zero, torch.Tensor) and tuple(zero.shape) == tuple(scale.shape)))
+    ):
+        return qdata, scale, zero
+    return None
 
 
 def gather_dequantized(weight: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -41,15 +60,9 @@ def gather_dequantized(weight: torch.Tensor, index: torch.Tensor, dtype: torch.d
     torchao's int8 and float8 weight-only tensors) gather the one-byte data and the scales and compute
     ``(q - zero) * scale`` (no host read, so it can be captured in a CUDA graph); any other layout goes through
     the tensor's own indexing and ``dequantize()``."""
-    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
-    zero = getattr(weight, "zero_point", None)
-    if (
-        isinstance(qdata, torch.Tensor)
-        and isinstance(scale, torch.Tensor)
-        and qdata.dim() == 3
-        and tuple(scale.shape) == (*qdata.shape[:2], 1)
-        and (zero is None or tuple(zero.shape) == tuple(scale.shape))
-    ):
+    layout = per_row_layout(weight)
+    if layout is not None:
+        qdata, scale, zero = layout
         q = qdata[index].to(dtype)  # int8 / float8 values (and int8 differences) are exact in bf16, fp16, fp32
         if zero is not None:
             q = q - zero[index].to(dtype)
@@ -99,7 +112,25 @@ def forward(experts: "KimiExperts", x: torch.Tensor, ids: torch.Tensor, weights:
     -> ``[N, D]`` in ``x.dtype`` (under CUDA autocast, in the autocast dtype's products as the plain path)."""
     if x.device.type != "cpu" and torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
+    out = _int8_kernels(experts, x, ids, weights)
+    if out is not None:
+        return out
     static = torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
     if static or ids.numel() <= experts.gate_up_proj.shape[0]:
         return _gathered(experts, x, ids, weights)
     return _per_expert(experts, x, ids, weights)
+
+
+def _int8_kernels(experts: "KimiExperts", x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):  # noqa: ANN202
+    """A CUDA decode step with per-row int8 experts on this package's Triton MoE kernels (they read the int8 data
+    and apply the scales to the fp32 sums: one byte a weight, nothing dequantized in memory), else None."""
+    gate_up, down = per_row_layout(experts.gate_up_proj), per_row_layout(experts.down_proj)
+    if gate_up is None or down is None or gate_up[0].dtype != torch.int8 or down[0].dtype != torch.int8:
+        return None
+    if (gate_up[2] is None) != (down[2] is None):
+        return None
+    ops = moe_decode_kernels(experts.decode_kernels, x, ids.numel())
+    if ops is None or not ops.experts_supported(x, gate_up[0], down[0], experts.hidden_act):
+        return None
+    return ops.experts(x, ids, weights, gate_up[0], down[0], experts.hidden_act, gate_up_scale=gate_up[1],
+                       down_scale=down[1], gate_up_zero=gate_up[2], down_zero=down[2])

@@ -57,12 +57,13 @@ print(json.dumps({{"usage": usage}}))
 """
 
 
-def assert_compiles_for_sm90_without_spills(tmp_path: Path, setup: str, *argv: str) -> None:
+def assert_compiles_for_sm90_without_spills(tmp_path: Path, setup: str, *argv: str, spills_ok: bool = False) -> None:
     """Triton's interpreter runs Python, not the compiler: compile a kernel for an H100 / H200 (sm_90, no GPU
     needed) in a fresh process without ``TRITON_INTERPRET``, and check that ptxas keeps it in registers (no
     local-memory spills; checked where triton ships cuobjdump). ``setup`` is Python that defines ``fn`` (the
     kernel), ``names`` (its argument names), ``const`` (constexpr values by name), ``signature``, ``attrs`` and
-    ``options`` for ``triton.compile``; ``argv`` reaches it as ``sys.argv[1:]``."""
+    ``options`` for ``triton.compile``; ``argv`` reaches it as ``sys.argv[1:]``. ``spills_ok`` checks only that it
+    compiles (a kernel whose measured-fastest tile spills)."""
     import os
     import subprocess
     import sys
@@ -74,7 +75,7 @@ def assert_compiles_for_sm90_without_spills(tmp_path: Path, setup: str, *argv: s
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     usage = json.loads(result.stdout.strip().splitlines()[-1])["usage"]
-    if usage:
+    if usage and not spills_ok:
         assert "STACK:0 " in usage, usage
 
 
