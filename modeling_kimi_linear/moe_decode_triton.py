@@ -226,6 +226,13 @@ def _group_copies(ids_ptr, order_ptr, groups_ptr, C, E, G, CP: tl.constexpr, EP:
 
 
 @triton.jit
+def _program_group(groups_ptr, G):
+    """This program's group (``program_id(0)``): its expert, first sorted position and number of copies."""
+    g = tl.program_id(0)
+    return tl.load(groups_ptr + g).to(tl.int64), tl.load(groups_ptr + G + g), tl.load(groups_ptr + 2 * G + g)
+
+
+@triton.jit
 def _gate_up(
     x_ptr, w_ptr, scale_ptr, zero_ptr, groups_ptr, order_ptr, h_ptr, D: tl.constexpr, I: tl.constexpr,
     G, TOP_K,
@@ -235,10 +242,7 @@ def _gate_up(
 ):
     """h[sorted copy, cols] = silu(W_gate[e] x) * (W_up[e] x) for the copies of one group and BLOCK_N columns
     (QUANT: W = (q - zero) * scale per row, the scale applied to the fp32 sums)."""
-    g = tl.program_id(0)
-    expert = tl.load(groups_ptr + g).to(tl.int64)
-    start = tl.load(groups_ptr + G + g)
-    count = tl.load(groups_ptr + 2 * G + g)
+    expert, start, count = _program_group(groups_ptr, G)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
     kk = tl.arange(0, BLOCK_K)
@@ -289,10 +293,7 @@ def _down(
 ):
     """ys[copy, feats] = weight[copy] * (W_down[e] h[copy])[feats], fp32, for the copies of one group (QUANT: as
     in _gate_up)."""
-    g = tl.program_id(0)
-    expert = tl.load(groups_ptr + g).to(tl.int64)
-    start = tl.load(groups_ptr + G + g)
-    count = tl.load(groups_ptr + 2 * G + g)
+    expert, start, count = _program_group(groups_ptr, G)
     feats = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     feat_ok = feats < D
     kk = tl.arange(0, BLOCK_K)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,21 @@ def load_script(path: Path, name: str):  # noqa: ANN201 - the module
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))  # Triton's CPU interpreter runs the kernels' tests on CPU
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+
+def kernel_module(name: str):  # noqa: ANN201 - the module
+    """``modeling_kimi_linear.<name>`` (a Triton kernel module) where its kernels can run - a GPU, or Triton's
+    interpreter on CPU tensors - else the test skips."""
+    import importlib
+
+    pytest.importorskip("triton")
+    if KERNEL_DEVICE == "cpu" and not INTERPRET:
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    return importlib.import_module(f"modeling_kimi_linear.{name}")
 
 
 @pytest.fixture(scope="module")

@@ -12,29 +12,22 @@ CPU tensors never reach the Triton module, and the conditions that send a call t
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import assert_compiles_for_sm90_without_spills
+from conftest import KERNEL_DEVICE, assert_compiles_for_sm90_without_spills, kernel_module
 from modeling_kimi_linear import kernels
 from modeling_kimi_linear.moe import KimiExperts, KimiMoEGate, KimiSparseMoeBlock
 
-INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+DEVICE = KERNEL_DEVICE
 
 
 @pytest.fixture(scope="module")
 def mdt():
     """The kernel module, where its kernels can run (GPU, or Triton's interpreter on CPU)."""
-    pytest.importorskip("triton")
-    if DEVICE == "cpu" and not INTERPRET:
-        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
-    from modeling_kimi_linear import moe_decode_triton
-
-    return moe_decode_triton
+    return kernel_module("moe_decode_triton")
 
 
 def experts_float64(x, ids, weights, gate_up, down) -> torch.Tensor:

@@ -12,34 +12,28 @@ and a layer whose projections go through the kernel computes what its module cal
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import assert_compiles_for_sm90_without_spills
+from conftest import KERNEL_DEVICE, assert_compiles_for_sm90_without_spills, kernel_module
 from modeling_kimi_linear import KimiLinearCache, kernels
 from modeling_kimi_linear.kda_layer import KimiDeltaAttention
 from modeling_kimi_linear.mla_layer import KimiMLAAttention
 from modeling_kimi_linear.moe import KimiMLP
 from modeling_kimi_linear.presets import load_preset
 
-INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+DEVICE = KERNEL_DEVICE
 
 
 @pytest.fixture(scope="module")
 def mlt(request):
     """The kernel module, where its kernel can run (GPU, or Triton's interpreter on CPU)."""
-    pytest.importorskip("triton")
-    if DEVICE == "cpu" and not INTERPRET:
-        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1")
+    module = kernel_module("multi_linear_triton")
     request.getfixturevalue("interpreter_loops_with_numpy_2_4")
-    from modeling_kimi_linear import multi_linear_triton
-
-    return multi_linear_triton
+    return module
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

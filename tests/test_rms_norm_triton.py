@@ -11,30 +11,23 @@ References: the norm written out in float64 here, and ``KimiRMSNorm`` itself (th
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import assert_compiles_for_sm90_without_spills
+from conftest import KERNEL_DEVICE, assert_compiles_for_sm90_without_spills, kernel_module
 from modeling_kimi_linear import KimiLinearForCausalLM, kernels
 from modeling_kimi_linear.norms import KimiRMSNorm
 from modeling_kimi_linear.presets import load_preset
 
-INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+DEVICE = KERNEL_DEVICE
 
 
 @pytest.fixture(scope="module")
 def rnt():
     """The kernel module, where its kernel can run (GPU, or Triton's interpreter on CPU)."""
-    pytest.importorskip("triton")
-    if DEVICE == "cpu" and not INTERPRET:
-        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1")
-    from modeling_kimi_linear import rms_norm_triton
-
-    return rms_norm_triton
+    return kernel_module("rms_norm_triton")
 
 
 def norm64(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
