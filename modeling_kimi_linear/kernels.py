@@ -27,6 +27,7 @@ from .kda_fla import (
 )
 from .kda_torch import kda_chunk_torch, kda_recurrent_torch
 from .norms import KimiRMSNorm, gated_rms_normalize
+from .quantization import int8_rows
 from .short_conv_torch import positions_in_documents, short_conv_torch
 
 _warned_missing_fla = False
@@ -155,26 +156,45 @@ MULTI_LINEAR_MAX_TOKENS = 64
 
 
 def linears(choice: str, pairs: Sequence[tuple[torch.Tensor, nn.Module]]) -> list[torch.Tensor]:
-    """``[module(x) for x, module in pairs]``, as one Triton launch (:func:`multi_linear_triton.multi_linear`)
-    where :func:`plain_linears` says that computes the same, else as the module calls themselves.
+    """``[module(x) for x, module in pairs]``, with the pairs that :func:`linear_kind` accepts computed by one
+    Triton launch per kind (:func:`multi_linear_triton.multi_linear`: plain weights in one, weight-only int8
+    weights in another) and the rest by the module calls themselves.
 
-    ``choice`` is ``config.decode_kernels``; the launch serves CUDA tensors only, with ``choice`` resolving to
-    ``"triton"`` (:func:`resolve_decode_kernels`)."""
+    ``choice`` is ``config.decode_kernels``; launches serve CUDA tensors only, with ``choice`` resolving to
+    ``"triton"`` (:func:`resolve_decode_kernels`), no gradient needed and :func:`launchable` true."""
     x = pairs[0][0]
-    if (resolve_decode_kernels(choice, x.device) == "triton" and plain_linears(pairs)
-            and not needs_grad(*(t for t, _ in pairs), *(m.weight for _, m in pairs))):
-        from .multi_linear_triton import multi_linear
+    kinds = [None] * len(pairs)
+    if resolve_decode_kernels(choice, x.device) == "triton" and launchable(pairs):
+        kinds = [linear_kind(t, m) for t, m in pairs]
+        if needs_grad(*(t for t, _ in pairs), *(m.weight for _, m in pairs if kinds[0] == "plain")):
+            kinds = [None] * len(pairs)
+    if not any(kinds):
+        return [m(t) for t, m in pairs]
+    from .multi_linear_triton import multi_linear
 
-        return multi_linear([(t, m.weight) for t, m in pairs])
-    return [m(t) for t, m in pairs]
+    out: list[torch.Tensor | None] = [None] * len(pairs)
+    for kind in ("plain", "int8"):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        if not idx:
+            continue
+        if kind == "plain":
+            ys = multi_linear([(pairs[i][0], pairs[i][1].weight) for i in idx])
+        else:
+            rows = [int8_rows(pairs[i][1].weight) for i in idx]
+            zeros = None
+            if any(r[2] is not None for r in rows):
+                zeros = [r[2] if r[2] is not None else torch.zeros_like(r[1], dtype=torch.int8) for r in rows]
+            ys = multi_linear([(pairs[i][0], r[0]) for i, r in zip(idx, rows)], scales=[r[1] for r in rows],
+                              zeros=zeros)
+        for i, y in zip(idx, ys):
+            out[i] = y
+    return [y if y is not None else m(t) for y, (t, m) in zip(out, pairs)]
 
 
-def plain_linears(pairs: Sequence[tuple[torch.Tensor, nn.Module]]) -> bool:
-    """Whether ``x W^T`` is all that each ``module(x)`` of ``pairs`` computes, so one launch may replace the calls:
-    at most :data:`MULTI_LINEAR_SLOTS` pairs and :data:`MULTI_LINEAR_MAX_TOKENS` tokens of one leading shape;
-    every module exactly ``nn.Linear`` (not a PEFT or quantization wrapper, not a subclass) without bias, hooks
-    (accelerate's offloading hooks included) or global module hooks; plain weights of x's dtype on x's device
-    (not a quantized tensor subclass); no autocast."""
+def launchable(pairs: Sequence[tuple[torch.Tensor, nn.Module]]) -> bool:
+    """Whether one launch could serve these pairs at all: at most :data:`MULTI_LINEAR_SLOTS` of them and
+    :data:`MULTI_LINEAR_MAX_TOKENS` tokens, inputs of one floating dtype, device and leading shape, no autocast and
+    no global module hooks."""
     x = pairs[0][0]
     if len(pairs) > MULTI_LINEAR_SLOTS or x.numel() > MULTI_LINEAR_MAX_TOKENS * x.shape[-1]:
         return False
@@ -183,15 +203,29 @@ def plain_linears(pairs: Sequence[tuple[torch.Tensor, nn.Module]]) -> bool:
     hooks = nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return False
-    for t, m in pairs:
-        if type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
-            return False
-        if hasattr(m, "_hf_hook") or t.shape[:-1] != x.shape[:-1] or t.dtype != x.dtype or t.device != x.device:
-            return False
-        w = m.weight
-        if type(w) not in (torch.Tensor, nn.Parameter) or w.dtype != x.dtype or w.device != x.device:
-            return False
-    return True
+    return all(t.shape[:-1] == x.shape[:-1] and t.dtype == x.dtype and t.device == x.device for t, _ in pairs)
+
+
+def linear_kind(x: torch.Tensor, module: nn.Module) -> str | None:
+    """``"plain"`` when ``module(x)`` is exactly ``x W^T`` with a plain weight of x's dtype, ``"int8"`` when it is
+    that with a weight-only int8 weight (:func:`quantization.int8_rows`), else None (the module call): the module
+    must be exactly ``nn.Linear`` (not a PEFT or quantization wrapper, not a subclass), without bias or hooks
+    (accelerate's offloading hooks included), its weight on x's device."""
+    if type(module) is not nn.Linear or module.bias is not None or module._forward_hooks:
+        return None
+    if module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+        return None
+    w = module.weight
+    if w.device != x.device:
+        return None
+    if type(w) in (torch.Tensor, nn.Parameter):
+        return "plain" if w.dtype == x.dtype else None
+    return "int8" if int8_rows(w) is not None else None
+
+
+def plain_linears(pairs: Sequence[tuple[torch.Tensor, nn.Module]]) -> bool:
+    """Whether one launch of plain weights would serve every pair (:func:`launchable`, each pair ``"plain"``)."""
+    return launchable(pairs) and all(linear_kind(t, m) == "plain" for t, m in pairs)
 
 
 def add_rms_norm(

@@ -37,29 +37,48 @@ TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def multi_linear(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], *, tile: dict | None = None) -> list[torch.Tensor]:
+def multi_linear(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    scales: Sequence[torch.Tensor] | None = None,
+    zeros: Sequence[torch.Tensor] | None = None,
+    tile: dict | None = None,
+) -> list[torch.Tensor]:
     """``[x_i @ W_i.T for (x_i, W_i) in pairs]`` in one launch.
 
     Each ``x_i`` is ``[..., K_i]`` with the same leading shape (the tokens), each ``W_i`` a contiguous
-    ``[N_i, K_i]``; all of one dtype (bf16, fp16 or fp32). Returns ``[..., N_i]`` tensors in that dtype. ``tile``
-    overrides :data:`TILE` (benchmarks).
+    ``[N_i, K_i]``; x's of one dtype (bf16, fp16 or fp32) and the W's of that dtype too, or int8 with ``scales``
+    (one fp32 ``[N_i]`` or ``[N_i, 1]`` per pair) and optionally ``zeros`` (int8, shaped like the scales):
+    ``W = (q - zero) * scale`` per row, torchao's int8 weight-only layout. The int8 values are widened to x's dtype
+    in registers (exact) and each row's fp32 sum is multiplied by its scale: one byte read a weight. Returns
+    ``[..., N_i]`` tensors in x's dtype. ``tile`` overrides :data:`TILE` (benchmarks).
     """
     if not 1 <= len(pairs) <= MAX_SLOTS:
         raise ValueError(f"multi_linear takes 1 to {MAX_SLOTS} (x, W) pairs, got {len(pairs)}")
+    quant = scales is not None
+    if (quant and len(scales) != len(pairs)) or (zeros is not None and (not quant or len(zeros) != len(pairs))):
+        raise ValueError("scales (and zeros) must come with int8 weights, one per pair")
     lead = pairs[0][0].shape[:-1]
     dtype = pairs[0][0].dtype
+    weight_dtype = torch.int8 if quant else dtype
     flat, dims = [], []
     for i, (x, w) in enumerate(pairs):
         if x.shape[:-1] != lead or w.dim() != 2 or w.shape[1] != x.shape[-1]:
             raise ValueError(f"pair {i}: expected x [..., K] with leading shape {tuple(lead)} and W [N, K]; got "
                              f"{tuple(x.shape)} and {tuple(w.shape)}")
-        if x.dtype != dtype or w.dtype != dtype or dtype not in DTYPES:
-            raise ValueError(f"pair {i}: x and W must share one of {DTYPES} with the other pairs; got {x.dtype}, "
-                             f"{w.dtype}")
+        if x.dtype != dtype or w.dtype != weight_dtype or dtype not in DTYPES:
+            raise ValueError(f"pair {i}: x must share one of {DTYPES} with the other pairs and W be {weight_dtype}; "
+                             f"got {x.dtype}, {w.dtype}")
         x2 = x.reshape(-1, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        flat.append((x2, w.contiguous()))
+        scale = zero = x2  # placeholders the kernel never reads
+        if quant:
+            scale = scales[i].reshape(-1).float().contiguous()
+            zero = scale if zeros is None else zeros[i].reshape(-1).contiguous()
+            if scale.numel() != w.shape[0] or zero.numel() != w.shape[0]:
+                raise ValueError(f"pair {i}: expected {w.shape[0]} scales (and zero points), got {scale.numel()}")
+        flat.append((x2, w.contiguous(), scale, zero))
         dims.append(w.shape[0])
     tokens = flat[0][0].shape[0]
     tile = {**TILE, **(tile or {})}
@@ -73,12 +92,12 @@ def multi_linear(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], *, tile: di
     args = []
     for i in range(MAX_SLOTS):
         j = min(i, len(flat) - 1)  # unused slots repeat the last pair; no program reaches them
-        x2, w = flat[j]
-        args += [x2, w, outs[j], w.shape[0], w.shape[1], x2.stride(0)]
+        x2, w, scale, zero = flat[j]
+        args += [x2, w, outs[j], scale, zero, w.shape[0], w.shape[1], x2.stride(0)]
     ends += [total] * (MAX_SLOTS - len(ends))
     precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     _multi_linear[(total, triton.cdiv(tokens, BLOCK_M))](
-        *args, *ends[:-1], tokens,
+        *args, *ends[:-1], tokens, QUANT=quant, HAS_ZERO=zeros is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
@@ -90,24 +109,25 @@ _SLOT_ARGS = [f"{name}{i}" for i in range(MAX_SLOTS) for name in ("n", "k", "sx"
 
 @triton.jit(do_not_specialize=_SLOT_ARGS + ["M"])  # sizes stay runtime ints: the slot chosen below merges them
 def _multi_linear(
-    x0, w0, y0, n0, k0, sx0, x1, w1, y1, n1, k1, sx1, x2, w2, y2, n2, k2, sx2,
-    x3, w3, y3, n3, k3, sx3, x4, w4, y4, n4, k4, sx4, x5, w5, y5, n5, k5, sx5,
-    e0, e1, e2, e3, e4, M,
+    x0, w0, y0, s0, z0, n0, k0, sx0, x1, w1, y1, s1, z1, n1, k1, sx1, x2, w2, y2, s2, z2, n2, k2, sx2,
+    x3, w3, y3, s3, z3, n3, k3, sx3, x4, w4, y4, s4, z4, n4, k4, sx4, x5, w5, y5, s5, z5, n5, k5, sx5,
+    e0, e1, e2, e3, e4, M, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """y_s[rows, feats] = x_s[rows] W_s[feats]^T for the slot s whose block range holds program_id(0)."""
+    """y_s[rows, feats] = x_s[rows] W_s[feats]^T for the slot s whose block range holds program_id(0) (QUANT: W_s
+    = (q - z) * s per row, the scale applied to the fp32 sums)."""
     pid = tl.program_id(0)
-    x_ptr, w_ptr, y_ptr, N, K, sx, first = x0, w0, y0, n0, k0, sx0, e0 * 0  # (a runtime int, like the e's)
+    x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x0, w0, y0, s0, z0, n0, k0, sx0, e0 * 0
     if pid >= e0:
-        x_ptr, w_ptr, y_ptr, N, K, sx, first = x1, w1, y1, n1, k1, sx1, e0
+        x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x1, w1, y1, s1, z1, n1, k1, sx1, e0
     if pid >= e1:
-        x_ptr, w_ptr, y_ptr, N, K, sx, first = x2, w2, y2, n2, k2, sx2, e1
+        x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x2, w2, y2, s2, z2, n2, k2, sx2, e1
     if pid >= e2:
-        x_ptr, w_ptr, y_ptr, N, K, sx, first = x3, w3, y3, n3, k3, sx3, e2
+        x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x3, w3, y3, s3, z3, n3, k3, sx3, e2
     if pid >= e3:
-        x_ptr, w_ptr, y_ptr, N, K, sx, first = x4, w4, y4, n4, k4, sx4, e3
+        x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x4, w4, y4, s4, z4, n4, k4, sx4, e3
     if pid >= e4:
-        x_ptr, w_ptr, y_ptr, N, K, sx, first = x5, w5, y5, n5, k5, sx5, e4
+        x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x5, w5, y5, s5, z5, n5, k5, sx5, e4
     feats = (pid - first) * BLOCK_N + tl.arange(0, BLOCK_N)
     feat_ok = feats < N
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,11 +135,17 @@ def _multi_linear(
     kk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * sx + kk[None, :]
     w_rows = w_ptr + feats.to(tl.int64)[:, None] * K + kk[None, :]
+    if HAS_ZERO:
+        zero = tl.load(z_ptr + feats, mask=feat_ok, other=0).to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0_ in range(0, K, BLOCK_K):
         k_ok = (k0_ + kk) < K
         xt = tl.load(x_rows + k0_, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_rows + k0_, mask=feat_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+        wt = tl.load(w_rows + k0_, mask=feat_ok[:, None] & k_ok[None, :], other=0)
+        if HAS_ZERO:
+            wt = wt.to(tl.int32) - zero[:, None]
+        acc = tl.dot(xt, tl.trans(wt.to(xt.dtype)), acc, input_precision=PRECISION)
+    if QUANT:
+        acc = acc * tl.load(s_ptr + feats, mask=feat_ok, other=0.0)[None, :]
     dest = y_ptr + rows.to(tl.int64)[:, None] * N + feats[None, :]
     tl.store(dest, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & feat_ok[None, :])

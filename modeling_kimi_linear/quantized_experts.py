@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import moe_decode_kernels
-from .quantization import dequantize
+from .quantization import dequantize, int8_rows
 
 if TYPE_CHECKING:
     from .moe import KimiExperts
@@ -124,8 +124,8 @@ def forward(experts: "KimiExperts", x: torch.Tensor, ids: torch.Tensor, weights:
 def _int8_kernels(experts: "KimiExperts", x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):  # noqa: ANN202
     """A CUDA decode step with per-row int8 experts on this package's Triton MoE kernels (they read the int8 data
     and apply the scales to the fp32 sums: one byte a weight, nothing dequantized in memory), else None."""
-    gate_up, down = per_row_layout(experts.gate_up_proj), per_row_layout(experts.down_proj)
-    if gate_up is None or down is None or gate_up[0].dtype != torch.int8 or down[0].dtype != torch.int8:
+    gate_up, down = int8_rows(experts.gate_up_proj), int8_rows(experts.down_proj)
+    if gate_up is None or down is None:
         return None
     if (gate_up[2] is None) != (down[2] is None):
         return None

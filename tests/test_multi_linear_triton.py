@@ -63,6 +63,27 @@ def test_matches_float64(mlt, lead, dims):
         assert rel(y, x.double() @ w.double().T) < 1e-6
 
 
+@pytest.mark.parametrize("zero", [False, True])
+def test_int8_weights_match_float64_of_the_dequantized_weights(mlt, zero):
+    """Int8 weights with per-row fp32 scales (and int8 zero points): the kernel reads one byte a weight and scales
+    each row's fp32 sum; the reference is the float64 product with ``(q - zero) * scale``."""
+    gen = torch.Generator().manual_seed(11 + zero)
+    dims = [(40, 64), (7, 64), (33, 136)]
+    xs = {k: torch.randn(3, k, generator=gen).to(DEVICE) for k in (64, 136)}
+    qs = [torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(DEVICE) for n, k in dims]
+    scales = [(torch.rand(n, 1, generator=gen) * 0.01).to(DEVICE) for n, _ in dims]
+    zeros = [torch.randint(-3, 4, (n, 1), generator=gen, dtype=torch.int8).to(DEVICE) for n, _ in dims] if zero \
+        else None
+    outs = mlt.multi_linear([(xs[k], q) for (_, k), q in zip(dims, qs)], scales=scales, zeros=zeros)
+    for i, ((_, k), q, y) in enumerate(zip(dims, qs, outs)):
+        w = (q.double() - (zeros[i].double() if zero else 0)) * scales[i].double()
+        assert y.dtype == xs[k].dtype and rel(y, xs[k].double() @ w.T) < 1e-6
+    with pytest.raises(ValueError, match="scales"):
+        mlt.multi_linear([(xs[64], qs[0])], scales=scales)
+    with pytest.raises(ValueError, match="W be torch.int8"):
+        mlt.multi_linear([(xs[64], qs[0].float())], scales=scales[:1])
+
+
 def test_small_tiles_loop_over_k_and_strided_x(mlt):
     """Tiles smaller than the shapes (several K blocks, several programs per weight) and an x that is a strided
     view (a slice of a wider tensor, rows not contiguous) give the same products."""
@@ -147,6 +168,37 @@ def test_layers_through_the_seam_match_module_calls(mlt, monkeypatch):
     assert calls == [2]
 
 
+def test_seam_launches_plain_and_int8_weights_apart(mlt, monkeypatch):
+    """Projections of one input where torchao's ``Int8WeightOnlyConfig`` quantized some (as the release's default
+    keeps ``f_a_proj`` / ``b_proj`` in high precision beside quantized q/k/v), one wrapped in a subclass and one
+    quantized with activations too: one launch for the plain weights, one for the weight-only int8 ones (the
+    kernel reads the int8 data), module calls for the rest; every output as the module computes it."""
+    torchao = pytest.importorskip("torchao.quantization")
+    _force_triton(monkeypatch)
+    calls = _counting(monkeypatch, mlt)
+    torch.manual_seed(0)
+
+    class Sub(nn.Linear):
+        pass
+
+    mods = [nn.Linear(64, n, bias=False) for n in (48, 40, 16)] + [Sub(64, 8, bias=False), nn.Linear(64, 24, False),
+                                                                    nn.Linear(64, 32, bias=False)]
+    torchao.quantize_(mods[0], torchao.Int8WeightOnlyConfig())
+    torchao.quantize_(mods[1], torchao.Int8WeightOnlyConfig())
+    torchao.quantize_(mods[5], torchao.Int8DynamicActivationInt8WeightConfig())
+    x = torch.randn(2, 64)
+    pairs = [(x, m) for m in mods]
+    assert [kernels.linear_kind(x, m) for m in mods] == ["int8", "int8", "plain", None, "plain", None]
+    with torch.no_grad():
+        got = kernels.linears("triton", pairs)
+        want = [m(x) for m in mods]
+    assert sorted(calls) == [2, 2]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel(a, b) < (2e-2 if i == 5 else 1e-5), i  # the activation-quantized one: module call either way
+        if i == 5:
+            assert torch.equal(a, b)
+
+
 def test_seam_keeps_module_calls_where_they_compute_more(monkeypatch):
     """``plain_linears`` turns down everything a single ``x W^T`` would get wrong: a wrapper or subclass, a bias,
     hooks (accelerate's too), other dtypes or devices, quantized tensor subclasses, autocast, too many tokens or
@@ -204,19 +256,24 @@ def test_seam_keeps_module_calls_where_they_compute_more(monkeypatch):
 COMPILE_SETUP = r"""
 from modeling_kimi_linear import multi_linear_triton as m
 fn, names = m._multi_linear, m._multi_linear.arg_names
-const = {"BLOCK_M": m.BLOCK_M, "BLOCK_N": m.TILE["BLOCK_N"], "BLOCK_K": m.TILE["BLOCK_K"], "PRECISION": "tf32"}
-ptr = {n for n in names if n[0] in "xwy" and n[1:].isdigit()}
-signature = {n: "constexpr" if n in const else "*bf16" if n in ptr else "i32" for n in names}
+quant, zero = sys.argv[1] != "bf16", sys.argv[1] == "int8-zero"
+const = {"BLOCK_M": m.BLOCK_M, "BLOCK_N": m.TILE["BLOCK_N"], "BLOCK_K": m.TILE["BLOCK_K"], "PRECISION": "tf32",
+         "QUANT": quant, "HAS_ZERO": zero}
+slot_type = {"x": "*bf16", "y": "*bf16", "w": "*i8" if quant else "*bf16",
+             "s": "*fp32" if quant else "*bf16", "z": "*i8" if zero else "*fp32" if quant else "*bf16"}
+ptr = {n for n in names if n[0] in slot_type and n[1:].isdigit()}
+signature = {n: "constexpr" if n in const else slot_type[n[0]] if n in ptr else "i32" for n in names}
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptr}
 options = {"num_warps": m.TILE["num_warps"], "num_stages": m.TILE["num_stages"]}
 """
 
 
-def test_kernel_compiles_for_sm90_without_spills(tmp_path):
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int8-zero"])
+def test_kernel_compiles_for_sm90_without_spills(tmp_path, weights):
     """The interpreter runs Python, not the compiler (which must merge the six slots' pointers and sizes chosen at
-    run time): compile the kernel for an H100 / H200 (sm_90, no GPU needed) with its default tile and check that
-    ptxas keeps it in registers."""
-    assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP)
+    run time): compile the kernel for an H100 / H200 (sm_90, no GPU needed) with its default tile, bf16 and int8
+    weights, and check that ptxas keeps it in registers."""
+    assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, weights)
 
 
 def test_checkpoints_carry_the_kernel_module_without_requiring_triton():
