@@ -78,7 +78,8 @@ class KimiLinearConfig(PreTrainedConfig):
             ``"head"`` (one scalar forget gate per head, as in Gated DeltaNet; an ablation, not loadable by other
             implementations). Written to ``config.json`` only when it is not the default.
         decode_kernels: ``"auto"`` (default: this package's Triton decode kernels - MLA flash-decoding, the MoE's
-            chosen experts, the fused KDA step - for CUDA tensors when ``triton`` imports, PyTorch otherwise),
+            chosen experts, the fused KDA step, projections in one launch, add + RMSNorm - for CUDA tensors when
+            ``triton`` imports, PyTorch otherwise),
             ``"torch"`` (always the PyTorch reference) or ``"triton"`` (CUDA tensors only; a clear error
             otherwise). Written to ``config.json`` only when it is not the default.
     """
