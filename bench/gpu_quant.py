@@ -38,7 +38,11 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
+# the 48B built piece by piece in int8 (--in-memory): each layer's quantization leaves free blocks of other sizes
+# behind, which the default allocator cannot reuse for the next layer (an 80 GB H100 ran out at 79 GB)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 if __package__:  # kimi_linear_bench.gpu_quant (installed) or python -m bench.gpu_quant
     from .gpu import copy_bandwidth, log
@@ -145,8 +149,6 @@ def build_in_memory(method: str, preset: str) -> KimiLinearForCausalLM:
     piece quantized before the next is allocated, so the peak is about the quantized size: the 48B-A3B in int8 on
     one 80 GB GPU. The same torchao transforms and high-precision defaults as ``from_pretrained`` with
     ``quantization_config`` (:mod:`modeling_kimi_linear.quantization`), applied directly."""
-    from torchao.quantization import FqnToConfig, quantize_
-
     config = quantization_config(method)
     quant_type = None if config is None else config.quant_type
     with torch.device("meta"):
@@ -166,17 +168,26 @@ def build_in_memory(method: str, preset: str) -> KimiLinearForCausalLM:
             raise RuntimeError(f"_init_weights left {prefix}.{missed[0]} uninitialised")
         if quant_type is None:
             continue
-        for name, module in list(piece.named_modules()):
-            full = f"{prefix}.{name}" if name else prefix
-            if isinstance(module, torch.nn.Linear) and not kept_high_precision(f"{full}.weight"):
-                quantize_(module, quant_type)
-            elif hasattr(module, "gate_up_proj") and type(quant_type).__name__ in EXPERT_CAPABLE:
-                for param in ("gate_up_proj", "down_proj"):
-                    quantize_(module, FqnToConfig({param: quant_type}), filter_fn=None)
+        quantize_piece(prefix, piece, quant_type)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()  # the piece's bf16 weights and quantization temporaries
     left = [name for name, p in model.named_parameters() if p.is_meta]
     if left:
         raise RuntimeError(f"parameters left on the meta device: {left[:3]}")
     return model.eval()
+
+
+def quantize_piece(prefix: str, piece: torch.nn.Module, quant_type) -> None:  # noqa: ANN001
+    """Quantize one piece's ``nn.Linear`` modules (but those kept in high precision) and its routed experts."""
+    from torchao.quantization import FqnToConfig, quantize_
+
+    for name, module in list(piece.named_modules()):
+        full = f"{prefix}.{name}" if name else prefix
+        if isinstance(module, torch.nn.Linear) and not kept_high_precision(f"{full}.weight"):
+            quantize_(module, quant_type)
+        elif hasattr(module, "gate_up_proj") and type(quant_type).__name__ in EXPERT_CAPABLE:
+            for param in ("gate_up_proj", "down_proj"):
+                quantize_(module, FqnToConfig({param: quant_type}), filter_fn=None)
 
 
 @torch.no_grad()

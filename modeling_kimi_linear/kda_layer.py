@@ -149,7 +149,7 @@ class KimiDeltaAttention(nn.Module):
         if cache is not None:
             cache.update_kda_state(self.layer_idx, conv_state_out, new_state)
         o = self.o_norm(o, gate.unflatten(-1, (heads, dim)), backend=self.backend).flatten(-2)
-        return self.o_proj(o)
+        return linears(self.decode_kernels, [(o, self.o_proj)], kinds=("int8",))[0]
 
     def _decodes_fused(self, x: torch.Tensor, conv_state: torch.Tensor | None, state: torch.Tensor | None) -> bool:
         """Whether this decode step (one token, a cached state) runs as one fused Triton kernel: ``decode_kernels``
@@ -177,7 +177,7 @@ class KimiDeltaAttention(nn.Module):
             self.o_norm.variance_epsilon, conv_state, state, token_mask, in_place=cache.graph_step is not None,
         )
         cache.update_kda_state(self.layer_idx, conv_out, state_out)  # in place: a copy onto itself, a no-op
-        return self.o_proj(o)
+        return linears(self.decode_kernels, [(o, self.o_proj)], kinds=("int8",))[0]
 
 
 class _DepthwiseConvWeight(nn.Module):

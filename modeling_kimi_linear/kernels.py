@@ -155,26 +155,31 @@ MULTI_LINEAR_SLOTS = 6
 MULTI_LINEAR_MAX_TOKENS = 64
 
 
-def linears(choice: str, pairs: Sequence[tuple[torch.Tensor, nn.Module]]) -> list[torch.Tensor]:
-    """``[module(x) for x, module in pairs]``, with the pairs that :func:`linear_kind` accepts computed by one
-    Triton launch per kind (:func:`multi_linear_triton.multi_linear`: plain weights in one, weight-only int8
+def linears(
+    choice: str, pairs: Sequence[tuple[torch.Tensor, nn.Module]], kinds: tuple[str, ...] = ("plain", "int8")
+) -> list[torch.Tensor]:
+    """``[module(x) for x, module in pairs]``, with the pairs whose :func:`linear_kind` is in ``kinds`` computed by
+    one Triton launch per kind (:func:`multi_linear_triton.multi_linear`: plain weights in one, weight-only int8
     weights in another) and the rest by the module calls themselves.
 
     ``choice`` is ``config.decode_kernels``; launches serve CUDA tensors only, with ``choice`` resolving to
-    ``"triton"`` (:func:`resolve_decode_kernels`), no gradient needed and :func:`launchable` true."""
+    ``"triton"`` (:func:`resolve_decode_kernels`), no gradient needed and :func:`launchable` true. Callers pass
+    ``kinds=("int8",)`` where cuBLAS was measured faster than the launch for plain weights (few output rows:
+    MLA's q / kv_a, the MLPs, single projections; docs/benchmarks.md) - an int8 weight is still read as int8
+    there, where the module call would first write it out in bf16."""
     x = pairs[0][0]
-    kinds = [None] * len(pairs)
+    chosen: list[str | None] = [None] * len(pairs)
     if resolve_decode_kernels(choice, x.device) == "triton" and launchable(pairs):
-        kinds = [linear_kind(t, m) for t, m in pairs]
-        if needs_grad(*(t for t, _ in pairs), *(m.weight for _, m in pairs if kinds[0] == "plain")):
-            kinds = [None] * len(pairs)
-    if not any(kinds):
+        chosen = [k if k in kinds else None for k in (linear_kind(t, m) for t, m in pairs)]
+        if needs_grad(*(t for t, _ in pairs), *(m.weight for (_, m), k in zip(pairs, chosen) if k == "plain")):
+            chosen = [None] * len(pairs)
+    if not any(chosen):
         return [m(t) for t, m in pairs]
     from .multi_linear_triton import multi_linear
 
     out: list[torch.Tensor | None] = [None] * len(pairs)
     for kind in ("plain", "int8"):
-        idx = [i for i, k in enumerate(kinds) if k == kind]
+        idx = [i for i, k in enumerate(chosen) if k == kind]
         if not idx:
             continue
         if kind == "plain":

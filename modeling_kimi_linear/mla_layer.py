@@ -64,10 +64,10 @@ class KimiMLAAttention(nn.Module):
         """``[B, T, D]`` -> queries ``[B, nh, T, qk_nope + qk_rope]`` and what is cached per token,
         ``[B, T, kv_lora_rank + qk_rope]`` = normalised latent ‖ shared key part.
 
-        The two projections of x run as one launch where :func:`kernels.linears` serves (a decode step of plain
-        ``nn.Linear`` modules on CUDA)."""
+        Weight-only int8 projections of a CUDA decode step run as one launch that reads the int8 data
+        (:func:`kernels.linears`); bf16 ones stay cuBLAS calls (measured faster for these shapes)."""
         first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
-        q, kv = kernels.linears(self.decode_kernels, [(x, first), (x, self.kv_a_proj_with_mqa)])
+        q, kv = kernels.linears(self.decode_kernels, [(x, first), (x, self.kv_a_proj_with_mqa)], kinds=("int8",))
         if not hasattr(self, "q_proj"):
             q = self.q_b_proj(self.q_a_layernorm(q))
         c, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], -1)
@@ -192,4 +192,4 @@ class KimiMLAAttention(nn.Module):
             out = self.attend_latent(q, latent, attn_mask, row_limit)
         else:
             out = self.attend_expanded(q, latent, attn_mask)
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        return kernels.linears(self.decode_kernels, [(out.transpose(1, 2).flatten(2), self.o_proj)], kinds=("int8",))[0]

@@ -32,11 +32,11 @@ class KimiMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act_fn = ACT2FN[hidden_act]
-        self.decode_kernels = decode_kernels  # config.decode_kernels: gate and up in one launch at decode time
+        self.decode_kernels = decode_kernels  # config.decode_kernels: int8 weights read as int8 at decode time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linears(self.decode_kernels, [(x, self.gate_proj), (x, self.up_proj)])
-        return self.down_proj(self.act_fn(gate) * up)
+        gate, up = linears(self.decode_kernels, [(x, self.gate_proj), (x, self.up_proj)], kinds=("int8",))
+        return linears(self.decode_kernels, [(self.act_fn(gate) * up, self.down_proj)], kinds=("int8",))[0]
 
 
 class KimiMoEGate(nn.Module):

@@ -33,7 +33,12 @@ except ImportError as exc:
 from .kernels import MULTI_LINEAR_SLOTS as MAX_SLOTS  # (x, W) pairs one launch takes
 
 BLOCK_M = 16  # tl.dot's smallest M: the tokens of a step, padded
-TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+# 64 rows x 128 of K, 3 stages: KDA's six projections from x in 38.5 us on an H100 against 49.0 for 32 x 128 x 4
+# stages and 50.1 for the cuBLAS calls (gpu_check.py --only mlinear, docs/benchmarks.md)
+TILE = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+# int8 weights: the same 16 KB of weight per tile and stage (64 rows x 256 one-byte values), 8 warps (at 4 warps
+# or 128-wide K blocks ptxas spills on sm_90); not yet timed on a GPU
+INT8_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -51,7 +56,7 @@ def multi_linear(
     (one fp32 ``[N_i]`` or ``[N_i, 1]`` per pair) and optionally ``zeros`` (int8, shaped like the scales):
     ``W = (q - zero) * scale`` per row, torchao's int8 weight-only layout. The int8 values are widened to x's dtype
     in registers (exact) and each row's fp32 sum is multiplied by its scale: one byte read a weight. Returns
-    ``[..., N_i]`` tensors in x's dtype. ``tile`` overrides :data:`TILE` (benchmarks).
+    ``[..., N_i]`` tensors in x's dtype. ``tile`` overrides :data:`TILE` / :data:`INT8_TILE` (benchmarks).
     """
     if not 1 <= len(pairs) <= MAX_SLOTS:
         raise ValueError(f"multi_linear takes 1 to {MAX_SLOTS} (x, W) pairs, got {len(pairs)}")
@@ -81,7 +86,7 @@ def multi_linear(
         flat.append((x2, w.contiguous(), scale, zero))
         dims.append(w.shape[0])
     tokens = flat[0][0].shape[0]
-    tile = {**TILE, **(tile or {})}
+    tile = {**(INT8_TILE if quant else TILE), **(tile or {})}
     outs = [torch.empty(tokens, n, dtype=dtype, device=flat[0][0].device) for n in dims]
     if tokens == 0:
         return [y.view(*lead, n) for y, n in zip(outs, dims)]

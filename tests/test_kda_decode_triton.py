@@ -223,7 +223,7 @@ def test_layer_decode_matches_pytorch_path(monkeypatch, granularity, bsz, dtype)
     monkeypatch.setattr(kda_layer, "fused_kda_decode", fused_kda_decode)
     monkeypatch.setattr(kda_layer, "kda_decode_step", counted_step)
     # the projections stay module calls here (their one-launch form is tests/test_multi_linear_triton.py's)
-    monkeypatch.setattr(kda_layer, "linears", lambda choice, pairs: kernels.linears("torch", pairs))
+    monkeypatch.setattr(kda_layer, "linears", lambda choice, pairs, **kw: kernels.linears("torch", pairs, **kw))
     cache_ref, cache_fused = KimiLinearCache(config), KimiLinearCache(config)
     hidden = config.hidden_size
     out_tol, state_tol = TOLERANCE[dtype]
