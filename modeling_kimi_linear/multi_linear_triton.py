@@ -6,16 +6,22 @@ decode kernels measured the nine at 62 us a layer for 77 MB of weights: 1.2 TB/s
 (docs/benchmarks.md, "Fused KDA decode step"). Most of that is the launch and tail of each small kernel, not the
 bytes. :func:`multi_linear` computes ``y_i = x_i W_i^T`` for up to :data:`MAX_SLOTS` pairs in one grid: every
 program owns ``BLOCK_N`` output features of one weight and streams those rows once through a K loop, so the
-weights of all slots are read by one wave of programs. The layer then takes three launches for its projections
-(q/k/v/f_a/beta/g_a from x, then f_b/g_b from the two ranks, then o_proj) instead of nine.
+weights of all slots are read by one wave of programs. A KDA layer's eight projections before its fused step take
+two launches (q/k/v/f_a/beta/g_a from x, then f_b/g_b from the two ranks) instead of eight: the six from x in 38.5
+us on an H100 against 50.1 for the cuBLAS calls. Groups with few output rows (MLA's q / kv_a, the MLPs) leave too
+few programs for 132 SMs without a split over K and were slower than cuBLAS (0.6-0.73x), so bf16 weights there
+stay module calls (``kinds`` of :func:`kernels.linears`).
+
+Int8 weights (torchao's weight-only layout, :func:`quantization.int8_rows`) are read as int8 by every decode
+projection, one byte a weight, where torchao's own product would first write the weight out in bf16.
 
 Math: ``y[m, n] = sum_k x[m, k] W[n, k]``, fp32 accumulation (``tl.dot`` over 16-row blocks of tokens, padded;
 for fp32 inputs ``input_precision="ieee"``, never TF32), rounded once to x's dtype: what ``nn.Linear`` computes up
 to the order of the fp32 sum. Nothing reads back to the host (CUDA-graph capturable).
 
 Nothing imports this module unless :func:`kernels.linears` chose it for CUDA tensors; the modules' own calls stay
-the reference and the CPU path, and serve every module that is not a plain ``nn.Linear`` (adapters, quantized
-weights, hooks: see :func:`kernels.plain_linears`).
+the reference and the CPU path, and serve every module that is not a plain ``nn.Linear`` (adapters, other
+quantized formats, hooks: see :func:`kernels.linear_kind`).
 """
 
 from __future__ import annotations
