@@ -55,7 +55,7 @@ from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
 from modeling_kimi_linear.cuda_graph_decode import decode_bucket  # noqa: E402
 from modeling_kimi_linear.presets import available_presets, load_preset  # noqa: E402
-from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
+from modeling_kimi_linear.transformers_compat import cache_field, output_cache  # noqa: E402
 
 GB = 1e9
 PAPER_TPOT_MS = {4096: 5.09, 131072: 5.74, 1048576: 7.99}  # Kimi Linear, Fig. 7b of the paper, batch 1
@@ -115,7 +115,7 @@ def fill(model: KimiLinearForCausalLM, batch: int, context: int, prefill: int, s
 def timed_generate(model, ids: torch.Tensor, cache, new_tokens: int) -> tuple[float, torch.Tensor]:  # noqa: ANN001
     sync(model.device)
     start = time.perf_counter()
-    seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+    seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_field(cache),
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=model.config.pad_token_id)
     sync(model.device)

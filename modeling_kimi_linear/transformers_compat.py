@@ -30,7 +30,9 @@ def one_cache(cache: "KimiLinearCache | None", past_key_values: "KimiLinearCache
 
 
 def cache_field(cache: "KimiLinearCache | None") -> dict[str, Any]:
-    """``{field: cache}`` for building a model output with the installed version's field name."""
+    """``{field: cache}`` for building a model output with the installed version's field name, or for passing a
+    cache to ``generate()`` under the installed version's argument name (5.24 and later warn that
+    ``past_key_values`` is deprecated there)."""
     return {CACHE_FIELD: cache}
 
 
