@@ -319,7 +319,8 @@ def multi_linear_check(rows: list[dict]) -> None:
     calls, at the release's width in bf16: a KDA layer's eight projections (q, k, v, f_a, beta, g_a from x, then
     f_b and g_b from the ranks; two launches), an MLA layer's two (q_proj, kv_a_proj_with_mqa) and the shared
     expert's gate and up. Per group and batch 1 / 8: the worst output's error, both times (CUDA-graph replays) and
-    the launch's share of the copy bandwidth; then a few tiles for the KDA group at batch 1."""
+    the launch's share of the copy bandwidth; then int8 weights (per-row scales, built here) for KDA's six
+    projections and single o_proj / down_proj against bf16 cuBLAS; then a few tiles for the KDA group at batch 1."""
     from modeling_kimi_linear import multi_linear_triton
     from modeling_kimi_linear.kda_layer import KimiDeltaAttention
     from modeling_kimi_linear.kernels import linears
@@ -370,6 +371,29 @@ def multi_linear_check(rows: list[dict]) -> None:
              ((32, 128, 4, 4), (16, 128, 4, 4), (64, 128, 4, 3), (32, 256, 4, 3), (16, 256, 4, 4), (64, 64, 4, 4),
               (32, 128, 8, 4))]
     times = [replay_us(lambda t=t: multi_linear_triton.multi_linear(pairs, tile=t)) for t in tiles]
+    int8_groups = {"KDA's six projections from x": weights["KDA q/k/v/f_a/beta/g_a + f_b/g_b"][:6],
+                   "KDA o_proj alone": [kda.o_proj], "shared expert down_proj alone": [mlp.down_proj]}
+    for name, mods in int8_groups.items():
+        qs, scales, want, inputs = [], [], [], []
+        for m in mods:
+            xin = torch.randn(1, m.in_features, device="cuda", dtype=torch.bfloat16, generator=gen)
+            scale = m.weight.float().abs().amax(-1, keepdim=True) / 127
+            q = (m.weight.float() / scale).round().clamp(-127, 127).to(torch.int8)
+            qs.append(q)
+            scales.append(scale)
+            inputs.append(xin)
+            want.append(torch.nn.functional.linear(xin, (q.float() * scale).to(torch.bfloat16)))
+        pairs_q = list(zip(inputs, qs))
+        got = multi_linear_triton.multi_linear(pairs_q, scales=scales)
+        err = max(rel(a, b) for a, b in zip(got, want))
+        t_q = replay_us(lambda: multi_linear_triton.multi_linear(pairs_q, scales=scales))
+        t_bf = replay_us(lambda: [m(xin) for m, xin in zip(mods, inputs)])
+        nbytes = sum(q.numel() for q in qs)
+        rows.append({"check": f"int8 launch vs bf16 product of the dequantized weights: {name}, B=1", "rel_err": err})
+        rows.append({"check": f"  same, us: int8 launch {t_q:.1f} ({nbytes / 1e6:.1f} MB at "
+                              f"{nbytes / (t_q * 1e-6) / bandwidth:.0%} of copy; tile "
+                              f"{multi_linear_triton.choose_tile([q.shape[0] for q in qs], True, x.device)}), bf16 "
+                              f"cuBLAS {t_bf:.1f} (int8 / bf16 = {t_q / t_bf:.2f})", "rel_err": t_q, "info": True})
     rows.append({"check": "  KDA's six projections from x, B=1, us per tile (BLOCK_N, BLOCK_K, warps, stages): "
                           + ", ".join(f"{tuple(t.values())} {u:.1f}" for t, u in zip(tiles, times))
                           + f" (default {tuple(multi_linear_triton.TILE.values())})",

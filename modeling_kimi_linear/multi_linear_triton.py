@@ -26,6 +26,7 @@ quantized formats, hooks: see :func:`kernels.linear_kind`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -43,7 +44,8 @@ BLOCK_M = 16  # tl.dot's smallest M: the tokens of a step, padded
 # stages and 50.1 for the cuBLAS calls (gpu_check.py --only mlinear, docs/benchmarks.md)
 TILE = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 # int8 weights: the same 16 KB of weight per tile and stage (64 rows x 256 one-byte values), 8 warps (at 4 warps
-# or 128-wide K blocks ptxas spills on sm_90); not yet timed on a GPU
+# or 128-wide K blocks ptxas spills on sm_90); not yet timed on a GPU. Either tile narrows to 32 or 16 rows when
+# the launch would otherwise leave SMs idle (a single o_proj or down_proj: 2304 rows = 36 tiles of 64).
 INT8_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -92,7 +94,7 @@ def multi_linear(
         flat.append((x2, w.contiguous(), scale, zero))
         dims.append(w.shape[0])
     tokens = flat[0][0].shape[0]
-    tile = {**(INT8_TILE if quant else TILE), **(tile or {})}
+    tile = choose_tile(dims, quant, flat[0][0].device, tile)
     outs = [torch.empty(tokens, n, dtype=dtype, device=flat[0][0].device) for n in dims]
     if tokens == 0:
         return [y.view(*lead, n) for y, n in zip(outs, dims)]
@@ -113,6 +115,26 @@ def multi_linear(
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
     return [y.view(*lead, n) for y, n in zip(outs, dims)]
+
+
+def choose_tile(dims: Sequence[int], quant: bool, device: torch.device, given: dict | None = None) -> dict:
+    """:data:`TILE` or :data:`INT8_TILE` with ``given`` on top; without a given ``BLOCK_N``, the row block halves
+    (down to 16) while the launch's ``sum(ceil(N_i / BLOCK_N))`` programs would leave SMs of ``device`` idle."""
+    given = given or {}
+    tile = {**(INT8_TILE if quant else TILE), **given}
+    if "BLOCK_N" not in given:
+        sms = _sm_count(device)
+        while tile["BLOCK_N"] > 16 and sum(triton.cdiv(n, tile["BLOCK_N"]) for n in dims) < sms:
+            tile["BLOCK_N"] //= 2
+    return tile
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 / H200; also the stand-in off CUDA)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _SLOT_ARGS = [f"{name}{i}" for i in range(MAX_SLOTS) for name in ("n", "k", "sx")] + [f"e{i}" for i in range(5)]

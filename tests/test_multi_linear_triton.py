@@ -96,6 +96,16 @@ def test_small_tiles_loop_over_k_and_strided_x(mlt):
         assert rel(y, x.double() @ w.double().T) < 1e-6
 
 
+def test_tile_narrows_only_where_sms_would_idle(mlt):
+    """KDA's six projections (12576 rows: 197 tiles of 64) keep the measured 64-row tile; a single o_proj or
+    down_proj (2304 rows: 36 tiles) narrows to 16 rows (144 programs on 132 SMs); a given BLOCK_N is kept."""
+    cpu = torch.device("cpu")  # stands for a 132-SM device
+    assert mlt.choose_tile([4096, 4096, 4096, 128, 32, 128], False, cpu)["BLOCK_N"] == 64
+    assert mlt.choose_tile([2304], True, cpu) == {**mlt.INT8_TILE, "BLOCK_N": 16}
+    assert mlt.choose_tile([6144, 576], True, cpu)["BLOCK_N"] == 32  # MLA's q / kv_a: 105 tiles of 64, 210 of 32
+    assert mlt.choose_tile([2304], False, cpu, {"BLOCK_N": 64})["BLOCK_N"] == 64
+
+
 def test_rejects_bad_input(mlt):
     x, w = torch.randn(2, 8).to(DEVICE), torch.randn(4, 8).to(DEVICE)
     with pytest.raises(ValueError, match="1 to 6"):
