@@ -21,6 +21,13 @@ else:  # imported by bench/gpu_check.py run as a script from a checkout
 from modeling_kimi_linear.moe import KimiSparseMoeBlock  # noqa: E402
 
 
+def int8_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one fp32 scale per output row (torchao's int8 weight-only layout, zero point 0):
+    ``(q [..., N, K] int8, scale [..., N, 1])`` with ``w ~ q * scale``."""
+    scale = w.float().abs().amax(-1, keepdim=True) / 127
+    return (w.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
 @torch.no_grad()
 def kda_decode_step_checks(rows: list[dict]) -> None:
     """The fused KDA decode step (``decode_kernels="triton"``, one Triton kernel between the projections and
@@ -377,8 +384,7 @@ def multi_linear_check(rows: list[dict]) -> None:
         qs, scales, want, inputs = [], [], [], []
         for m in mods:
             xin = torch.randn(1, m.in_features, device="cuda", dtype=torch.bfloat16, generator=gen)
-            scale = m.weight.float().abs().amax(-1, keepdim=True) / 127
-            q = (m.weight.float() / scale).round().clamp(-127, 127).to(torch.int8)
+            q, scale = int8_per_row(m.weight)
             qs.append(q)
             scales.append(scale)
             inputs.append(xin)
@@ -441,8 +447,7 @@ def moe_int8_check(rows: list[dict], batches=(1, 8), reps: int = 8) -> None:
     quantized = {}
     for name, shape in (("gate_up", (experts, 2 * inter, hidden)), ("down", (experts, hidden, inter))):
         w = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
-        scale = w.abs().amax(-1, keepdim=True).float() / 127
-        q = (w.float() / scale).round().clamp(-127, 127).to(torch.int8)
+        q, scale = int8_per_row(w)
         quantized[name] = (q, scale, torch.zeros_like(q[..., :1]))
         del w
     deq = {name: ((q.float() - z.float()) * s).to(torch.bfloat16) for name, (q, s, z) in quantized.items()}

@@ -97,8 +97,12 @@ def labelled(model) -> None:  # noqa: ANN001
     wrap(model.model.norm, "norms")
     wrap(model.model.embed_tokens, "embedding")
     wrap(model.lm_head, "lm_head")
-    for fn_name, part in _KDA_FUNCTIONS.items():
-        fn = getattr(kda_layer, fn_name, None)
+    decoder = sys.modules[type(model.model.layers[0]).__module__]
+    targets = [(kda_layer, name, part) for name, part in _KDA_FUNCTIONS.items()]
+    targets += [(decoder, "add_rms_norm", "norms"), (KimiDeltaAttention, "log_decay", "kda: gate"),
+                (KimiDeltaAttention, "split_projections", "kda: projections")]  # a class: the wrapper is a method
+    for owner, name, part in targets:
+        fn = getattr(owner, name, None)
         if fn is None:
             continue
 
@@ -106,33 +110,13 @@ def labelled(model) -> None:  # noqa: ANN001
             with record_function(label(_part)):
                 return _fn(*args, **kwargs)
 
-        saved[fn_name] = fn
-        setattr(kda_layer, fn_name, ranged)
-    decoder = sys.modules[type(model.model.layers[0]).__module__]
-    add_norm = decoder.add_rms_norm
-
-    def add_rms_norm(*args):  # noqa: ANN002
-        with record_function(label("norms")):
-            return add_norm(*args)
-
-    decoder.add_rms_norm = add_rms_norm
-    methods = {"log_decay": "kda: gate", "split_projections": "kda: projections"}
-    originals = {name: getattr(KimiDeltaAttention, name) for name in methods}
-    for name, part in methods.items():
-
-        def method(self, *args, _fn=originals[name], _part=part):  # noqa: ANN001, ANN002
-            with record_function(label(_part)):
-                return _fn(self, *args)
-
-        setattr(KimiDeltaAttention, name, method)
+        saved[owner, name] = fn
+        setattr(owner, name, ranged)
     try:
         yield
     finally:
-        decoder.add_rms_norm = add_norm
-        for name, fn in originals.items():
-            setattr(KimiDeltaAttention, name, fn)
-        for fn_name, fn in saved.items():
-            setattr(kda_layer, fn_name, fn)
+        for (owner, name), fn in saved.items():
+            setattr(owner, name, fn)
         for h in handles:
             h.remove()
 

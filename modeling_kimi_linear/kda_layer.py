@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import (
-    fused_kda_decode, kda, kda_decode_step, kda_padded, linears, needs_grad, short_conv,
+    fused_kda_decode, kda, kda_decode_step, kda_padded, linears, needs_grad, offloaded, short_conv,
 )
 from .norms import KimiGatedRMSNorm
 
@@ -155,14 +155,15 @@ class KimiDeltaAttention(nn.Module):
         """Whether this decode step (one token, a cached state) runs as one fused Triton kernel: ``decode_kernels``
         resolves to ``"triton"`` and ``kda_backend`` not to ``"torch"`` (:func:`kernels.fused_kda_decode`), nothing
         needs gradients, the shapes are the kernel's (float32 state, power-of-two head_dim), and no submodule's
-        weights are offloaded (accelerate hooks on the conv holders or the norm, which the kernel would bypass)."""
+        weights are offloaded (accelerate's hook on the conv holders or the norm, :func:`kernels.offloaded`), which
+        the kernel would bypass."""
         return (
-            not any(hasattr(m, "_hf_hook") for m in (self.q_conv1d, self.k_conv1d, self.v_conv1d, self.o_norm)) and
             conv_state is not None and state is not None and state.dtype == torch.float32
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and self.head_dim & (self.head_dim - 1) == 0
             and fused_kda_decode(self.decode_kernels, self.backend, x.device)
             and not needs_grad(x, state, *self.parameters())
+            and not any(offloaded(m) for m in (self.q_conv1d, self.k_conv1d, self.v_conv1d, self.o_norm))
         )
 
     def _fused_decode_step(self, x: torch.Tensor, token_mask: torch.Tensor | None, cache: "KimiLinearCache",

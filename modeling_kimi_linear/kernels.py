@@ -203,10 +203,7 @@ def launchable(pairs: Sequence[tuple[torch.Tensor, nn.Module]]) -> bool:
     x = pairs[0][0]
     if len(pairs) > MULTI_LINEAR_SLOTS or x.numel() > MULTI_LINEAR_MAX_TOKENS * x.shape[-1]:
         return False
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or torch.is_autocast_enabled(x.device.type):
-        return False
-    hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+    if not plain_call_context(x):
         return False
     return all(t.shape[:-1] == x.shape[:-1] and t.dtype == x.dtype and t.device == x.device for t, _ in pairs)
 
@@ -216,9 +213,7 @@ def linear_kind(x: torch.Tensor, module: nn.Module) -> str | None:
     that with a weight-only int8 weight (:func:`quantization.int8_rows`), else None (the module call): the module
     must be exactly ``nn.Linear`` (not a PEFT or quantization wrapper, not a subclass), without bias or hooks
     (accelerate's offloading hooks included), its weight on x's device."""
-    if type(module) is not nn.Linear or module.bias is not None or module._forward_hooks:
-        return None
-    if module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+    if type(module) is not nn.Linear or module.bias is not None or hooked(module):
         return None
     w = module.weight
     if w.device != x.device:
@@ -228,9 +223,25 @@ def linear_kind(x: torch.Tensor, module: nn.Module) -> str | None:
     return "int8" if int8_rows(w) is not None else None
 
 
-def plain_linears(pairs: Sequence[tuple[torch.Tensor, nn.Module]]) -> bool:
-    """Whether one launch of plain weights would serve every pair (:func:`launchable`, each pair ``"plain"``)."""
-    return launchable(pairs) and all(linear_kind(t, m) == "plain" for t, m in pairs)
+def offloaded(module: nn.Module) -> bool:
+    """Whether accelerate hooked ``module`` (``_hf_hook``; e.g. offloaded weights, which arrive only through the
+    module call): code that reads its weights directly must call it instead."""
+    return hasattr(module, "_hf_hook")
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its ``forward``: forward hooks or pre-hooks, or accelerate's
+    (:func:`offloaded`). A kernel that replaces the call must leave such a module to it."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or offloaded(module)
+
+
+def plain_call_context(x: torch.Tensor) -> bool:
+    """Whether a module call on ``x`` computes just its ``forward``, in x's dtype: x of a floating dtype the Triton
+    kernels take, no autocast, no global module hooks."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
+        return False
+    return x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
 def add_rms_norm(
@@ -253,14 +264,9 @@ def plain_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Modu
     plain weight of x's dtype and device, ``residual`` (if any) is like x, nothing needs gradients and no autocast
     is on: then :func:`rms_norm_triton.add_rms_norm` computes what the module computes."""
     w = getattr(norm, "weight", None)
-    if type(norm) is not KimiRMSNorm or norm._forward_hooks or norm._forward_pre_hooks or hasattr(norm, "_hf_hook"):
-        return False
-    hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
+    if type(norm) is not KimiRMSNorm or hooked(norm) or not plain_call_context(x):
         return False
     if type(w) not in (torch.Tensor, nn.Parameter) or w.dtype != x.dtype or w.device != x.device:
-        return False
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         return False

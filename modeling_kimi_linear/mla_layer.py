@@ -188,7 +188,7 @@ class KimiMLAAttention(nn.Module):
         # quantised layer) must run as a module, so it takes the expanded path.
         # Offloaded weights (accelerate's hook on the module) likewise arrive only through a module call.
         if past and seqlen <= ABSORB_MAX_QUERY and type(self.kv_b_proj) is nn.Linear \
-                and not hasattr(self.kv_b_proj, "_hf_hook"):
+                and not kernels.offloaded(self.kv_b_proj):
             out = self.attend_latent(q, latent, attn_mask, row_limit)
         else:
             out = self.attend_expanded(q, latent, attn_mask)

@@ -55,23 +55,30 @@ HIGH_PRECISION_MODULES = [
 ]
 
 
-def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """``(qdata, scale, zero point or None)`` of a weight-only int8 tensor with one scale per output row
-    (torchao's ``Int8WeightOnlyConfig`` tensors, 2-D ``[N, K]`` or the experts' 3-D ``[E, N, K]``: ``W = (q - zero)
-    * scale``), else None. Tensors that also quantize the activations (``act_quant_kwargs``) are not weight-only
-    and give None: this package's Triton kernels read such weights directly (:mod:`multi_linear_triton`,
-    :mod:`moe_decode_triton`) and compute the weight-only product."""
+def row_scaled(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """``(qdata, scale, zero point or None)`` of a quantized weight with one scale per output row - ``W = (q - zero)
+    * scale``, ``qdata [..., N, K]``, ``scale [..., N, 1]``, the zero point shaped like the scale: torchao's int8
+    and float8 weight-only tensors, 2-D or the experts' 3-D - else None."""
     qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
     zero = getattr(weight, "zero_point", None)
-    if not (isinstance(qdata, torch.Tensor) and isinstance(scale, torch.Tensor)) or qdata.dtype != torch.int8:
-        return None
-    if getattr(weight, "act_quant_kwargs", None) is not None or qdata.dim() not in (2, 3):
+    if not (isinstance(qdata, torch.Tensor) and isinstance(scale, torch.Tensor)) or qdata.dim() not in (2, 3):
         return None
     if tuple(scale.shape) != (*qdata.shape[:-1], 1) or not scale.is_floating_point():
         return None
     if zero is not None and (not isinstance(zero, torch.Tensor) or zero.shape != scale.shape):
         return None
     return qdata, scale, zero
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """:func:`row_scaled` for weight-only int8 tensors (torchao's ``Int8WeightOnlyConfig``), else None. Tensors that
+    also quantize the activations (``act_quant_kwargs``) are not weight-only and give None: this package's Triton
+    kernels read int8 weights directly (:mod:`multi_linear_triton`, :mod:`moe_decode_triton`) and compute the
+    weight-only product."""
+    layout = row_scaled(weight)
+    if layout is None or layout[0].dtype != torch.int8 or getattr(weight, "act_quant_kwargs", None) is not None:
+        return None
+    return layout
 
 
 def is_plain(tensor: torch.Tensor) -> bool:

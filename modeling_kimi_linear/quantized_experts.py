@@ -29,28 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import moe_decode_kernels
-from .quantization import dequantize, int8_rows
+from .quantization import dequantize, int8_rows, row_scaled
 
 if TYPE_CHECKING:
     from .moe import KimiExperts
 
 GATHER_BLOCK = 32  # (token, expert) pairs dequantized at once by the static-shape path
-
-
-def per_row_layout(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """``(qdata [E, N, K], scale [E, N, 1], zero point like the scale or None)`` of a quantized 3-D expert weight in
-    the per-row layout (torchao's int8 and float8 weight-only tensors: ``W = (q - zero) * scale``), else None."""
-    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
-    zero = getattr(weight, "zero_point", None)
-    if (
-        isinstance(qdata, torch.Tensor)
-        and isinstance(scale, torch.Tensor)
-        and qdata.dim() == 3
-        and tuple(scale.shape) == (*qdata.shape[:2], 1)
-        and (zero is None or (isinstance(zero, torch.Tensor) and tuple(zero.shape) == tuple(scale.shape)))
-    ):
-        return qdata, scale, zero
-    return None
 
 
 def gather_dequantized(weight: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -60,8 +44,8 @@ def gather_dequantized(weight: torch.Tensor, index: torch.Tensor, dtype: torch.d
     torchao's int8 and float8 weight-only tensors) gather the one-byte data and the scales and compute
     ``(q - zero) * scale`` (no host read, so it can be captured in a CUDA graph); any other layout goes through
     the tensor's own indexing and ``dequantize()``."""
-    layout = per_row_layout(weight)
-    if layout is not None:
+    layout = row_scaled(weight)
+    if layout is not None and layout[0].dim() == 3:
         qdata, scale, zero = layout
         q = qdata[index].to(dtype)  # int8 / float8 values (and int8 differences) are exact in bf16, fp16, fp32
         if zero is not None:

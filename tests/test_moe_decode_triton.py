@@ -158,13 +158,14 @@ def test_torchao_int8_experts_through_the_seam(mdt, monkeypatch):
     gather-and-dequantize) and gives what the PyTorch path of the same quantized weights gives."""
     torchao = pytest.importorskip("torchao.quantization")
     from modeling_kimi_linear import quantized_experts
+    from modeling_kimi_linear.quantization import int8_rows
 
     if DEVICE == "cpu":
         monkeypatch.setattr(kernels, "resolve_decode_kernels", fake_resolve)
     experts = make_experts(16, 64, 48, seed=11).to(torch.float32)
     torchao.quantize_(experts, torchao.FqnToConfig({"gate_up_proj": torchao.Int8WeightOnlyConfig(),
                                                     "down_proj": torchao.Int8WeightOnlyConfig()}), filter_fn=None)
-    assert quantized_experts.per_row_layout(experts.gate_up_proj)[0].dtype == torch.int8
+    assert int8_rows(experts.gate_up_proj)[0].dtype == torch.int8
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(2, 64, generator=gen).to(DEVICE)
     ids = routing(2, 4, 16, 16, gen).to(DEVICE)

@@ -246,6 +246,11 @@ def test_int8_layers_read_int8_through_the_seam(mlt, monkeypatch):
     assert calls == [2, 1]
 
 
+def plain_linears(pairs) -> bool:  # noqa: ANN001
+    """Whether one launch of plain weights serves every pair."""
+    return kernels.launchable(pairs) and all(kernels.linear_kind(t, m) == "plain" for t, m in pairs)
+
+
 def test_seam_keeps_module_calls_where_they_compute_more(monkeypatch):
     """``plain_linears`` turns down everything a single ``x W^T`` would get wrong: a wrapper or subclass, a bias,
     hooks (accelerate's too), other dtypes or devices, quantized tensor subclasses, autocast, too many tokens or
@@ -253,27 +258,27 @@ def test_seam_keeps_module_calls_where_they_compute_more(monkeypatch):
     lin = nn.Linear(8, 4, bias=False)
     x = torch.randn(2, 8)
     ok = [(x, lin), (x, nn.Linear(8, 3, bias=False))]
-    assert kernels.plain_linears(ok)
+    assert plain_linears(ok)
 
     class Sub(nn.Linear):
         pass
 
-    assert not kernels.plain_linears([(x, Sub(8, 4, bias=False))])
-    assert not kernels.plain_linears([(x, nn.Linear(8, 4))])  # bias
-    assert not kernels.plain_linears([(x, lin)] * 7)
-    assert not kernels.plain_linears([(torch.randn(65, 8), lin)])
-    assert not kernels.plain_linears([(x, lin), (torch.randn(3, 8), lin)])
-    assert not kernels.plain_linears([(x.double(), lin)])
+    assert not plain_linears([(x, Sub(8, 4, bias=False))])
+    assert not plain_linears([(x, nn.Linear(8, 4))])  # bias
+    assert not plain_linears([(x, lin)] * 7)
+    assert not plain_linears([(torch.randn(65, 8), lin)])
+    assert not plain_linears([(x, lin), (torch.randn(3, 8), lin)])
+    assert not plain_linears([(x.double(), lin)])
     hooked = nn.Linear(8, 4, bias=False)
     handle = hooked.register_forward_pre_hook(lambda m, a: None)
-    assert not kernels.plain_linears([(x, hooked)])
+    assert not plain_linears([(x, hooked)])
     handle.remove()
-    assert kernels.plain_linears([(x, hooked)])
+    assert plain_linears([(x, hooked)])
     hooked._hf_hook = object()  # what accelerate's add_hook_to_module leaves on a module it wraps
-    assert not kernels.plain_linears([(x, hooked)])
+    assert not plain_linears([(x, hooked)])
     handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
     try:
-        assert not kernels.plain_linears(ok)
+        assert not plain_linears(ok)
     finally:
         handle.remove()
 
@@ -282,9 +287,9 @@ def test_seam_keeps_module_calls_where_they_compute_more(monkeypatch):
 
     wrapped = nn.Linear(8, 4, bias=False)
     wrapped.weight = nn.Parameter(lin.weight.detach().as_subclass(Quantized), requires_grad=False)
-    assert not kernels.plain_linears([(x, wrapped)])
+    assert not plain_linears([(x, wrapped)])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not kernels.plain_linears(ok)
+        assert not plain_linears(ok)
 
     def boom(*args, **kwargs):
         raise AssertionError("the kernel was chosen")
