@@ -13,10 +13,10 @@ tokens, with no error, if the model changed after they were built in a way that 
 * hooks added or removed (eager decoding would call them, a replayed step does not).
 
 :class:`ModelGuard` records all of this and answers two questions: :meth:`ModelGuard.changed` (cheap, before every
-step: a global counter of module/parameter/buffer registrations, each parameter's address and dtype, the state of
-the modules this package does not know, such as adapter layers, and the autocast state) and
-:meth:`ModelGuard.signature_changed` (thorough, at every new cache, i.e. every ``generate()`` call: the same plus
-every module's plain attributes and hooks). A static step is rebuilt whenever either says the model changed.
+step: a global counter of module/parameter/buffer registrations on the model's modules, each parameter's
+address and dtype, the state of the modules this package does not know, such as adapter layers, and the autocast
+state) and :meth:`ModelGuard.signature_changed` (thorough, at every new cache, i.e. every ``generate()`` call: the
+same plus every module's plain attributes and hooks). A static step is rebuilt whenever either says the model changed.
 
 :meth:`ModelGuard.key` is what a compiled program's file name covers besides the code and configuration: module
 types and attributes, parameter names, shapes and dtypes (not addresses), so two checkpoints of one shape share a
@@ -33,25 +33,28 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.modeling_utils import PreTrainedModel
 
-_registrations = 0  # bumped by torch's global registration hooks: any module/parameter/buffer set on any module
+_registrations = 0  # bumped by torch's global registration hooks: a module/parameter/buffer set on a watched module
+_watched: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # the modules of every guarded model
 _hooks_installed = False
 
 
-def _count_registration(*_args: Any) -> None:
+def _count_registration(module: nn.Module, *_args: Any) -> None:
     global _registrations
-    _registrations += 1
+    if module in _watched:  # modules outside every guarded model (a step's own wrapper, say) change no step
+        _registrations += 1
 
 
 def _install_registration_hooks() -> None:
-    """Count every module / parameter / buffer registration in the process (``setattr`` of a module or
-    parameter, ``register_buffer``, ``load_state_dict(assign=True)``...). The hooks return None, so registrations
-    are unchanged; their cost is one Python call each."""
+    """Count every module / parameter / buffer registration on a module of a guarded model (``setattr`` of a
+    module or parameter, ``register_buffer``, ``load_state_dict(assign=True)``...). The hooks return None, so
+    registrations are unchanged; their cost is one Python call and a set lookup each."""
     global _hooks_installed
     if not _hooks_installed:
         from torch.nn.modules import module as torch_module
@@ -173,6 +176,7 @@ class ModelGuard:
         named += list(self.model.named_buffers(remove_duplicate=False))
         self._tensors = [(t, _address(t), t.dtype, type(t) in (torch.Tensor, nn.Parameter)) for _, t in named]
         modules = list(self.model.named_modules(remove_duplicate=False))
+        _watched.update(m for _, m in modules)
         self._foreign = [_AttributeWatch(m) for _, m in modules if not isinstance(m, known)]
         self._signature = self._full_signature(named, modules)
         self._key = hashlib.sha256(json.dumps(self._portable(named, modules), default=str).encode()).hexdigest()

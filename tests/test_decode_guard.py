@@ -109,6 +109,21 @@ def test_guard_sees_every_kind_of_change():
     assert not guard.changed()
 
 
+def test_registrations_outside_the_model_are_no_change():
+    """Modules built or wired up elsewhere - a compiled step's own wrapper holding the model as a submodule, a
+    second model - change nothing a static step of this model reads; the same registration on one of the model's
+    modules does."""
+    model = tiny_model(MIXES["3:1"])
+    guard = ModelGuard(model)
+    holder = torch.nn.Module()
+    holder.model = model  # what compiled_decode.StepProgram does on every program build
+    holder.extra = torch.nn.Linear(4, 4)
+    tiny_model(MIXES["3:1"])
+    assert not guard.changed() and not guard.signature_changed()
+    model.model.layers[0].extra = torch.nn.Linear(4, 4)
+    assert guard.changed()
+
+
 def test_thorough_check_sees_attributes_and_hooks():
     """At every new cache, attributes of this package's own modules and hooks are compared too."""
     model = tiny_model(MIXES["3:1"])
@@ -209,6 +224,21 @@ def test_a_change_between_two_steps_of_one_cache_is_followed(program_dir):
         logits[compiled] = seen
     model.compile_cpu_decode = False
     assert max((a - b).abs().max().item() for a, b in zip(logits[True], logits[False])) <= 1e-5
+
+
+def test_a_program_is_loaded_once_for_many_steps_and_calls(program_dir, monkeypatch):
+    """Nothing changes, nothing is rebuilt: two greedy generate() calls load the program once (building a step's
+    program registers modules of its own, which once made every step rebuild and reload it: ~10x slower)."""
+    model = randomize(tiny_model(MIXES["3:1"]), 17)
+    model.compile_cpu_decode = True
+    loads = []
+    real = compiled_decode._load
+    monkeypatch.setattr(compiled_decode, "_load", lambda *a, **k: loads.append(1) or real(*a, **k))
+    with torch.no_grad():
+        for _ in range(2):
+            model.generate(ids(2, 20, seed=7), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    model.compile_cpu_decode = False
+    assert len(loads) == 1
 
 
 def test_a_program_that_would_bake_in_weights_is_refused(monkeypatch, tmp_path):
