@@ -268,10 +268,16 @@ def moe_decode(rows: list[dict], batches=(1, 8, 32), reps: int = 8, device: str 
             times[path, "block"] = graph_time_ms(lambda: [block(x) for x in xs]) / reps
             times[path, "experts"] = graph_time_ms(
                 lambda: [block.experts(x, r[0], r[1]) for x, r in zip(flat, routes)]) / reps
+        set_decode_kernels(block, "triton")
+        if block.shared_experts is not None:  # the shared expert as its own module calls (cuBLAS), as before fusion
+            block.shared_experts.decode_kernels = "torch"
+            times["triton_shared_apart", "block"] = graph_time_ms(lambda: [block(x) for x in xs]) / reps
+            block.shared_experts.decode_kernels = "triton"
         achieved = moved / (times["triton", "experts"] * 1e-3)
         rows.append({
             "check": f"  time per call (us, a time): block torch {times['torch', 'block'] * 1e3:.1f} / triton "
-                     f"{times['triton', 'block'] * 1e3:.1f}; experts torch {times['torch', 'experts'] * 1e3:.1f} / "
+                     f"{times['triton', 'block'] * 1e3:.1f} (shared expert in the experts' launches; apart: "
+                     f"{times.get(('triton_shared_apart', 'block'), float('nan')) * 1e3:.1f}); experts torch {times['torch', 'experts'] * 1e3:.1f} / "
                      f"triton {times['triton', 'experts'] * 1e3:.1f}; {distinct:.1f} distinct experts = "
                      f"{moved / 1e6:.1f} MB -> triton experts {achieved / 1e12:.2f} TB/s "
                      f"({achieved / bandwidth:.0%} of copy), torch "

@@ -4,7 +4,8 @@ The model (random bf16 weights, built on the GPU) decodes one token per sequence
 ``--prefill``-token prefill, the MLA latents repeated up to ``--context``). Each step is run op by op under
 ``torch.profiler`` with every part of the model inside a labelled range, so each kernel's device time is charged
 to the part that launched it: KDA (projections, short convolution, gate, delta-rule step, gated norm, output
-projection; or the fused decode step), MLA, router, routed experts, shared expert, norms, embedding, lm_head.
+projection; or the fused decode step), MLA, router, experts (routed and shared together: the same launches compute
+both where they can), norms, embedding, lm_head.
 Next to it: the part's bytes (weights it reads at batch 1 plus the cache it reads and writes) over the copy
 bandwidth measured in the same run, and the CUDA-graph step time (what ``generate()`` replays), whose excess over
 the summed kernel times is launch and tail overhead between kernels. ``--kernels torch,triton`` profiles the same
@@ -51,7 +52,7 @@ from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
 PARTS = ("kda: projections", "kda: short conv", "kda: gate", "kda: delta-rule step", "kda: gated norm",
-         "kda: fused decode step", "kda: output projection", "mla", "router", "routed experts", "shared expert",
+         "kda: fused decode step", "kda: output projection", "mla", "router", "experts (routed + shared)",
          "dense MLP", "norms", "embedding", "lm_head")
 _KDA_FUNCTIONS = {"short_conv": "kda: short conv", "kda": "kda: delta-rule step", "kda_padded": "kda: delta-rule step",
                   "kda_decode_step": "kda: fused decode step"}
@@ -87,10 +88,6 @@ def labelled(model) -> None:  # noqa: ANN001
             wrap(module, "mla")
         elif isinstance(module, KimiMoEGate):
             wrap(module, "router")
-        elif isinstance(module, KimiExperts):
-            wrap(module, "routed experts")
-        elif isinstance(module, KimiSparseMoeBlock) and module.shared_experts is not None:
-            wrap(module.shared_experts, "shared expert")
     for layer in model.model.layers:  # the decoder's norms: add_rms_norm, below (those inside attention count
         if hasattr(layer, "mlp"):     # with their layer; a hook on a norm would send it back to the module call)
             wrap(layer.mlp, "dense MLP")
@@ -100,7 +97,13 @@ def labelled(model) -> None:  # noqa: ANN001
     decoder = sys.modules[type(model.model.layers[0]).__module__]
     targets = [(kda_layer, name, part) for name, part in _KDA_FUNCTIONS.items()]
     targets += [(decoder, "add_rms_norm", "norms"), (KimiDeltaAttention, "log_decay", "kda: gate"),
-                (KimiDeltaAttention, "split_projections", "kda: projections")]  # a class: the wrapper is a method
+                (KimiDeltaAttention, "split_projections", "kda: projections"),  # a class: the wrapper is a method
+                # the experts: no hooks either (a hooked KimiExperts keeps the shared expert out of its launches)
+                (KimiExperts, "forward", "experts (routed + shared)"),
+                (KimiExperts, "with_shared", "experts (routed + shared)")]
+    for module in model.modules():  # a shared expert outside the experts' launches: its instance's forward
+        if isinstance(module, KimiSparseMoeBlock) and module.shared_experts is not None:
+            targets.append((module.shared_experts, "forward", "experts (routed + shared)"))
     for owner, name, part in targets:
         fn = getattr(owner, name, None)
         if fn is None:
@@ -116,7 +119,10 @@ def labelled(model) -> None:  # noqa: ANN001
         yield
     finally:
         for (owner, name), fn in saved.items():
-            setattr(owner, name, fn)
+            if isinstance(owner, torch.nn.Module):  # an instance attribute over the class's method
+                delattr(owner, name)
+            else:
+                setattr(owner, name, fn)
         for h in handles:
             h.remove()
 
@@ -139,10 +145,10 @@ def part_bytes(model, context: int) -> dict[str, float]:  # noqa: ANN001
         elif isinstance(module, KimiMoEGate):
             out["router"] += sum(p.numel() * p.element_size() for p in module.parameters())
         elif isinstance(module, KimiExperts):
-            out["routed experts"] += sum(p.numel() * p.element_size() for p in module.parameters()) \
+            out["experts (routed + shared)"] += sum(p.numel() * p.element_size() for p in module.parameters()) \
                 * cfg.num_experts_per_token / cfg.num_experts
         elif isinstance(module, KimiSparseMoeBlock) and module.shared_experts is not None:
-            out["shared expert"] += sum(p.numel() * p.element_size() for p in module.shared_experts.parameters())
+            out["experts (routed + shared)"] += sum(p.numel() * p.element_size() for p in module.shared_experts.parameters())
     for layer in model.model.layers:
         out["norms"] += sum(p.numel() * p.element_size() for norm in (layer.input_layernorm,
                                                                       layer.post_attention_layernorm)

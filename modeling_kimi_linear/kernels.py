@@ -87,6 +87,12 @@ def resolve_decode_kernels(choice: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton_imports() else "torch"
 
 
+def triton_decode(choice: str, x: torch.Tensor) -> bool:
+    """Whether ``choice`` (``config.decode_kernels``) resolves to this package's Triton decode kernels for x's
+    device (:func:`resolve_decode_kernels`)."""
+    return resolve_decode_kernels(choice, x.device) == "triton"
+
+
 def fused_kda_decode(decode_kernels: str, kda_backend: str, device: torch.device) -> bool:
     """Whether a KDA layer's decode step on ``device`` runs as this package's one fused Triton kernel
     (:func:`kda_decode_step`): ``decode_kernels`` resolves to ``"triton"`` and ``kda_backend`` does not resolve to

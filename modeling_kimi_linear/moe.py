@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .kernels import linears, moe_decode_kernels
-from .quantization import is_plain
+from .kernels import hooked, linear_kind, linears, moe_decode_kernels, needs_grad, triton_decode
+from .quantization import int8_rows, is_plain
 from .quantized_experts import forward as quantized_experts_forward
+from .quantized_experts import int8_kernels as quantized_int8_kernels
 
 if TYPE_CHECKING:
     from .configuration_kimi_linear import KimiLinearConfig
@@ -32,11 +33,34 @@ class KimiMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act_fn = ACT2FN[hidden_act]
+        self.hidden_act = hidden_act
         self.decode_kernels = decode_kernels  # config.decode_kernels: int8 weights read as int8 at decode time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linears(self.decode_kernels, [(x, self.gate_proj), (x, self.up_proj)], kinds=("int8",))
         return linears(self.decode_kernels, [(self.act_fn(gate) * up, self.down_proj)], kinds=("int8",))[0]
+
+    def kernel_operands(self, x: torch.Tensor, kind: str):  # noqa: ANN201 - a moe_decode_triton.SharedExpert
+        """This MLP's weights for the MoE decode kernels to compute it as a shared expert in the routed experts'
+        launches (:class:`moe_decode_triton.SharedExpert`), or None where calling the module is what computes
+        it: ``decode_kernels`` resolving to Triton for x's device, no hooks on this module, each projection a
+        bias-free ``nn.Linear`` of :func:`kernels.linear_kind` ``kind`` (``"plain"``: x's dtype; ``"int8"``:
+        weight-only int8 rows, zero points on all three or none), no gradient needed."""
+        if not triton_decode(self.decode_kernels, x) or hooked(self):
+            return None
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if any(linear_kind(x, m) != kind for m in projections) or needs_grad(x, *(m.weight for m in projections)):
+            return None
+        from .moe_decode_triton import SharedExpert
+
+        if kind == "plain":
+            return SharedExpert(*(m.weight for m in projections))
+        rows = [int8_rows(m.weight) for m in projections]
+        zeros = [r[2] for r in rows]
+        if any(z is None for z in zeros) != all(z is None for z in zeros):
+            return None
+        return SharedExpert(*(r[0] for r in rows), scales=tuple(r[1] for r in rows),
+                            zeros=None if zeros[0] is None else tuple(zeros))
 
 
 class KimiMoEGate(nn.Module):
@@ -180,6 +204,29 @@ class KimiExperts(nn.Module):
         out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, token_of, ys).to(x.dtype)
 
+    def with_shared(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    shared: "KimiMLP") -> torch.Tensor | None:
+        """``self(x, ids, weights) + shared(x)`` computed by the MoE decode kernels in the same launches (the shared
+        expert one more group of every token, its output added in fp32 before the one rounding to ``x.dtype``),
+        or None where they do not serve this call: the kernels would not serve :meth:`forward` (bf16 / int8 rules
+        as there), this module has hooks (a call, not this method, must run them), or ``shared`` is not a plain
+        ``KimiMLP`` of this width and activation whose weights :meth:`KimiMLP.kernel_operands` gives."""
+        if hooked(self) or type(shared) is not KimiMLP or shared.hidden_act != self.hidden_act:
+            return None
+        if shared.gate_proj.out_features != self.intermediate_size:
+            return None
+        if not is_plain(self.gate_up_proj):
+            operands = shared.kernel_operands(x, "int8")
+            return None if operands is None else quantized_int8_kernels(self, x, ids, weights, operands)
+        operands = shared.kernel_operands(x, "plain")
+        if operands is None:
+            return None
+        gate_up, down = self.gate_up_proj, self.down_proj
+        ops = moe_decode_kernels(self.decode_kernels, x, ids.numel() + x.shape[0], gate_up, down)
+        if ops is None or not ops.experts_supported(x, gate_up, down, self.hidden_act):
+            return None
+        return ops.experts(x, ids, weights, gate_up, down, self.hidden_act, shared=operands)
+
     def gathered(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The same weighted sum for a few tokens with static shapes, for compiled decoding (no host read of the
         ids): the chosen experts' weights are gathered (a copy) and every (token, expert) pair runs as one batched
@@ -237,7 +284,11 @@ class KimiSparseMoeBlock(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         ids, weights, logits = self.gate(x)
-        out = self.experts(x, ids, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        out = None
+        if self.shared_experts is not None and type(self.experts) is KimiExperts:  # not a wrapper (PEFT's)
+            out = self.experts.with_shared(x, ids, weights, self.shared_experts)
+        if out is None:  # the module calls (their hooks and wrappers included)
+            out = self.experts(x, ids, weights)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(x)
         return out.view(shape), logits

@@ -34,6 +34,12 @@ none reading anything back to the host (CUDA-graph capturable):
 
 Each chosen expert's weights are read once per step however many tokens of the batch chose it.
 
+The shared expert (a SwiGLU MLP of the routed experts' width, run on every token: :class:`SharedExpert`) can join
+these launches as one more group: its N copies (one per token, routing weight 1) take the last group slot, whose
+programs read its own weight tensors, and ``_sum_copies`` adds its row. Apart, it is five launches of its own
+(cuBLAS gate and up, activation, product, down) plus the add; at batch 1 each of them is a few microseconds for 14 MB
+of weights (docs/benchmarks.md).
+
 Bytes at the release's width (D = 2304, I = 1024, bf16; one expert is 3 x 2304 x 1024 x 2 B = 14.16 MB): batch 1
 touches 8 experts, 113.2 MB a layer (75.5 MB gate/up + 37.7 MB down): 37.7 us at an H100's ~3.0 TB/s copy
 bandwidth, 26.3 us at an H200's ~4.3 TB/s. A batch of B tokens reads 14.16 MB per *distinct* expert it routes to
@@ -60,6 +66,8 @@ per token, distinct (what top-k gives).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -103,6 +111,20 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+class SharedExpert(NamedTuple):
+    """A shared expert for :func:`experts` to compute in the same launches as the routed ones (its output added to
+    theirs in fp32): ``gate`` and ``up`` ``[I, D]``, ``down`` ``[D, I]`` (``nn.Linear`` weights), contiguous, of
+    the routed weights' dtype. With int8 routed weights they are int8 too, ``scales`` their three fp32 row scales
+    (``[I]``, ``[I]``, ``[D]``, any shape of that size) and ``zeros`` their zero points where the routed weights have
+    them."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    zeros: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
 def experts(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -117,6 +139,7 @@ def experts(
     down_scale: torch.Tensor | None = None,
     gate_up_zero: torch.Tensor | None = None,
     down_zero: torch.Tensor | None = None,
+    shared: SharedExpert | None = None,
 ) -> torch.Tensor:
     """``sum_j weights[t, j] * down[e] (act(gate[e] x_t) * up[e] x_t)`` with ``e = ids[t, j]``, fp32 accumulation,
     returned in ``x.dtype``: what ``KimiExperts.forward`` computes.
@@ -130,7 +153,10 @@ def experts(
     ``W[e, n, k] = (q[e, n, k] - zero[e, n]) * scale[e, n]``. Each tile of int8 values is widened to x's dtype in
     registers (exact: integers up to 255 in magnitude are exact in bf16), the products accumulate in fp32, and
     each output row's sum is multiplied by its fp32 scale once: one byte read per weight, nothing dequantized in
-    memory."""
+    memory.
+
+    ``shared`` (:class:`SharedExpert`) adds ``down_s (act(gate_s x_t) * up_s x_t)`` for every token: one more group
+    in the same launches (what ``KimiSparseMoeBlock`` adds as a separate SwiGLU MLP of five or six launches)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not implemented here; choose from {ACTIVATIONS}")
     if x.dim() != 2 or ids.dim() != 2 or ids.shape[0] != x.shape[0] or weights.shape != ids.shape:
@@ -157,52 +183,85 @@ def experts(
         scale = scale.reshape(num_experts, rows).float().contiguous()
         zero = (scale if zero is None else zero.reshape(num_experts, rows).contiguous())
         qargs[name] = (scale, zero)
+    sargs = _shared_args(shared, x, gate_up, down, weight_dtype, quant, gate_up_zero is not None)
     num_tokens, top_k = ids.shape
     copies = num_tokens * top_k
     device = x.device
-    if copies == 0:
+    if copies == 0 and shared is None:
         return x.new_zeros(num_tokens, hidden)
+    has_shared = shared is not None
     x = x.contiguous()
     flat_ids = ids.reshape(-1).contiguous()
     flat_w = weights.reshape(-1).float().contiguous()
-    slots = min(copies, num_experts)
-    order = torch.empty(copies, dtype=torch.int32, device=device)
+    slots = min(copies, num_experts) + has_shared
+    rows = copies + num_tokens * has_shared  # token copies, then (shared) one copy of each token
+    order = torch.empty(rows, dtype=torch.int32, device=device)
     groups = torch.empty(3, slots, dtype=torch.int32, device=device)  # expert, first sorted position, copies
     _group_copies[(1,)](
-        flat_ids, order, groups, copies, num_experts, slots,
-        CP=_pow2(copies), EP=_pow2(num_experts + 1), GP=_pow2(slots), num_warps=1,
+        flat_ids, order, groups, copies, num_tokens, num_experts, slots,
+        CP=_pow2(copies), EP=_pow2(num_experts + 1), GP=_pow2(slots), SHARED=has_shared, NP=_pow2(num_tokens),
+        num_warps=1,
     )
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     tile = {**GATE_UP_TILE, **(gate_up_tile or {})}
-    h = torch.empty(copies, inter, dtype=x.dtype, device=device)
+    h = torch.empty(rows, inter, dtype=x.dtype, device=device)
     _gate_up[(slots, triton.cdiv(inter, tile["BLOCK_N"]))](
-        x, gate_up, *qargs["gate_up"], groups, order, h, hidden, inter,
-        slots, top_k,
+        x, gate_up, *qargs["gate_up"], *sargs["gate_up"], groups, order, h, hidden, inter,
+        slots, top_k, copies,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
-        QUANT=quant, HAS_ZERO=gate_up_zero is not None,
+        QUANT=quant, HAS_ZERO=gate_up_zero is not None, SHARED=has_shared,
         BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
     tile = {**DOWN_TILE, **(down_tile or {})}
-    ys = torch.empty(copies, hidden, dtype=torch.float32, device=device)
+    ys = torch.empty(rows, hidden, dtype=torch.float32, device=device)
     _down[(slots, triton.cdiv(hidden, tile["BLOCK_N"]))](
-        h, down, *qargs["down"], groups, order, flat_w, ys, hidden, inter,
-        slots,
+        h, down, *qargs["down"], *sargs["down"], groups, order, flat_w, ys, hidden, inter,
+        slots, copies,
         down.stride(0), down.stride(1), down.stride(2),
-        QUANT=quant, HAS_ZERO=down_zero is not None,
+        QUANT=quant, HAS_ZERO=down_zero is not None, SHARED=has_shared,
         BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
     _sum_copies[(num_tokens, triton.cdiv(hidden, SUM_BLOCK))](
-        ys, out, hidden, TOP_K=top_k, KP=_pow2(top_k), BLOCK=SUM_BLOCK,
+        ys, out, hidden, copies, TOP_K=top_k, KP=_pow2(top_k), SHARED=has_shared, BLOCK=SUM_BLOCK,
     )
     return out
 
 
+def _shared_args(shared: SharedExpert | None, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                 weight_dtype: torch.dtype, quant: bool, has_zero: bool) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The shared expert's kernel arguments (weights, scales, zero points; ``x`` as placeholders the kernels never
+    read), after checking that it matches the routed weights (:class:`SharedExpert`)."""
+    if shared is None:
+        return {"gate_up": (x,) * 6, "down": (x,) * 3}
+    inter, hidden = gate_up.shape[1] // 2, gate_up.shape[2]
+    want = ((inter, hidden), (inter, hidden), (hidden, inter))
+    got = tuple(tuple(w.shape) for w in shared[:3])
+    if got != want or any(w.dtype != weight_dtype or not w.is_contiguous() for w in shared[:3]):
+        raise ValueError(f"the shared expert must be contiguous {weight_dtype} gate / up {want[0]} and down "
+                         f"{want[2]} (the routed experts' dtype and widths); got {got}, "
+                         f"{[w.dtype for w in shared[:3]]}")
+    if gate_up.stride(2) != 1 or down.stride(2) != 1:
+        raise ValueError("a shared expert needs routed expert weights with contiguous rows (last stride 1)")
+    if (shared.scales is not None) != quant or (shared.zeros is not None) != has_zero:
+        raise ValueError("give the shared expert scales (and zero points) exactly where the routed experts have them")
+    if not quant:
+        return {"gate_up": (shared.gate, shared.up) + (x,) * 4, "down": (shared.down, x, x)}
+    sizes = (inter, inter, hidden)
+    scales = [s.reshape(n).float().contiguous() for s, n in zip(shared.scales, sizes)]
+    zeros = scales if shared.zeros is None else [z.reshape(n).contiguous() for z, n in zip(shared.zeros, sizes)]
+    return {"gate_up": (shared.gate, shared.up, scales[0], scales[1], zeros[0], zeros[1]),
+            "down": (shared.down, scales[2], zeros[2])}
+
+
 @triton.jit
-def _group_copies(ids_ptr, order_ptr, groups_ptr, C, E, G, CP: tl.constexpr, EP: tl.constexpr, GP: tl.constexpr):
-    """Sort the C copies by expert (stable); one group per distinct expert, in increasing expert order."""
+def _group_copies(ids_ptr, order_ptr, groups_ptr, C, N, E, G, CP: tl.constexpr, EP: tl.constexpr,
+                  GP: tl.constexpr, SHARED: tl.constexpr, NP: tl.constexpr):
+    """Sort the C copies by expert (stable); one group per distinct expert, in increasing expert order, in the
+    first ``G - SHARED`` slots. SHARED: the last slot is the shared expert's group (start C, N copies), and the
+    sorted order goes on with the copies ``C + t`` of the N tokens."""
     c = tl.arange(0, CP)
     valid = c < C
     expert = tl.load(ids_ptr + c, mask=valid, other=E).to(tl.int32)  # padding sorts last, counts in bin E
@@ -218,11 +277,17 @@ def _group_copies(ids_ptr, order_ptr, groups_ptr, C, E, G, CP: tl.constexpr, EP:
     tl.store(groups_ptr + G + rank, starts, mask=used)
     tl.store(groups_ptr + 2 * G + rank, counts, mask=used)
     slot = tl.arange(0, GP)
-    empty = (slot >= num_groups) & (slot < G)
+    empty = (slot >= num_groups) & (slot < G - SHARED)
     zero = tl.zeros([GP], dtype=tl.int32)
     tl.store(groups_ptr + slot, zero, mask=empty)
     tl.store(groups_ptr + G + slot, zero, mask=empty)
     tl.store(groups_ptr + 2 * G + slot, zero, mask=empty)
+    if SHARED:
+        t = tl.arange(0, NP)
+        tl.store(order_ptr + C + t, C + t, mask=t < N)
+        tl.store(groups_ptr + G - 1, 0)
+        tl.store(groups_ptr + 2 * G - 1, C)
+        tl.store(groups_ptr + 3 * G - 1, N)
 
 
 @triton.jit
@@ -234,14 +299,17 @@ def _program_group(groups_ptr, G):
 
 @triton.jit
 def _gate_up(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, groups_ptr, order_ptr, h_ptr, D: tl.constexpr, I: tl.constexpr,
-    G, TOP_K,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, sw_gate_ptr, sw_up_ptr, s_scale_gate_ptr, s_scale_up_ptr, s_zero_gate_ptr,
+    s_zero_up_ptr, groups_ptr, order_ptr, h_ptr, D: tl.constexpr, I: tl.constexpr,
+    G, TOP_K, C,
     stride_x, stride_we, stride_wn, stride_wk,
-    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
+    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """h[sorted copy, cols] = silu(W_gate[e] x) * (W_up[e] x) for the copies of one group and BLOCK_N columns
-    (QUANT: W = (q - zero) * scale per row, the scale applied to the fp32 sums)."""
+    (QUANT: W = (q - zero) * scale per row, the scale applied to the fp32 sums). SHARED: the last group is the
+    shared expert (contiguous ``[I, D]`` gate and up weights of their own, scales and zero points likewise), whose
+    copy ``C + t`` is token t."""
     expert, start, count = _program_group(groups_ptr, G)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
@@ -255,12 +323,23 @@ def _gate_up(
     if HAS_ZERO:
         zero_gate = tl.load(zero_ptr + row_gate, mask=col_ok, other=0).to(tl.int32)
         zero_up = tl.load(zero_ptr + row_gate + I, mask=col_ok, other=0).to(tl.int32)
+    if SHARED:
+        if tl.program_id(0) == G - 1:
+            w_gate = sw_gate_ptr + cols[:, None].to(tl.int64) * D + kk[None, :]
+            w_up = sw_up_ptr + cols[:, None].to(tl.int64) * D + kk[None, :]
+            if QUANT:
+                scale_gate = tl.load(s_scale_gate_ptr + cols, mask=col_ok, other=0.0)
+                scale_up = tl.load(s_scale_up_ptr + cols, mask=col_ok, other=0.0)
+            if HAS_ZERO:
+                zero_gate = tl.load(s_zero_gate_ptr + cols, mask=col_ok, other=0).to(tl.int32)
+                zero_up = tl.load(s_zero_up_ptr + cols, mask=col_ok, other=0).to(tl.int32)
     m0 = 0
     while m0 < count:  # row blocks of BLOCK_M copies (while: Triton's interpreter cannot range() to a loaded bound)
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < count
         copy = tl.load(order_ptr + start + rows, mask=row_ok, other=0)
-        x_rows = x_ptr + (copy // TOP_K).to(tl.int64)[:, None] * stride_x + kk[None, :]
+        token = tl.where(copy < C, copy // TOP_K, copy - C)
+        x_rows = x_ptr + token.to(tl.int64)[:, None] * stride_x + kk[None, :]
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
@@ -285,14 +364,16 @@ def _gate_up(
 
 @triton.jit
 def _down(
-    h_ptr, w_ptr, scale_ptr, zero_ptr, groups_ptr, order_ptr, weights_ptr, ys_ptr, D: tl.constexpr, I: tl.constexpr,
-    G,
+    h_ptr, w_ptr, scale_ptr, zero_ptr, sw_ptr, s_scale_ptr, s_zero_ptr, groups_ptr, order_ptr, weights_ptr, ys_ptr,
+    D: tl.constexpr, I: tl.constexpr,
+    G, C,
     stride_we, stride_wn, stride_wk,
-    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
+    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """ys[copy, feats] = weight[copy] * (W_down[e] h[copy])[feats], fp32, for the copies of one group (QUANT: as
-    in _gate_up)."""
+    in _gate_up). SHARED: the last group is the shared expert (its own contiguous ``[D, I]`` weight), routing
+    weight 1."""
     expert, start, count = _program_group(groups_ptr, G)
     feats = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     feat_ok = feats < D
@@ -302,6 +383,13 @@ def _down(
         scale = tl.load(scale_ptr + expert * D + feats, mask=feat_ok, other=0.0)
     if HAS_ZERO:
         zero = tl.load(zero_ptr + expert * D + feats, mask=feat_ok, other=0).to(tl.int32)
+    if SHARED:
+        if tl.program_id(0) == G - 1:
+            w_rows = sw_ptr + feats[:, None].to(tl.int64) * I + kk[None, :]
+            if QUANT:
+                scale = tl.load(s_scale_ptr + feats, mask=feat_ok, other=0.0)
+            if HAS_ZERO:
+                zero = tl.load(s_zero_ptr + feats, mask=feat_ok, other=0).to(tl.int32)
     m0 = 0
     while m0 < count:  # row blocks of BLOCK_M copies (while: Triton's interpreter cannot range() to a loaded bound)
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -318,21 +406,26 @@ def _down(
         if QUANT:
             acc = acc * scale[None, :]
         copy = tl.load(order_ptr + start + rows, mask=row_ok, other=0)
-        routing = tl.load(weights_ptr + copy, mask=row_ok, other=0.0)
+        routing = tl.load(weights_ptr + copy, mask=row_ok & (copy < C), other=1.0)  # shared copies: weight 1
         dest = ys_ptr + copy.to(tl.int64)[:, None] * D + feats[None, :]
         tl.store(dest, acc * routing[:, None], mask=row_ok[:, None] & feat_ok[None, :])
         m0 += BLOCK_M
 
 
 @triton.jit
-def _sum_copies(ys_ptr, out_ptr, D, TOP_K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
-    """out[t, feats] = sum over the token's k copies of ys (fp32), in out's dtype."""
+def _sum_copies(ys_ptr, out_ptr, D, C, TOP_K: tl.constexpr, KP: tl.constexpr, SHARED: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """out[t, feats] = sum over the token's k copies of ys (fp32; SHARED: plus its shared-expert row C + t), in
+    out's dtype."""
     t = tl.program_id(0).to(tl.int64)
     feats = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     j = tl.arange(0, KP)
     ok = (j[:, None] < TOP_K) & (feats[None, :] < D)
     ys = tl.load(ys_ptr + (t * TOP_K + j)[:, None] * D + feats[None, :], mask=ok, other=0.0)
-    tl.store(out_ptr + t * D + feats, tl.sum(ys, 0).to(out_ptr.dtype.element_ty), mask=feats < D)
+    total = tl.sum(ys, 0)
+    if SHARED:
+        total += tl.load(ys_ptr + (C + t) * D + feats, mask=feats < D, other=0.0)
+    tl.store(out_ptr + t * D + feats, total.to(out_ptr.dtype.element_ty), mask=feats < D)
 
 
 def route(

@@ -33,6 +33,7 @@ from .quantization import dequantize, int8_rows, row_scaled
 
 if TYPE_CHECKING:
     from .moe import KimiExperts
+    from .moe_decode_triton import SharedExpert
 
 GATHER_BLOCK = 32  # (token, expert) pairs dequantized at once by the static-shape path
 
@@ -96,7 +97,7 @@ def forward(experts: "KimiExperts", x: torch.Tensor, ids: torch.Tensor, weights:
     -> ``[N, D]`` in ``x.dtype`` (under CUDA autocast, in the autocast dtype's products as the plain path)."""
     if x.device.type != "cpu" and torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    out = _int8_kernels(experts, x, ids, weights)
+    out = int8_kernels(experts, x, ids, weights)
     if out is not None:
         return out
     static = torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -105,16 +106,22 @@ def forward(experts: "KimiExperts", x: torch.Tensor, ids: torch.Tensor, weights:
     return _per_expert(experts, x, ids, weights)
 
 
-def _int8_kernels(experts: "KimiExperts", x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):  # noqa: ANN202
+def int8_kernels(experts: "KimiExperts", x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 shared: "SharedExpert | None" = None) -> torch.Tensor | None:
     """A CUDA decode step with per-row int8 experts on this package's Triton MoE kernels (they read the int8 data
-    and apply the scales to the fp32 sums: one byte a weight, nothing dequantized in memory), else None."""
+    and apply the scales to the fp32 sums: one byte a weight, nothing dequantized in memory), else None. With
+    ``shared`` (int8 rows with zero points exactly where the experts have them, else None is returned) the
+    shared expert is computed in the same launches and added (:meth:`moe.KimiExperts.with_shared`)."""
     gate_up, down = int8_rows(experts.gate_up_proj), int8_rows(experts.down_proj)
     if gate_up is None or down is None:
         return None
     if (gate_up[2] is None) != (down[2] is None):
         return None
-    ops = moe_decode_kernels(experts.decode_kernels, x, ids.numel())
+    if shared is not None and (shared.zeros is None) != (gate_up[2] is None):
+        return None
+    copies = ids.numel() + (0 if shared is None else x.shape[0])
+    ops = moe_decode_kernels(experts.decode_kernels, x, copies)
     if ops is None or not ops.experts_supported(x, gate_up[0], down[0], experts.hidden_act):
         return None
     return ops.experts(x, ids, weights, gate_up[0], down[0], experts.hidden_act, gate_up_scale=gate_up[1],
-                       down_scale=down[1], gate_up_zero=gate_up[2], down_zero=down[2])
+                       down_scale=down[1], gate_up_zero=gate_up[2], down_zero=down[2], shared=shared)

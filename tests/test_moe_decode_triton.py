@@ -115,6 +115,35 @@ def test_experts_match_grouped_path(mdt):
     assert (got - want).abs().max().item() <= 2e-6 * want.abs().max().item()
 
 
+def shared_float64(x, gate, up, down) -> torch.Tensor:
+    """``W_down (silu(W_gate x_t) * W_up x_t)`` for every token, in float64."""
+    x, gate, up, down = x.double(), gate.double(), up.double(), down.double()
+    g, u = x @ gate.T, x @ up.T
+    return (g * torch.sigmoid(g) * u) @ down.T
+
+
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,hidden,inter,pool", [EXPERT_CASES[0], EXPERT_CASES[2],
+                                                                             EXPERT_CASES[-1]])
+def test_shared_expert_in_the_same_launches(mdt, num_tokens, top_k, num_experts, hidden, inter, pool):
+    """A shared expert given to the kernels (one more group: every token, weight 1) adds its float64 output; with
+    20 tokens its group has two row blocks."""
+    gen = torch.Generator().manual_seed(num_tokens * 7 + top_k)
+    experts = make_experts(num_experts, hidden, inter, seed=num_tokens + 1)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(DEVICE)
+    ids = routing(num_tokens, top_k, num_experts, pool, gen).to(DEVICE)
+    weights = torch.rand(num_tokens, top_k, generator=gen).to(DEVICE)
+    gate, up = (torch.randn(inter, hidden, generator=gen) * hidden**-0.5 for _ in range(2))
+    down = torch.randn(hidden, inter, generator=gen) * inter**-0.5
+    shared = mdt.SharedExpert(gate.to(DEVICE), up.to(DEVICE), down.to(DEVICE))
+    with torch.no_grad():
+        got = mdt.experts(x, ids, weights, experts.gate_up_proj, experts.down_proj, "silu", shared=shared)
+    exact = experts_float64(x, ids, weights, experts.gate_up_proj, experts.down_proj) + shared_float64(x, *shared[:3])
+    assert (got.double() - exact).abs().max().item() <= 2e-6 * exact.abs().max().item()
+    with pytest.raises(ValueError, match="shared expert must be contiguous"):
+        mdt.experts(x, ids, weights, experts.gate_up_proj, experts.down_proj, "silu",
+                    shared=mdt.SharedExpert(gate.T.contiguous().to(DEVICE), up.to(DEVICE), down.to(DEVICE)))
+
+
 def int8_per_row(w: torch.Tensor, gen: torch.Generator, zero: bool):
     """Per-row int8 data, fp32 scale ``[E, N, 1]`` and (optionally nonzero) int8 zero point: the layout of
     torchao's int8 weight-only tensors, built here from ``w [E, N, K]``."""
@@ -152,6 +181,33 @@ def test_int8_experts_match_float64_of_the_dequantized_weights(mdt, num_tokens, 
         mdt.experts(x, ids, weights, gu[0], dn[0], "silu", gate_up_scale=gu[1])
 
 
+@pytest.mark.parametrize("zero", [False, True])
+def test_int8_shared_expert_in_the_same_launches(mdt, zero):
+    """Int8 routed experts with an int8 shared expert (its own row scales and zero points): the float64 sum over the
+    dequantized weights of both."""
+    gen = torch.Generator().manual_seed(21)
+    num_tokens, top_k, num_experts, hidden, inter = 3, 4, 16, 64, 40
+    experts = make_experts(num_experts, hidden, inter, seed=21)
+    gu, dn = (int8_per_row(w.detach().cpu(), gen, zero) for w in (experts.gate_up_proj, experts.down_proj))
+    ws = [torch.randn(1, inter, hidden, generator=gen) * hidden**-0.5 for _ in range(2)]
+    ws.append(torch.randn(1, hidden, inter, generator=gen) * inter**-0.5)
+    parts = [int8_per_row(w, gen, zero) for w in ws]  # each (q [1, N, K], scale [1, N, 1], zero or None)
+    shared = mdt.SharedExpert(*(p[0][0] for p in parts), scales=tuple(p[1][0] for p in parts),
+                              zeros=tuple(p[2][0] for p in parts) if zero else None)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(DEVICE)
+    ids = routing(num_tokens, top_k, num_experts, num_experts, gen).to(DEVICE)
+    weights = torch.rand(num_tokens, top_k, generator=gen).to(DEVICE)
+    with torch.no_grad():
+        got = mdt.experts(x, ids, weights, gu[0], dn[0], "silu", gate_up_scale=gu[1], down_scale=dn[1],
+                          gate_up_zero=gu[2], down_zero=dn[2], shared=shared)
+    exact = experts_float64(x, ids, weights, dequantized(*gu), dequantized(*dn))
+    exact += shared_float64(x, *(dequantized(*p)[0] for p in parts))
+    assert (got.double() - exact).abs().max().item() <= 2e-6 * exact.abs().max().item()
+    with pytest.raises(ValueError, match="scales"):
+        mdt.experts(x, ids, weights, gu[0], dn[0], "silu", gate_up_scale=gu[1], down_scale=dn[1],
+                    gate_up_zero=gu[2], down_zero=dn[2], shared=shared._replace(scales=None))
+
+
 def test_torchao_int8_experts_through_the_seam(mdt, monkeypatch):
     """``KimiExperts`` quantized by torchao (``Int8WeightOnlyConfig``, the layout ``quantized_experts`` reads): with
     the seam choosing Triton (CPU tensors under the interpreter here), a decode step runs the int8 kernels (no
@@ -178,6 +234,34 @@ def test_torchao_int8_experts_through_the_seam(mdt, monkeypatch):
         got = experts(x, ids, weights)
         assert calls == [1]
         want = gathered(experts, x, ids, weights)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_torchao_int8_block_takes_its_shared_expert_into_the_launches(mdt, monkeypatch):
+    """A whole MoE block quantized by torchao (experts and the shared expert's linears, ``Int8WeightOnlyConfig``):
+    with the seam choosing Triton, the shared expert joins the int8 experts' launches (its module is never called)
+    and the block gives what its PyTorch path gives on the same quantized weights."""
+    torchao = pytest.importorskip("torchao.quantization")
+    from modeling_kimi_linear.moe import KimiMLP
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(kernels, "resolve_decode_kernels", fake_resolve)
+    block = random_block().to(DEVICE)
+    config = torchao.Int8WeightOnlyConfig()
+    torchao.quantize_(block, torchao.FqnToConfig({"experts.gate_up_proj": config, "experts.down_proj": config}),
+                      filter_fn=None)
+    torchao.quantize_(block.shared_experts, config)
+    calls = []
+    mlp_forward = KimiMLP.forward
+    monkeypatch.setattr(KimiMLP, "forward", lambda self, t: calls.append("mlp") or mlp_forward(self, t))
+    x = torch.randn(1, 3, 48, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with torch.no_grad():
+        got, _ = block(x)
+        assert calls == []
+        for module in (block.gate, block.experts, block.shared_experts):
+            module.decode_kernels = "torch"
+        want, _ = block(x)
+    assert calls == ["mlp"]
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
@@ -296,22 +380,29 @@ def fake_resolve(choice: str, device: torch.device) -> str:
     return "torch" if choice == "torch" else "triton"
 
 
-def test_block_through_the_seam_matches_torch_path(mdt, monkeypatch):
+@pytest.mark.parametrize("fused_shared", [True, False])
+def test_block_through_the_seam_matches_torch_path(mdt, monkeypatch, fused_shared):
     """The whole MoE block with the seam sending its router and experts to the kernels (on CPU tensors under the
-    interpreter: the device check is what is bypassed here) against the PyTorch path of the same block."""
+    interpreter: the device check is what is bypassed here) against the PyTorch path of the same block. The shared
+    expert joins the experts' launches (its module is never called) unless its own ``decode_kernels`` is
+    ``"torch"``."""
+    from modeling_kimi_linear.moe import KimiMLP
+
     if DEVICE == "cpu":
         monkeypatch.setattr(kernels, "resolve_decode_kernels", fake_resolve)
     block = random_block().to(DEVICE)
-    block.shared_experts.decode_kernels = "torch"  # its launch is tests/test_multi_linear_triton.py's
+    if not fused_shared:
+        block.shared_experts.decode_kernels = "torch"
     x = torch.randn(1, 6, 48, device=DEVICE)
     calls = []
     monkeypatch.setattr(kernels, "moe_decode_module", lambda: calls.append(1) or mdt)
+    mlp_forward = KimiMLP.forward
+    monkeypatch.setattr(KimiMLP, "forward", lambda self, t: calls.append("mlp") or mlp_forward(self, t))
     with torch.no_grad():
         got, got_logits = block(x)
-        assert len(calls) == 2  # router and experts
-        block.gate.decode_kernels = block.experts.decode_kernels = "torch"
+        assert calls == ([1, 1] if fused_shared else [1, 1, "mlp"]), calls  # router, experts (, shared module)
+        block.gate.decode_kernels = block.experts.decode_kernels = block.shared_experts.decode_kernels = "torch"
         want, logits = block(x)
-    assert len(calls) == 2
     assert (got - want).abs().max().item() <= 2e-6 * want.abs().max().item()
     assert torch.allclose(got_logits, logits, rtol=1e-5, atol=1e-5)
 
@@ -328,7 +419,8 @@ class _FakeKernels:
     def route_supported(self, x) -> bool:  # noqa: ANN001
         return True
 
-    def experts(self, x, ids, weights, gate_up, down, activation):  # noqa: ANN001
+    def experts(self, x, ids, weights, gate_up, down, activation, shared=None):  # noqa: ANN001
+        assert shared is None, "the fake computes no shared expert"
         self.calls.append(("experts", ids.numel(), activation))
         return self.block.experts.per_copy(x, ids, weights)
 
@@ -415,15 +507,18 @@ def test_checkpoints_carry_the_kernel_module_without_requiring_triton():
 
 COMPILE_SETUP = r"""
 from modeling_kimi_linear import moe_decode_triton as m
-kernel, quant, zero = sys.argv[1], sys.argv[2] == "int8", sys.argv[3] == "zero"
+kernel, quant, zero, shared = sys.argv[1], sys.argv[2] == "int8", sys.argv[3] == "zero", sys.argv[4] == "shared"
 fn = getattr(m, kernel)
 names = fn.arg_names
 tile = m.GATE_UP_TILE if kernel == "_gate_up" else m.DOWN_TILE
 const = {"D": 2304, "I": 1024, "QUANT": quant, "HAS_ZERO": zero, "BLOCK_M": m.BLOCK_M, "BLOCK_N": tile["BLOCK_N"],
-         "BLOCK_K": tile["BLOCK_K"], "PRECISION": "tf32", "stride_wk": 1}
-types = {"w_ptr": "*i8" if quant else "*bf16", "scale_ptr": "*fp32" if quant else "*bf16",
-         "zero_ptr": "*i8" if zero else "*fp32" if quant else "*bf16", "groups_ptr": "*i32", "order_ptr": "*i32",
-         "weights_ptr": "*fp32", "ys_ptr": "*fp32"}
+         "BLOCK_K": tile["BLOCK_K"], "PRECISION": "tf32", "stride_wk": 1, "SHARED": shared}
+weight, scale = "*i8" if quant else "*bf16", "*fp32" if quant else "*bf16"
+zero = "*i8" if zero else scale
+types = {"w_ptr": weight, "scale_ptr": scale, "zero_ptr": zero, "groups_ptr": "*i32", "order_ptr": "*i32",
+         "weights_ptr": "*fp32", "ys_ptr": "*fp32", "sw_gate_ptr": weight, "sw_up_ptr": weight, "sw_ptr": weight,
+         "s_scale_gate_ptr": scale, "s_scale_up_ptr": scale, "s_scale_ptr": scale, "s_zero_gate_ptr": zero,
+         "s_zero_up_ptr": zero, "s_zero_ptr": zero}
 signature = {n: "constexpr" if n in const else types.get(n, "*bf16" if n.endswith("_ptr") else "i32") for n in names}
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr")}
 options = {"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
@@ -432,12 +527,13 @@ options = {"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
 
 @pytest.mark.parametrize("kernel", ["_gate_up", "_down"])
 @pytest.mark.parametrize("weights", ["bf16", "int8-nozero", "int8-zero"])
-def test_expert_kernels_compile_for_sm90_without_spills(tmp_path, kernel, weights):
-    """The expert GEMV kernels at the release's widths, bf16 and int8 weights (with and without zero points),
-    compile for sm_90 (the interpreter runs Python, not the compiler). ``_down`` stays in registers; ``_gate_up``'s
+@pytest.mark.parametrize("shared", ["shared", "routed"])
+def test_expert_kernels_compile_for_sm90_without_spills(tmp_path, kernel, weights, shared):
+    """The expert GEMV kernels at the release's widths, bf16 and int8 weights (with and without zero points), with
+    and without a shared expert, compile for sm_90 (the interpreter runs Python, not the compiler). ``_down`` stays in registers; ``_gate_up``'s
     default tile (32 rows x 128, 4 stages: the fastest on an H100, docs/benchmarks.md) keeps a few hundred bytes
     on the stack, which ``gpu_check.py --only moe`` weighs against tiles that do not (64-wide K blocks)."""
     quant = "int8" if weights.startswith("int8") else "bf16"
     assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, kernel, quant,
-                                            "zero" if weights.endswith("-zero") else "none",
+                                            "zero" if weights.endswith("-zero") else "none", shared,
                                             spills_ok=kernel == "_gate_up")
