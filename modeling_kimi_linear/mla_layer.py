@@ -65,13 +65,15 @@ class KimiMLAAttention(nn.Module):
         ``[B, T, kv_lora_rank + qk_rope]`` = normalised latent ‖ shared key part.
 
         Weight-only int8 projections of a CUDA decode step run as one launch that reads the int8 data
-        (:func:`kernels.linears`); bf16 ones stay cuBLAS calls (measured faster for these shapes)."""
+        (:func:`kernels.linears`); bf16 ones stay cuBLAS calls (measured faster for these shapes). The latent's
+        RMSNorm is one Triton launch where :func:`kernels.add_rms_norm` allows (about seven kernels otherwise)."""
         first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
         q, kv = kernels.linears(self.decode_kernels, [(x, first), (x, self.kv_a_proj_with_mqa)], kinds=("int8",))
         if not hasattr(self, "q_proj"):
-            q = self.q_b_proj(self.q_a_layernorm(q))
+            q = self.q_b_proj(kernels.add_rms_norm(self.decode_kernels, q, None, self.q_a_layernorm)[0])
         c, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], -1)
-        latent = torch.cat([self.kv_a_layernorm(c), k_rope], -1)
+        c = kernels.add_rms_norm(self.decode_kernels, c, None, self.kv_a_layernorm)[0]  # one launch on CUDA
+        latent = torch.cat([c, k_rope], -1)
         return q.unflatten(-1, (self.num_heads, self.q_dim)).transpose(1, 2), latent
 
     def expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ from torch import nn
 from conftest import KERNEL_DEVICE, assert_compiles_for_sm90_without_spills, kernel_module
 from modeling_kimi_linear import KimiLinearForCausalLM, kernels
 from modeling_kimi_linear.norms import KimiRMSNorm
+from modeling_kimi_linear.mla_layer import KimiMLAAttention
 from modeling_kimi_linear.presets import load_preset
 
 DEVICE = KERNEL_DEVICE
@@ -64,10 +65,11 @@ def test_rejects_bad_input(rnt):
         rnt.add_rms_norm(x, None, w.double(), 1e-6)
 
 
-def test_model_decode_through_the_seam_matches_module_calls(rnt, monkeypatch):
+def test_model_decode_through_the_seam_matches_module_calls(rnt, monkeypatch, request):
     """A tiny model with ``decode_kernels="triton"`` forced on for CPU tensors (every decoder norm then runs as
-    the kernel: two launches a layer) gives the logits of the same model on the PyTorch path, prompt and decode
+    the kernel: two launches a layer, and one for each MLA layer's latent) gives the logits of the same model on the PyTorch path, prompt and decode
     steps; the final norm stays the module."""
+    request.getfixturevalue("interpreter_loops_with_numpy_2_4")  # the MLA kernel's loops, under the interpreter
     real = kernels.resolve_decode_kernels
     monkeypatch.setattr(kernels, "resolve_decode_kernels",
                         lambda choice, device: "triton" if choice == "triton" else real(choice, device))
@@ -81,6 +83,9 @@ def test_model_decode_through_the_seam_matches_module_calls(rnt, monkeypatch):
     fast.load_state_dict(ref.state_dict())
     for layer in fast.model.layers:
         layer.decode_kernels = "triton"
+    mla = [m for m in fast.modules() if isinstance(m, KimiMLAAttention)]
+    for m in mla:  # its latent's norm too (and its flash-decoding kernel)
+        m.decode_kernels = "triton"
     ids = torch.randint(3, config.vocab_size, (2, 6))
     with torch.no_grad():
         a = fast(ids, use_cache=True)
@@ -90,7 +95,7 @@ def test_model_decode_through_the_seam_matches_module_calls(rnt, monkeypatch):
         a2 = fast(nxt, past_key_values=a.past_key_values, use_cache=True)
         b2 = ref(nxt, past_key_values=b.past_key_values, use_cache=True)
         assert (a2.logits - b2.logits).abs().max() < 1e-4
-    assert len(calls) == 2 * 2 * config.num_hidden_layers
+    assert mla and len(calls) == 2 * 2 * config.num_hidden_layers + 2 * len(mla)
 
 
 def test_seam_keeps_the_module_where_it_computes_more(monkeypatch):
