@@ -91,7 +91,6 @@ def labelled(model) -> None:  # noqa: ANN001
     for layer in model.model.layers:  # the decoder's norms: add_rms_norm, below (those inside attention count
         if hasattr(layer, "mlp"):     # with their layer; a hook on a norm would send it back to the module call)
             wrap(layer.mlp, "dense MLP")
-    wrap(model.model.norm, "norms")
     wrap(model.model.embed_tokens, "embedding")
     wrap(model.lm_head, "lm_head")
     decoder = sys.modules[type(model.model.layers[0]).__module__]

@@ -63,9 +63,16 @@ class KimiDecoderLayer(GradientCheckpointingLayer):
         attn_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         past_key_values: KimiLinearCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        branch: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(branch', residual', router logits)``: the layer's output is ``residual' + branch'``, left unadded so
+        that the next norm adds it in its own launch. ``branch`` is the previous layer's unadded output (None: the
+        input is ``hidden_states`` alone)."""
         # each norm with the residual add before it: one Triton launch at decode time on CUDA (kernels.add_rms_norm)
-        hidden_states, residual = add_rms_norm(self.decode_kernels, hidden_states, None, self.input_layernorm)
+        if branch is None:
+            hidden_states, residual = add_rms_norm(self.decode_kernels, hidden_states, None, self.input_layernorm)
+        else:
+            hidden_states, residual = add_rms_norm(self.decode_kernels, branch, hidden_states, self.input_layernorm)
         if self.is_kda:
             hidden_states = self.self_attn(hidden_states, token_mask, past_key_values, cu_seqlens)
         else:
@@ -77,7 +84,7 @@ class KimiDecoderLayer(GradientCheckpointingLayer):
             hidden_states, router_logits = self.block_sparse_moe(hidden_states)
         else:
             hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, router_logits
+        return hidden_states, residual, router_logits
 
 
 class KimiLinearPreTrainedModel(PreTrainedModel):
@@ -180,6 +187,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, pad)
         self.layers = nn.ModuleList(KimiDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = KimiRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.decode_kernels = getattr(config, "decode_kernels", "auto")  # the final add + norm's Triton launch
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -261,16 +269,19 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
                 )
             past_key_values = None  # packed documents and no cache asked for: the default cache is not built
 
-        hidden_states = inputs_embeds
+        # each layer's output is kept as (residual stream, branch) and added by the next norm (one launch at decode)
+        hidden_states, branch = inputs_embeds, None
         all_hidden: list[torch.Tensor] = []
         all_router: list[torch.Tensor] = []
         for layer in self.layers:
             if output_hidden_states:
-                all_hidden.append(hidden_states)
-            hidden_states, router_logits = layer(hidden_states, token_mask, attn_mask, cu_seqlens, past_key_values)
+                all_hidden.append(hidden_states if branch is None else hidden_states + branch)
+            branch, hidden_states, router_logits = layer(hidden_states, token_mask, attn_mask, cu_seqlens,
+                                                         past_key_values, branch)
             if output_router_logits and router_logits is not None:
                 all_router.append(router_logits)
-        hidden_states = self.norm(hidden_states)
+        x, residual = (hidden_states, None) if branch is None else (branch, hidden_states)
+        hidden_states = add_rms_norm(self.decode_kernels, x, residual, self.norm)[0]
         if output_hidden_states:
             all_hidden.append(hidden_states)
         if past_key_values is not None:

@@ -66,9 +66,9 @@ def test_rejects_bad_input(rnt):
 
 
 def test_model_decode_through_the_seam_matches_module_calls(rnt, monkeypatch, request):
-    """A tiny model with ``decode_kernels="triton"`` forced on for CPU tensors (every decoder norm then runs as
-    the kernel: two launches a layer, and one for each MLA layer's latent) gives the logits of the same model on the PyTorch path, prompt and decode
-    steps; the final norm stays the module."""
+    """A tiny model with ``decode_kernels="triton"`` forced on for CPU tensors (every norm then runs as the kernel:
+    two launches a layer, each with the residual add before it, one for the final norm and one for each MLA layer's
+    latent) gives the logits of the same model on the PyTorch path, prompt and decode steps."""
     request.getfixturevalue("interpreter_loops_with_numpy_2_4")  # the MLA kernel's loops, under the interpreter
     real = kernels.resolve_decode_kernels
     monkeypatch.setattr(kernels, "resolve_decode_kernels",
@@ -83,6 +83,7 @@ def test_model_decode_through_the_seam_matches_module_calls(rnt, monkeypatch, re
     fast.load_state_dict(ref.state_dict())
     for layer in fast.model.layers:
         layer.decode_kernels = "triton"
+    fast.model.decode_kernels = "triton"
     mla = [m for m in fast.modules() if isinstance(m, KimiMLAAttention)]
     for m in mla:  # its latent's norm too (and its flash-decoding kernel)
         m.decode_kernels = "triton"
@@ -95,7 +96,7 @@ def test_model_decode_through_the_seam_matches_module_calls(rnt, monkeypatch, re
         a2 = fast(nxt, past_key_values=a.past_key_values, use_cache=True)
         b2 = ref(nxt, past_key_values=b.past_key_values, use_cache=True)
         assert (a2.logits - b2.logits).abs().max() < 1e-4
-    assert mla and len(calls) == 2 * 2 * config.num_hidden_layers + 2 * len(mla)
+    assert mla and len(calls) == 2 * (2 * config.num_hidden_layers + 1) + 2 * len(mla)
 
 
 def test_seam_keeps_the_module_where_it_computes_more(monkeypatch):
