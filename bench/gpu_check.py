@@ -304,7 +304,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"gpu_check needs a CUDA GPU, and fla's kernels for every check but {sorted(WITHOUT_FLA)}: "
                  + FLA_INSTALL_HINT)
     for name in names:  # in the order given, so the one that matters most can go first in a short lease
+        done = len(rows)
         checks[name]()
+        for r in rows[done:]:  # as each check ends: a run cut short by its lease still shows what it measured
+            print(f"[{name}] {r['check']}: {r['rel_err']:.3e}", flush=True)
     head = versions_header("bf16 unless a row says fp32")
     lines = [head, "", "| check | relative error | <= 1e-2 |", "|---|---|---|"]
     for r in rows:
