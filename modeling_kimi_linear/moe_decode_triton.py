@@ -32,6 +32,9 @@ none reading anything back to the host (CUDA-graph capturable):
      original index ``t*k + j``.
   4. ``_sum_copies``: ``out[t] = sum_j ys[t*k + j]`` in fp32, written in x's dtype (deterministic: no atomics).
 
+  With one token (batch-1 decode) its k distinct experts already are the groups, in copy order: ``_group_copies``
+  is not launched and the two GEMV kernels read group g from ``ids[g]`` directly (``DIRECT``).
+
 Each chosen expert's weights are read once per step however many tokens of the batch chose it.
 
 The shared expert (a SwiGLU MLP of the routed experts' width, run on every token: :class:`SharedExpert`) can join
@@ -195,31 +198,35 @@ def experts(
     flat_w = weights.reshape(-1).float().contiguous()
     slots = min(copies, num_experts) + has_shared
     rows = copies + num_tokens * has_shared  # token copies, then (shared) one copy of each token
-    order = torch.empty(rows, dtype=torch.int32, device=device)
-    groups = torch.empty(3, slots, dtype=torch.int32, device=device)  # expert, first sorted position, copies
-    _group_copies[(1,)](
-        flat_ids, order, groups, copies, num_tokens, num_experts, slots,
-        CP=_pow2(copies), EP=_pow2(num_experts + 1), GP=_pow2(slots), SHARED=has_shared, NP=_pow2(num_tokens),
-        num_warps=1,
-    )
+    direct = num_tokens == 1  # one token's k distinct experts are the groups already: no grouping launch
+    if direct:
+        order = groups = flat_ids  # placeholders the kernels never read
+    else:
+        order = torch.empty(rows, dtype=torch.int32, device=device)
+        groups = torch.empty(3, slots, dtype=torch.int32, device=device)  # expert, first sorted position, copies
+        _group_copies[(1,)](
+            flat_ids, order, groups, copies, num_tokens, num_experts, slots,
+            CP=_pow2(copies), EP=_pow2(num_experts + 1), GP=_pow2(slots), SHARED=has_shared, NP=_pow2(num_tokens),
+            num_warps=1,
+        )
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     tile = {**GATE_UP_TILE, **(gate_up_tile or {})}
     h = torch.empty(rows, inter, dtype=x.dtype, device=device)
     _gate_up[(slots, triton.cdiv(inter, tile["BLOCK_N"]))](
-        x, gate_up, *qargs["gate_up"], *sargs["gate_up"], groups, order, h, hidden, inter,
-        slots, top_k, copies,
+        x, gate_up, *qargs["gate_up"], *sargs["gate_up"], groups, flat_ids, order, h, hidden, inter,
+        slots, top_k, copies, num_tokens,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
-        QUANT=quant, HAS_ZERO=gate_up_zero is not None, SHARED=has_shared,
+        QUANT=quant, HAS_ZERO=gate_up_zero is not None, SHARED=has_shared, DIRECT=direct,
         BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
     tile = {**DOWN_TILE, **(down_tile or {})}
     ys = torch.empty(rows, hidden, dtype=torch.float32, device=device)
     _down[(slots, triton.cdiv(hidden, tile["BLOCK_N"]))](
-        h, down, *qargs["down"], *sargs["down"], groups, order, flat_w, ys, hidden, inter,
-        slots, copies,
+        h, down, *qargs["down"], *sargs["down"], groups, flat_ids, order, flat_w, ys, hidden, inter,
+        slots, copies, num_tokens,
         down.stride(0), down.stride(1), down.stride(2),
-        QUANT=quant, HAS_ZERO=down_zero is not None, SHARED=has_shared,
+        QUANT=quant, HAS_ZERO=down_zero is not None, SHARED=has_shared, DIRECT=direct,
         BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
@@ -291,26 +298,42 @@ def _group_copies(ids_ptr, order_ptr, groups_ptr, C, N, E, G, CP: tl.constexpr, 
 
 
 @triton.jit
-def _program_group(groups_ptr, G):
-    """This program's group (``program_id(0)``): its expert, first sorted position and number of copies."""
+def _program_group(groups_ptr, ids_ptr, G, C, N, DIRECT: tl.constexpr, SHARED: tl.constexpr):
+    """This program's group (``program_id(0)``): its expert, first sorted position and number of copies. DIRECT
+    (one token: its k distinct experts are the groups, in copy order, and no grouping kernel ran): group g is copy
+    g of ``ids``, and the shared expert's group (SHARED: the last) starts at C with N copies."""
     g = tl.program_id(0)
-    return tl.load(groups_ptr + g).to(tl.int64), tl.load(groups_ptr + G + g), tl.load(groups_ptr + 2 * G + g)
+    if DIRECT:
+        shared = (g == G - 1) & SHARED
+        expert = tl.load(ids_ptr + tl.minimum(g, C - 1)).to(tl.int64)
+        return tl.where(shared, 0, expert), tl.where(shared, C, g), tl.where(shared, N, 1)
+    else:
+        return tl.load(groups_ptr + g).to(tl.int64), tl.load(groups_ptr + G + g), tl.load(groups_ptr + 2 * G + g)
+
+
+@triton.jit
+def _copy_index(order_ptr, start, rows, row_ok, DIRECT: tl.constexpr):
+    """The copies at sorted positions ``start + rows`` (DIRECT: the positions themselves)."""
+    if DIRECT:
+        return start + rows
+    else:
+        return tl.load(order_ptr + start + rows, mask=row_ok, other=0)
 
 
 @triton.jit
 def _gate_up(
     x_ptr, w_ptr, scale_ptr, zero_ptr, sw_gate_ptr, sw_up_ptr, s_scale_gate_ptr, s_scale_up_ptr, s_zero_gate_ptr,
-    s_zero_up_ptr, groups_ptr, order_ptr, h_ptr, D: tl.constexpr, I: tl.constexpr,
-    G, TOP_K, C,
+    s_zero_up_ptr, groups_ptr, ids_ptr, order_ptr, h_ptr, D: tl.constexpr, I: tl.constexpr,
+    G, TOP_K, C, N,
     stride_x, stride_we, stride_wn, stride_wk,
-    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr,
+    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """h[sorted copy, cols] = silu(W_gate[e] x) * (W_up[e] x) for the copies of one group and BLOCK_N columns
     (QUANT: W = (q - zero) * scale per row, the scale applied to the fp32 sums). SHARED: the last group is the
     shared expert (contiguous ``[I, D]`` gate and up weights of their own, scales and zero points likewise), whose
     copy ``C + t`` is token t."""
-    expert, start, count = _program_group(groups_ptr, G)
+    expert, start, count = _program_group(groups_ptr, ids_ptr, G, C, N, DIRECT, SHARED)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
     kk = tl.arange(0, BLOCK_K)
@@ -337,7 +360,7 @@ def _gate_up(
     while m0 < count:  # row blocks of BLOCK_M copies (while: Triton's interpreter cannot range() to a loaded bound)
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < count
-        copy = tl.load(order_ptr + start + rows, mask=row_ok, other=0)
+        copy = _copy_index(order_ptr, start, rows, row_ok, DIRECT)
         token = tl.where(copy < C, copy // TOP_K, copy - C)
         x_rows = x_ptr + token.to(tl.int64)[:, None] * stride_x + kk[None, :]
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -364,17 +387,17 @@ def _gate_up(
 
 @triton.jit
 def _down(
-    h_ptr, w_ptr, scale_ptr, zero_ptr, sw_ptr, s_scale_ptr, s_zero_ptr, groups_ptr, order_ptr, weights_ptr, ys_ptr,
-    D: tl.constexpr, I: tl.constexpr,
-    G, C,
+    h_ptr, w_ptr, scale_ptr, zero_ptr, sw_ptr, s_scale_ptr, s_zero_ptr, groups_ptr, ids_ptr, order_ptr, weights_ptr,
+    ys_ptr, D: tl.constexpr, I: tl.constexpr,
+    G, C, N,
     stride_we, stride_wn, stride_wk,
-    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr,
+    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """ys[copy, feats] = weight[copy] * (W_down[e] h[copy])[feats], fp32, for the copies of one group (QUANT: as
     in _gate_up). SHARED: the last group is the shared expert (its own contiguous ``[D, I]`` weight), routing
     weight 1."""
-    expert, start, count = _program_group(groups_ptr, G)
+    expert, start, count = _program_group(groups_ptr, ids_ptr, G, C, N, DIRECT, SHARED)
     feats = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     feat_ok = feats < D
     kk = tl.arange(0, BLOCK_K)
@@ -405,7 +428,7 @@ def _down(
             acc = tl.dot(ht, tl.trans(w.to(ht.dtype)), acc, input_precision=PRECISION)
         if QUANT:
             acc = acc * scale[None, :]
-        copy = tl.load(order_ptr + start + rows, mask=row_ok, other=0)
+        copy = _copy_index(order_ptr, start, rows, row_ok, DIRECT)
         routing = tl.load(weights_ptr + copy, mask=row_ok & (copy < C), other=1.0)  # shared copies: weight 1
         dest = ys_ptr + copy.to(tl.int64)[:, None] * D + feats[None, :]
         tl.store(dest, acc * routing[:, None], mask=row_ok[:, None] & feat_ok[None, :])

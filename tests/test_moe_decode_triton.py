@@ -507,16 +507,18 @@ def test_checkpoints_carry_the_kernel_module_without_requiring_triton():
 
 COMPILE_SETUP = r"""
 from modeling_kimi_linear import moe_decode_triton as m
-kernel, quant, zero, shared = sys.argv[1], sys.argv[2] == "int8", sys.argv[3] == "zero", sys.argv[4] == "shared"
+kernel, quant, zero, shared = sys.argv[1], sys.argv[2] == "int8", sys.argv[3] == "zero", sys.argv[4] != "routed"
+direct = sys.argv[4] == "shared-direct"
 fn = getattr(m, kernel)
 names = fn.arg_names
 tile = m.GATE_UP_TILE if kernel == "_gate_up" else m.DOWN_TILE
 const = {"D": 2304, "I": 1024, "QUANT": quant, "HAS_ZERO": zero, "BLOCK_M": m.BLOCK_M, "BLOCK_N": tile["BLOCK_N"],
-         "BLOCK_K": tile["BLOCK_K"], "PRECISION": "tf32", "stride_wk": 1, "SHARED": shared}
+         "BLOCK_K": tile["BLOCK_K"], "PRECISION": "tf32", "stride_wk": 1, "SHARED": shared,
+         "DIRECT": direct}
 weight, scale = "*i8" if quant else "*bf16", "*fp32" if quant else "*bf16"
 zero = "*i8" if zero else scale
 types = {"w_ptr": weight, "scale_ptr": scale, "zero_ptr": zero, "groups_ptr": "*i32", "order_ptr": "*i32",
-         "weights_ptr": "*fp32", "ys_ptr": "*fp32", "sw_gate_ptr": weight, "sw_up_ptr": weight, "sw_ptr": weight,
+         "weights_ptr": "*fp32", "ys_ptr": "*fp32", "ids_ptr": "*i64", "sw_gate_ptr": weight, "sw_up_ptr": weight, "sw_ptr": weight,
          "s_scale_gate_ptr": scale, "s_scale_up_ptr": scale, "s_scale_ptr": scale, "s_zero_gate_ptr": zero,
          "s_zero_up_ptr": zero, "s_zero_ptr": zero}
 signature = {n: "constexpr" if n in const else types.get(n, "*bf16" if n.endswith("_ptr") else "i32") for n in names}
@@ -527,10 +529,10 @@ options = {"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
 
 @pytest.mark.parametrize("kernel", ["_gate_up", "_down"])
 @pytest.mark.parametrize("weights", ["bf16", "int8-nozero", "int8-zero"])
-@pytest.mark.parametrize("shared", ["shared", "routed"])
+@pytest.mark.parametrize("shared", ["shared", "shared-direct", "routed"])
 def test_expert_kernels_compile_for_sm90_without_spills(tmp_path, kernel, weights, shared):
     """The expert GEMV kernels at the release's widths, bf16 and int8 weights (with and without zero points), with
-    and without a shared expert, compile for sm_90 (the interpreter runs Python, not the compiler). ``_down`` stays in registers; ``_gate_up``'s
+    and without a shared expert, grouped or (one token) direct, compile for sm_90 (the interpreter runs Python, not the compiler). ``_down`` stays in registers; ``_gate_up``'s
     default tile (32 rows x 128, 4 stages: the fastest on an H100, docs/benchmarks.md) keeps a few hundred bytes
     on the stack, which ``gpu_check.py --only moe`` weighs against tiles that do not (64-wide K blocks)."""
     quant = "int8" if weights.startswith("int8") else "bf16"
