@@ -272,7 +272,7 @@ def bare_op(rows: list[dict]) -> None:
     rows.append({"check": "  same, final state", "rel_err": rel(s1, s2)})
 
 
-WITHOUT_FLA = {"mla", "moe", "mlinear", "norm", "moeint8"}  # checks of this package's own kernels alone
+WITHOUT_FLA = {"mla", "moe", "moetiles", "mlinear", "norm", "moeint8"}  # checks of this package's own kernels alone
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.md / .json")
     parser.add_argument("--only", default="bare,layer,kdastep,model,graph,guard,moe,stability",
                         help="comma-separated checks to run, in this order (bare, layer, kdastep, model, graph, guard, "
-                             "moe, stability, mla, mlinear, norm, moeint8)")
+                             "moe, stability, mla, moetiles, mlinear, norm, moeint8; moetiles = moe plus its tile "
+                             "sweep)")
     parser.add_argument("--stability", default="32768,10000", help="prefill,decode-steps of the stability run "
                         "('0,0' skips it)")
     parser.add_argument("--traceback-after", type=float, default=0,
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
               "kdastep": lambda: kda_decode_step_checks(rows), "model": lambda: model_level(rows),
               "graph": lambda: graph_decode(rows), "guard": lambda: guard_checks(rows),
               "stability": lambda: steps and stability(rows, prefill, steps), "mla": lambda: mla_decode_check(rows),
-              "moe": lambda: moe_decode(rows), "mlinear": lambda: multi_linear_check(rows),
+              "moe": lambda: moe_decode(rows), "moetiles": lambda: moe_decode(rows, tiles=True),
+              "mlinear": lambda: multi_linear_check(rows),
               "norm": lambda: rms_norm_check(rows), "moeint8": lambda: moe_int8_check(rows)}
     names = args.only.split(",")
     unknown = [n for n in names if n not in checks]

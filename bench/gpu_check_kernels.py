@@ -216,7 +216,7 @@ def graph_time_ms(fn, iters: int = 20) -> float:
 
 @torch.no_grad()
 def moe_decode(rows: list[dict], batches=(1, 8, 32), reps: int = 8, device: str = "cuda",
-               dtype: torch.dtype = torch.bfloat16, config=None, timing: bool = True) -> None:
+               dtype: torch.dtype = torch.bfloat16, config=None, timing: bool = True, tiles: bool = False) -> None:
     """One MoE block at the release's width (hidden 2304, 256 experts top-8, I = 1024, one shared expert, sigmoid
     router with bias, bf16, random weights) at each batch size, one token per sequence: the Triton decode path
     (``decode_kernels="triton"``) against the PyTorch path. Rows: the experts alone on the same routing, the whole
@@ -287,7 +287,7 @@ def moe_decode(rows: list[dict], batches=(1, 8, 32), reps: int = 8, device: str 
             "distinct_experts": distinct, "expert_bytes": moved, "triton_experts_tb_s": achieved / 1e12,
             "copy_tb_s": bandwidth / 1e12,
         })
-    if timing:
+    if timing and tiles:  # the tile sweep (minutes on a fresh machine): gpu_check --only moetiles
         moe_tiles(rows, block, gen, expert_bytes, bandwidth)
 
 

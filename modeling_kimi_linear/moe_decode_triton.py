@@ -53,9 +53,9 @@ Tiling (defaults in :data:`GATE_UP_TILE` / :data:`DOWN_TILE`; no autotuning, whi
 capture): gate/up 16 rows of W_gate plus the 16 matching rows of W_up per program, K blocks of 128 -> at batch 1,
 8 x 64 = 512 programs of 147 KB each; down 32 rows per program, K blocks of 128 -> 8 x 72 = 576 programs of 64 KB.
 Several hundred programs with 4-stage software pipelining keep enough loads in flight on 132 SMs to stream HBM;
-``bench/gpu_check.py --only moe`` measures the achieved bandwidth and tries a few other tiles. The widths D and I
-are compile-time constants (one compilation per model width); the single-program kernels (grouping, selection)
-run one warp, so their sorts and reductions are warp shuffles.
+``bench/gpu_check.py --only moe`` measures the achieved bandwidth, ``--only moetiles`` also tries a few other tiles.
+The widths D and I are compile-time constants (one compilation per model width); the single-program kernels
+(grouping, selection) run one warp, so their sorts and reductions are warp shuffles.
 
 Numerics: products accumulate in fp32 (``tl.dot``; for fp32 inputs with ``input_precision="ieee"``, so never
 TF32); the activation and the gate x up product are fp32 and rounded once to x's dtype (the PyTorch path rounds

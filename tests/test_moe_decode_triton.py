@@ -534,7 +534,7 @@ def test_expert_kernels_compile_for_sm90_without_spills(tmp_path, kernel, weight
     """The expert GEMV kernels at the release's widths, bf16 and int8 weights (with and without zero points), with
     and without a shared expert, grouped or (one token) direct, compile for sm_90 (the interpreter runs Python, not the compiler). ``_down`` stays in registers; ``_gate_up``'s
     default tile (32 rows x 128, 4 stages: the fastest on an H100, docs/benchmarks.md) keeps a few hundred bytes
-    on the stack, which ``gpu_check.py --only moe`` weighs against tiles that do not (64-wide K blocks)."""
+    on the stack, which ``gpu_check.py --only moetiles`` weighs against tiles that do not (64-wide K blocks)."""
     quant = "int8" if weights.startswith("int8") else "bf16"
     assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, kernel, quant,
                                             "zero" if weights.endswith("-zero") else "none", shared,
