@@ -160,6 +160,38 @@ def part_bytes(model, context: int) -> dict[str, float]:  # noqa: ANN001
     return out
 
 
+_LAUNCH_WORDS = ("Launch", "Memcpy", "Memset")  # host-side CUDA runtime / driver calls that start device work
+
+
+def charge_kernels(events, steps: int) -> tuple[dict[str, float], float]:
+    """Device time per step of each labelled part, and of all kernels, from ``prof.profiler.kineto_results.events()``.
+
+    Each kernel is charged to the innermost ``part::`` host range that holds the host-side call which launched it
+    (its ``linked_correlation_id`` is that call's ``correlation_id``): this counts kernels launched by Triton
+    (through the driver, with no aten op around them) as well as PyTorch's. Kernels whose launch lies in no range
+    are charged to ``"(no part)"``."""
+    cpu = torch.autograd.DeviceType.CPU
+    ranges, launches, kernels = [], {}, []
+    for e in events:
+        name = e.name()
+        if e.device_type() == cpu:
+            if name.startswith("part::"):
+                ranges.append((e.start_ns(), e.end_ns(), name.removeprefix("part::")))
+            elif any(word in name for word in _LAUNCH_WORDS):
+                launches[e.correlation_id()] = e.start_ns()
+        elif not name.startswith("part::") and not e.is_user_annotation():
+            kernels.append((e.linked_correlation_id(), e.duration_ns()))
+    parts: dict[str, float] = defaultdict(float)
+    total = 0.0
+    for link, duration in kernels:
+        us = duration / 1e3 / steps
+        total += us
+        at = launches.get(link)
+        inside = [r for r in ranges if at is not None and r[0] <= at <= r[1]]
+        parts[min(inside, key=lambda r: r[1] - r[0])[2] if inside else "(no part)"] += us
+    return parts, total
+
+
 @torch.no_grad()
 def profile_context(model, context: int, args, bw: float) -> list[dict]:  # noqa: ANN001
     ids = torch.randint(3, model.config.vocab_size, (1, args.prefill), device="cuda")
@@ -178,15 +210,7 @@ def profile_context(model, context: int, args, bw: float) -> list[dict]:  # noqa
             for _ in range(args.steps):
                 token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
-        parts: dict[str, float] = defaultdict(float)
-        kernels_total = 0.0
-        cpu = torch.autograd.DeviceType.CPU
-        for event in prof.events():
-            if event.device_type != cpu:  # a kernel (or the GPU-side copy of a range, not counted twice)
-                if not event.name.startswith("part::"):
-                    kernels_total += event.time_range.elapsed_us() / args.steps
-            elif event.name.startswith("part::"):  # the host-side range: the device time of what it launched
-                parts[event.name.removeprefix("part::")] += event.device_time_total / args.steps
+        parts, kernels_total = charge_kernels(prof.profiler.kineto_results.events(), args.steps)
         model.cuda_graph_decode = True
         for _ in range(3):
             token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
@@ -197,7 +221,7 @@ def profile_context(model, context: int, args, bw: float) -> list[dict]:  # noqa
         torch.cuda.synchronize()
         graph_us = 1e6 * (time.perf_counter() - start) / args.steps
         nbytes = part_bytes(model, context)
-        for part in PARTS:
+        for part in PARTS + ("(no part)",):
             if parts.get(part) or nbytes.get(part):
                 roof = 1e6 * nbytes.get(part, 0.0) / bw
                 rows.append({"context": context, "kernels": choice, "part": part,
