@@ -159,7 +159,8 @@ def test_layers_through_the_seam_match_module_calls(mlt, monkeypatch):
         calls.clear()
         with torch.no_grad():
             x = torch.randn(2, 40, config.hidden_size, generator=gen)  # 80 tokens: past MULTI_LINEAR_MAX_TOKENS
-            assert torch.equal(fast(x, cache=cache_fast), ref(x, cache=cache_ref))
+            # (not bit-equal: MLA's latent norm is the RMSNorm kernel here, whose fp32 sum runs in another order)
+            assert rel(fast(x, cache=cache_fast), ref(x, cache=cache_ref)) < 1e-6
             assert calls == []
             for step in range(3):
                 x = torch.randn(2, 1, config.hidden_size, generator=gen)
@@ -230,8 +231,8 @@ def test_int8_layers_read_int8_through_the_seam(mlt, monkeypatch):
     ref.decode_kernels, fast.decode_kernels = "torch", "triton"
     cache_ref, cache_fast = KimiLinearCache(config), KimiLinearCache(config)
     with torch.no_grad():
-        x = torch.randn(1, 70, config.hidden_size, generator=gen)
-        assert torch.equal(fast(x, cache=cache_fast), ref(x, cache=cache_ref))
+        x = torch.randn(1, 70, config.hidden_size, generator=gen)  # a prompt: module calls (the latent norm aside)
+        assert rel(fast(x, cache=cache_fast), ref(x, cache=cache_ref)) < 1e-6
         x = torch.randn(1, 1, config.hidden_size, generator=gen)
         assert rel(fast(x, cache=cache_fast), ref(x, cache=cache_ref)) < 1e-5
     assert calls == [2, 1]
