@@ -381,8 +381,8 @@ def multi_linear_check(rows: list[dict]) -> None:
     x = torch.randn(1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
     pairs = [(x, m.weight) for m in weights["KDA q/k/v/f_a/beta/g_a + f_b/g_b"][:6]]
     tiles = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for n, k, w, s in
-             ((32, 128, 4, 4), (16, 128, 4, 4), (64, 128, 4, 3), (32, 256, 4, 3), (16, 256, 4, 4), (64, 64, 4, 4),
-              (32, 128, 8, 4))]
+             ((64, 128, 8, 3), (64, 128, 4, 3), (32, 128, 4, 4), (16, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 4),
+              (64, 64, 4, 4), (32, 128, 8, 4), (64, 256, 8, 3), (64, 128, 8, 4))]
     times = [replay_us(lambda t=t: multi_linear_triton.multi_linear(pairs, tile=t)) for t in tiles]
     int8_groups = {"KDA's six projections from x": weights["KDA q/k/v/f_a/beta/g_a + f_b/g_b"][:6],
                    "KDA o_proj alone": [kda.o_proj], "shared expert down_proj alone": [mlp.down_proj]}

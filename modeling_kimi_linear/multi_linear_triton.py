@@ -41,11 +41,13 @@ from .kernels import MULTI_LINEAR_SLOTS as MAX_SLOTS  # (x, W) pairs one launch 
 
 BLOCK_M = 16  # tl.dot's smallest M: the tokens of a step, padded
 # 64 rows x 128 of K, 3 stages: KDA's six projections from x in 38.5 us on an H100 against 49.0 for 32 x 128 x 4
-# stages and 50.1 for the cuBLAS calls (gpu_check.py --only mlinear, docs/benchmarks.md)
-TILE = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-# int8 weights: the same 16 KB of weight per tile and stage (64 rows x 256 one-byte values), 8 warps (at 4 warps
-# or 128-wide K blocks ptxas spills on sm_90); not yet timed on a GPU. Either tile narrows to 32 or 16 rows when
-# the launch would otherwise leave SMs idle (a single o_proj or down_proj: 2304 rows = 36 tiles of 64).
+# stages and 50.1 for the cuBLAS calls (gpu_check.py --only mlinear, docs/benchmarks.md) - measured before the
+# shared K (K_ALL) let the loads pipeline; with it, 4 warps keep 8 bytes on the stack on sm_90 and 8 warps none,
+# so 8 warps (not yet timed)
+TILE = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
+# int8 weights: the same 16 KB of weight per tile and stage (64 rows x 256 one-byte values), 8 warps (no spills on
+# sm_90); not yet timed on a GPU. Either tile narrows to 32 or 16 rows when the launch would otherwise leave SMs
+# idle (a single o_proj or down_proj: 2304 rows = 36 tiles of 64).
 INT8_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -109,8 +111,10 @@ def multi_linear(
         args += [x2, w, outs[j], scale, zero, w.shape[0], w.shape[1], x2.stride(0)]
     ends += [total] * (MAX_SLOTS - len(ends))
     precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    ks, strides = {w.shape[1] for _, w, _, _ in flat}, {x2.stride(0) for x2, _, _, _ in flat}
     _multi_linear[(total, triton.cdiv(tokens, BLOCK_M))](
         *args, *ends[:-1], tokens, QUANT=quant, HAS_ZERO=zeros is not None,
+        K_ALL=ks.pop() if len(ks) == 1 else 0, SX_ALL=strides.pop() if len(strides) == 1 else 0,
         BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
@@ -144,11 +148,15 @@ _SLOT_ARGS = [f"{name}{i}" for i in range(MAX_SLOTS) for name in ("n", "k", "sx"
 def _multi_linear(
     x0, w0, y0, s0, z0, n0, k0, sx0, x1, w1, y1, s1, z1, n1, k1, sx1, x2, w2, y2, s2, z2, n2, k2, sx2,
     x3, w3, y3, s3, z3, n3, k3, sx3, x4, w4, y4, s4, z4, n4, k4, sx4, x5, w5, y5, s5, z5, n5, k5, sx5,
-    e0, e1, e2, e3, e4, M, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
+    e0, e1, e2, e3, e4, M, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, K_ALL: tl.constexpr, SX_ALL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """y_s[rows, feats] = x_s[rows] W_s[feats]^T for the slot s whose block range holds program_id(0) (QUANT: W_s
-    = (q - z) * s per row, the scale applied to the fp32 sums)."""
+    = (q - z) * s per row, the scale applied to the fp32 sums). ``K_ALL`` / ``SX_ALL`` (non-zero): the K and the x
+    row stride every slot shares, as compile-time constants. Only with them does the compiler know that rows start
+    on 16-byte boundaries: it then loads whole vectors through pipelined asynchronous copies, where runtime sizes
+    (not specialised: the slots' values are merged at run time) leave one scalar load per element and no
+    pipelining (sm_90 PTX of the KDA launch: 80 ``ld.global.b16`` against ``cp.async`` copies)."""
     pid = tl.program_id(0)
     x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x0, w0, y0, s0, z0, n0, k0, sx0, e0 * 0
     if pid >= e0:
@@ -161,6 +169,10 @@ def _multi_linear(
         x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x4, w4, y4, s4, z4, n4, k4, sx4, e3
     if pid >= e4:
         x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x5, w5, y5, s5, z5, n5, k5, sx5, e4
+    if K_ALL > 0:
+        K = K_ALL
+    if SX_ALL > 0:
+        sx = SX_ALL
     feats = (pid - first) * BLOCK_N + tl.arange(0, BLOCK_N)
     feat_ok = feats < N
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)

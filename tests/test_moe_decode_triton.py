@@ -522,7 +522,9 @@ types = {"w_ptr": weight, "scale_ptr": scale, "zero_ptr": zero, "groups_ptr": "*
          "s_scale_gate_ptr": scale, "s_scale_up_ptr": scale, "s_scale_ptr": scale, "s_zero_gate_ptr": zero,
          "s_zero_up_ptr": zero, "s_zero_ptr": zero}
 signature = {n: "constexpr" if n in const else types.get(n, "*bf16" if n.endswith("_ptr") else "i32") for n in names}
-attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr")}
+# as Triton specialises them at run time: pointers and the strides (multiples of 16 at the release's widths)
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+         if n.endswith("_ptr") or (n.startswith("stride") and n not in const)}
 options = {"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
 """
 

@@ -312,7 +312,7 @@ fn, names = m._multi_linear, m._multi_linear.arg_names
 quant, zero = sys.argv[1] != "bf16", sys.argv[1] == "int8-zero"
 tile = m.INT8_TILE if quant else m.TILE
 const = {"BLOCK_M": m.BLOCK_M, "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"], "PRECISION": "tf32",
-         "QUANT": quant, "HAS_ZERO": zero}
+         "QUANT": quant, "HAS_ZERO": zero, "K_ALL": 2304, "SX_ALL": 2304}  # KDA's launch from x
 slot_type = {"x": "*bf16", "y": "*bf16", "w": "*i8" if quant else "*bf16",
              "s": "*fp32" if quant else "*bf16", "z": "*i8" if zero else "*fp32" if quant else "*bf16"}
 ptr = {n for n in names if n[0] in slot_type and n[1:].isdigit()}
