@@ -298,7 +298,7 @@ def moe_tiles(rows: list[dict], block: KimiSparseMoeBlock, gen: torch.Generator,
     from modeling_kimi_linear import moe_decode_triton as mdt
 
     gate_up = [mdt.GATE_UP_TILE, {"BLOCK_K": 256}, {"BLOCK_N": 16}, {"BLOCK_K": 64}, {"BLOCK_N": 64, "BLOCK_K": 64,
-               "num_stages": 3}, {"num_stages": 3}, {"num_warps": 8, "BLOCK_K": 256}]  # 64-wide K: no spills
+               "num_stages": 3}, {"num_stages": 3}, {"num_warps": 8, "BLOCK_K": 256}]
     down = [mdt.DOWN_TILE, {"BLOCK_N": 16}, {"BLOCK_N": 64}, {"BLOCK_K": 256}, {"BLOCK_N": 16, "BLOCK_K": 256},
             {"num_stages": 3}]
     hidden = block.experts.gate_up_proj.shape[-1]
