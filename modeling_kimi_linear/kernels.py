@@ -138,7 +138,7 @@ def moe_decode_kernels(choice: str, x: torch.Tensor, copies: int, *weights: torc
     ``"triton"`` for ``x``'s device (:func:`resolve_decode_kernels`; never for CPU tensors), no gradient is
     needed, there are at most :data:`MOE_DECODE_MAX_COPIES` token-expert ``copies``, and every weight is a plain
     floating-point tensor (a quantized tensor subclass takes its own path)."""
-    if resolve_decode_kernels(choice, x.device) != "triton" or copies > MOE_DECODE_MAX_COPIES:
+    if not triton_decode(choice, x) or copies > MOE_DECODE_MAX_COPIES:
         return None
     if needs_grad(x, *weights):
         return None
@@ -175,7 +175,7 @@ def linears(
     there, where the module call would first write it out in bf16."""
     x = pairs[0][0]
     chosen: list[str | None] = [None] * len(pairs)
-    if resolve_decode_kernels(choice, x.device) == "triton" and launchable(pairs):
+    if triton_decode(choice, x) and launchable(pairs):
         chosen = [k if k in kinds else None for k in (linear_kind(t, m) for t, m in pairs)]
         if needs_grad(*(t for t, _ in pairs), *(m.weight for (_, m), k in zip(pairs, chosen) if k == "plain")):
             chosen = [None] * len(pairs)
@@ -257,7 +257,7 @@ def add_rms_norm(
     RMSNorm as one Triton launch (:func:`rms_norm_triton.add_rms_norm`) where :func:`plain_rms_norm` says that
     computes the same and ``choice`` (``config.decode_kernels``) resolves to ``"triton"`` for x's device, else the
     add and the module call themselves (the reference)."""
-    if resolve_decode_kernels(choice, x.device) == "triton" and plain_rms_norm(x, residual, norm):
+    if triton_decode(choice, x) and plain_rms_norm(x, residual, norm):
         from .rms_norm_triton import add_rms_norm as fused
 
         return fused(x, residual, norm.weight, norm.variance_epsilon)

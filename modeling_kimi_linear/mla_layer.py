@@ -112,7 +112,7 @@ class KimiMLAAttention(nn.Module):
         bsz, heads, seqlen, _ = q.shape
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], -1)
         q_lat = torch.cat([torch.matmul(q_nope, w_k), q_rope], -1)  # [B, nh, T, r + rope]
-        if seqlen == 1 and kernels.resolve_decode_kernels(self.decode_kernels, q.device) == "triton":
+        if seqlen == 1 and kernels.triton_decode(self.decode_kernels, q):
             mask = attn_mask[:, 0, 0] if attn_mask is not None else None  # [B or 1, S]
             out = kernels.mla_decode(q_lat[:, :, 0], latent, mask, self.scaling, self.kv_lora_rank, row_limit)
             return torch.matmul(out.unsqueeze(2), w_v.transpose(1, 2))  # [B, nh, 1, v]

@@ -21,6 +21,7 @@ from .quantized_experts import int8_kernels as quantized_int8_kernels
 
 if TYPE_CHECKING:
     from .configuration_kimi_linear import KimiLinearConfig
+    from .moe_decode_triton import SharedExpert
 
 
 class KimiMLP(nn.Module):
@@ -170,11 +171,11 @@ class KimiExperts(nn.Module):
         """
         if not is_plain(self.gate_up_proj):  # int8 / float8 weights: see quantized_experts
             return quantized_experts_forward(self, x, ids, weights)
+        out = self.kernel_sum(x, ids, weights)
+        if out is not None:
+            return out
         num_tokens, top_k = ids.shape
         gate_up, down = self.gate_up_proj, self.down_proj
-        ops = moe_decode_kernels(self.decode_kernels, x, ids.numel(), gate_up, down)
-        if ops is not None and ops.experts_supported(x, gate_up, down, self.hidden_act):
-            return ops.experts(x, ids, weights, gate_up, down, self.hidden_act)
         if x.device.type != "cpu" and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
@@ -204,6 +205,19 @@ class KimiExperts(nn.Module):
         out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, token_of, ys).to(x.dtype)
 
+    def kernel_sum(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                   shared: "SharedExpert | None" = None) -> torch.Tensor | None:
+        """The routed sum (plus ``shared``'s output) by the MoE decode kernels, or None where they do not serve
+        this call (:func:`kernels.moe_decode_kernels`; int8 weights: :func:`quantized_experts.int8_kernels`)."""
+        if not is_plain(self.gate_up_proj):
+            return quantized_int8_kernels(self, x, ids, weights, shared)
+        gate_up, down = self.gate_up_proj, self.down_proj
+        copies = ids.numel() + (0 if shared is None else x.shape[0])
+        ops = moe_decode_kernels(self.decode_kernels, x, copies, gate_up, down)
+        if ops is None or not ops.experts_supported(x, gate_up, down, self.hidden_act):
+            return None
+        return ops.experts(x, ids, weights, gate_up, down, self.hidden_act, shared=shared)
+
     def with_shared(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                     shared: "KimiMLP") -> torch.Tensor | None:
         """``self(x, ids, weights) + shared(x)`` computed by the MoE decode kernels in the same launches (the shared
@@ -215,17 +229,8 @@ class KimiExperts(nn.Module):
             return None
         if shared.gate_proj.out_features != self.intermediate_size:
             return None
-        if not is_plain(self.gate_up_proj):
-            operands = shared.kernel_operands(x, "int8")
-            return None if operands is None else quantized_int8_kernels(self, x, ids, weights, operands)
-        operands = shared.kernel_operands(x, "plain")
-        if operands is None:
-            return None
-        gate_up, down = self.gate_up_proj, self.down_proj
-        ops = moe_decode_kernels(self.decode_kernels, x, ids.numel() + x.shape[0], gate_up, down)
-        if ops is None or not ops.experts_supported(x, gate_up, down, self.hidden_act):
-            return None
-        return ops.experts(x, ids, weights, gate_up, down, self.hidden_act, shared=operands)
+        operands = shared.kernel_operands(x, "plain" if is_plain(self.gate_up_proj) else "int8")
+        return None if operands is None else self.kernel_sum(x, ids, weights, operands)
 
     def gathered(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The same weighted sum for a few tokens with static shapes, for compiled decoding (no host read of the
