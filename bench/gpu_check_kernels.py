@@ -410,6 +410,25 @@ def multi_linear_check(rows: list[dict]) -> None:
                           + ", ".join(f"{tuple(t.values())} {u:.1f}" for t, u in zip(tiles, times))
                           + f" (default {tuple(multi_linear_triton.TILE.values())})",
                  "rel_err": min(times), "info": True})
+    # one projection with few output rows (o_proj: 2304 x 4096): 16-row tiles leave one program an SM, so the
+    # bytes in flight per SM are one tile's stages; wider K blocks put more in flight
+    xo = torch.randn(1, kda.o_proj.in_features, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q_o, scale_o = int8_per_row(kda.o_proj.weight)
+    t_cublas = replay_us(lambda: kda.o_proj(xo))
+    for label_, kw in (("bf16", {}), ("int8", {"scales": [scale_o]})):
+        w_o = q_o if kw else kda.o_proj.weight
+        found = []
+        for n, k, w, st in ((16, 128, 8, 3), (16, 256, 8, 3), (16, 512, 8, 3), (16, 512, 4, 4), (16, 1024, 8, 3),
+                            (16, 1024, 4, 3), (32, 512, 8, 3), (16, 2048, 8, 2)):
+            tile = dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+            try:
+                us = replay_us(lambda t=tile: multi_linear_triton.multi_linear([(xo, w_o)], tile=t, **kw))
+                found.append(f"{(n, k, w, st)} {us:.1f}")
+            except Exception as exc:  # noqa: BLE001 - a tile over the shared-memory limit: report, go on
+                found.append(f"{(n, k, w, st)} failed ({type(exc).__name__})")
+        rows.append({"check": f"  KDA o_proj alone ({label_} weights), B=1, us per tile (BLOCK_N, BLOCK_K, warps, "
+                              f"stages), against {t_cublas:.1f} for the bf16 cuBLAS call: " + ", ".join(found),
+                     "rel_err": t_cublas, "info": True})
 
 
 @torch.no_grad()

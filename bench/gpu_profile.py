@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -49,7 +51,7 @@ from modeling_kimi_linear.mla_layer import KimiMLAAttention  # noqa: E402
 from modeling_kimi_linear.moe import KimiExperts, KimiMoEGate, KimiSparseMoeBlock  # noqa: E402
 from modeling_kimi_linear.presets import available_presets  # noqa: E402
 from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
-from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
+from modeling_kimi_linear.transformers_compat import cache_field, output_cache  # noqa: E402
 
 PARTS = ("kda: projections", "kda: short conv", "kda: gate", "kda: delta-rule step", "kda: gated norm",
          "kda: fused decode step", "kda: output projection", "mla", "router", "experts (routed + shared)",
@@ -210,7 +212,12 @@ def profile_context(model, context: int, args, bw: float) -> list[dict]:  # noqa
             for _ in range(args.steps):
                 token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
-        parts, kernels_total = charge_kernels(prof.profiler.kineto_results.events(), args.steps)
+        events = prof.profiler.kineto_results.events()
+        parts, kernels_total = charge_kernels(events, args.steps)
+        if args.dump_events:
+            dump = [[e.name()[:80], str(e.device_type()), e.start_ns(), e.end_ns(), e.correlation_id(),
+                     e.linked_correlation_id(), e.is_user_annotation()] for e in events]
+            (Path(args.out) / f"events_{context}_{choice}.json").write_text(json.dumps(dump[: args.dump_events]))
         model.cuda_graph_decode = True
         for _ in range(3):
             token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
@@ -240,6 +247,159 @@ def profile_context(model, context: int, args, bw: float) -> list[dict]:  # noqa
     return rows
 
 
+class StepClock:
+    """Timestamps of ``generate()``'s decode steps, to split its time per token into the CUDA-graph replay, the
+    device work ``generate()`` queues after it (token selection, stopping criteria), and the time the device waits
+    for the host between steps: transformers reads the stop flag back every step (``StopCheck.__call__``), so the
+    device idles from then until the next replay is launched.
+
+    While active it wraps ``torch.cuda.CUDAGraph.replay`` (CUDA events around each replay, host time at its launch),
+    transformers' ``StopCheck.__call__`` (a CUDA event queued before its read-back, host time when it returns) and
+    the model's own steps on the way to the next replay (host times at ``forward``, ``StaticDecoder.step`` and its
+    model check), so the host's share is split too."""
+
+    MARKS = ("forward", "step", "check", "checked")
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self._stops: list[tuple] = []
+        self._marks: list[tuple[str, float]] = []
+
+    @contextlib.contextmanager
+    def active(self, model):  # noqa: ANN001, ANN201
+        from transformers.generation import utils as generation
+
+        from modeling_kimi_linear.cuda_graph_decode import StaticDecoder
+
+        stop_check = generation.StopCheck  # transformers >= 5.24: the per-step read-back of the stop flag
+        saved = [(torch.cuda.CUDAGraph, "replay"), (stop_check, "__call__"), (type(model), "forward"),
+                 (StaticDecoder, "step"), (StaticDecoder, "_check_model")]
+        originals = {key: getattr(*key) for key in saved}
+        replay, stop = originals[saved[0]], originals[saved[1]]
+
+        def timed_replay(graph, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            launched = time.perf_counter()
+            start.record()
+            result = replay(graph, *args, **kwargs)
+            end.record()
+            self.steps.append({"start": start, "end": end, "launched": launched})
+            return result
+
+        def timed_stop(owner, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            reached, entered = torch.cuda.Event(enable_timing=True), time.perf_counter()
+            reached.record()
+            result = stop(owner, *args, **kwargs)
+            self._stops.append((reached, time.perf_counter(), entered))
+            return result
+
+        def marked(fn, tag: str, after: str | None = None):  # noqa: ANN001, ANN202
+            def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003
+                self._marks.append((tag, time.perf_counter()))
+                result = fn(*args, **kwargs)
+                if after:
+                    self._marks.append((after, time.perf_counter()))
+                return result
+            return wrapper
+
+        setattr(*saved[0], timed_replay)
+        setattr(*saved[1], timed_stop)
+        setattr(*saved[2], marked(originals[saved[2]], "forward"))
+        setattr(*saved[3], marked(originals[saved[3]], "step"))
+        setattr(*saved[4], marked(originals[saved[4]], "check", "checked"))
+        try:
+            yield self
+        finally:
+            for key, fn in originals.items():
+                setattr(*key, fn)
+
+    def summary(self) -> dict[str, float]:
+        """Medians in microseconds over the steps between two replays. Device: ``replay``, ``after`` (work queued
+        after the replay, up to the stop flag's read-back), ``idle`` (waiting for the host) and ``period`` (one
+        replay's start to the next). Host, from the read-back's return to the next launch: ``host``, split into
+        ``host: transformers`` (up to the model's ``forward``), ``host: model before step``, ``host: step before
+        check``, ``host: model check`` and ``host: check to launch``; and ``host: launch to stop check`` (the host's
+        work after a launch: when it exceeds ``replay``, something in it waited for the device)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        keys = ("replay", "after", "idle", "period", "host", "host: transformers", "host: model before step",
+                "host: step before check", "host: model check", "host: check to launch", "host: launch to stop check")
+        rows: dict[str, list[float]] = {k: [] for k in keys}
+        for step, following in zip(self.steps, self.steps[1:]):
+            stops = [s for s in self._stops if step["launched"] < s[1] < following["launched"]]
+            if len(stops) != 1:  # the last step of a generate() call, or a step without a stop check
+                continue
+            reached, returned, entered = stops[0]
+            period = step["start"].elapsed_time(following["start"]) * 1e3
+            replay = step["start"].elapsed_time(step["end"]) * 1e3
+            after = step["end"].elapsed_time(reached) * 1e3
+            rows["replay"].append(replay)
+            rows["after"].append(after)
+            rows["idle"].append(period - replay - after)
+            rows["period"].append(period)
+            rows["host"].append((following["launched"] - returned) * 1e6)
+            rows["host: launch to stop check"].append((entered - step["launched"]) * 1e6)
+            marks = {tag: t for tag, t in self._marks if returned < t < following["launched"]}
+            if set(marks) == set(self.MARKS):
+                points = [returned] + [marks[m] for m in self.MARKS] + [following["launched"]]
+                for key, a, b in zip(keys[5:10], points, points[1:]):
+                    rows[key].append((b - a) * 1e6)
+        return {k: round(statistics.median(v), 1) for k, v in rows.items() if v} | {"steps": len(rows["period"])}
+
+
+def synchronizing_calls(fn) -> list[str]:  # noqa: ANN001
+    """The distinct places (file:line of the Python call) that make the host wait for the device while ``fn``
+    runs, as reported by ``torch.cuda.set_sync_debug_mode('warn')``."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    places = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{w.filename}:{w.lineno}"
+            places[where] = places.get(where, 0) + 1
+    return [f"{where} ({n} times)" for where, n in places.items()]
+
+
+@torch.no_grad()
+def generate_anatomy(model, context: int, args) -> list[dict]:  # noqa: ANN001
+    """Where ``generate()``'s time per token goes beyond the CUDA-graph step (see :class:`StepClock`), at batch 1
+    from a synthetic ``context``, with the Triton decode kernels."""
+    set_decode_kernels(model, "triton")
+    model.cuda_graph_decode = True
+    ids = torch.randint(3, model.config.vocab_size, (1, args.prefill), device="cuda")
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = output_cache(out)
+    n = args.generate_steps
+    extend_cache(cache, context - 2 * n - 8, decode_bucket(context))
+    full = torch.cat([ids, ids.new_zeros(1, context - 2 * n - 8 - args.prefill), out.logits[:, -1:].argmax(-1)], 1)
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_field(cache),
+                              max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=model.config.pad_token_id)
+
+    full = run(full)  # captures the bucket's graph
+    clock = StepClock()
+    with clock.active(model):
+        run(full)
+    got = clock.summary()
+    log(f"context {context}, generate(): {got}")
+    for where in synchronizing_calls(lambda: run(full)):
+        log(f"  synchronizes the host with the device, each step: {where}")
+    names = {"period": "one decode step (device, replay to replay)", "replay": "CUDA-graph replay (device)",
+             "after": "token selection and stop check (device, after the replay)",
+             "idle": "device idle, waiting for the host", "host": "host, stop flag read back to the next launch"}
+    return [{"context": context, "kernels": "triton", "part": "generate(): " + names.get(key, key),
+             "device_us": value, "roofline_us": 0.0} for key, value in got.items() if key != "steps"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="kimi_linear_48b_a3b", choices=available_presets())
@@ -249,6 +409,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="cut the layout to this many layers (3 KDA : 1 MLA kept), e.g. to fit an 80 GB GPU")
     parser.add_argument("--prefill", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--generate-steps", type=int, default=48,
+                        help="decode steps of the generate() anatomy per context (0: skip it)")
+    parser.add_argument("--dump-events", type=int, default=0,
+                        help="write the first N profiler events per context and setting (name, device, times, "
+                             "correlation ids) to events_<context>_<kernels>.json, to check the charging")
     parser.add_argument("--trace", action="store_true", help="also write a chrome trace per context and setting")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
@@ -261,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for context in (int(c) for c in args.contexts.split(",")):
         rows += profile_context(model, context, args, bw)
+        if args.generate_steps:
+            rows += generate_anatomy(model, context, args)
     cut = f" cut to {args.layers} layers" if args.layers else ""
     head = versions_header(f"bf16, batch 1, preset {args.preset}{cut}; copy bandwidth {bw / 1e12:.2f} TB/s")
     lines = [head, "", "| context | decode_kernels | part | device time per step (us) | roofline (us) | x roofline |",

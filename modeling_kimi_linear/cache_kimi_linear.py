@@ -8,6 +8,7 @@ Per KDA layer: the raw q/k/v convolution tail ``[B, 3*H*K, W-1]`` (model dtype) 
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +37,10 @@ def cache_bytes(config: "KimiLinearConfig", context_length: int, batch_size: int
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+_DATA_PTR = torch.Tensor.data_ptr
+_SHAPE = operator.attrgetter("shape")
 
 
 def _writable(t: torch.Tensor) -> bool:
@@ -98,13 +103,17 @@ class KimiLinearCache(Cache):
             if buf.shape[1] < rows or (exact and buf.shape[1] != rows):
                 self._latent[i] = self._grown(buf, buf, rows, exact)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every cached tensor: the MLA latent buffers, then the KDA convolution tails and states."""
+        return [*self._latent.values(), *self._conv.values(), *self._state.values()]
+
     def storage_key(self) -> tuple:
         """Addresses of every cached tensor: a captured CUDA graph is valid only while these stay the same."""
-        return tuple(
-            (i, t.data_ptr(), tuple(t.shape))
-            for store in (self._latent, self._conv, self._state)
-            for i, t in sorted(store.items())
-        )
+        tensors = self.tensors()
+        # map() over C accessors: this runs before every decode step (a few microseconds for 27 layers, where a
+        # generator of per-tensor tuples took ~16 us on a 2-core CPU)
+        return (tuple(self._latent), tuple(self._conv), tuple(self._state), tuple(map(_DATA_PTR, tensors)),
+                tuple(map(_SHAPE, tensors)))
 
     def snapshot(self) -> list[torch.Tensor]:
         """Copies of the KDA states and convolution tails (what a warm-up decode step changes in place)."""

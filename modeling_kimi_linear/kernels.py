@@ -170,9 +170,9 @@ def linears(
 
     ``choice`` is ``config.decode_kernels``; launches serve CUDA tensors only, with ``choice`` resolving to
     ``"triton"`` (:func:`resolve_decode_kernels`), no gradient needed and :func:`launchable` true. Callers pass
-    ``kinds=("int8",)`` where cuBLAS was measured faster than the launch for plain weights (few output rows:
-    MLA's q / kv_a, the MLPs, single projections; docs/benchmarks.md) - an int8 weight is still read as int8
-    there, where the module call would first write it out in bf16."""
+    ``kinds=("int8",)`` where cuBLAS was measured faster than the launch for plain weights (a single projection
+    with few output rows: o_proj, down_proj; docs/benchmarks.md) - an int8 weight is still read as int8 there,
+    where the module call would first write it out in bf16."""
     x = pairs[0][0]
     chosen: list[str | None] = [None] * len(pairs)
     if triton_decode(choice, x) and launchable(pairs):

@@ -64,11 +64,12 @@ class KimiMLAAttention(nn.Module):
         """``[B, T, D]`` -> queries ``[B, nh, T, qk_nope + qk_rope]`` and what is cached per token,
         ``[B, T, kv_lora_rank + qk_rope]`` = normalised latent ‖ shared key part.
 
-        Weight-only int8 projections of a CUDA decode step run as one launch that reads the int8 data
-        (:func:`kernels.linears`); bf16 ones stay cuBLAS calls (measured faster for these shapes). The latent's
+        The two projections from x of a CUDA decode step run as one launch (:func:`kernels.linears`; int8 weights
+        read as int8): 12.0 us at batch 1 against 14.7 for the two cuBLAS calls on an H100 once the launch
+        pipelined its loads (12.1 vs 12.4 at batch 8; ``bench/gpu_check.py --only mlinear``). The latent's
         RMSNorm is one Triton launch where :func:`kernels.add_rms_norm` allows (about seven kernels otherwise)."""
         first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
-        q, kv = kernels.linears(self.decode_kernels, [(x, first), (x, self.kv_a_proj_with_mqa)], kinds=("int8",))
+        q, kv = kernels.linears(self.decode_kernels, [(x, first), (x, self.kv_a_proj_with_mqa)])
         if not hasattr(self, "q_proj"):
             q = self.q_b_proj(kernels.add_rms_norm(self.decode_kernels, q, None, self.q_a_layernorm)[0])
         c, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], -1)

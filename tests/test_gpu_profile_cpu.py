@@ -36,3 +36,36 @@ def test_kernels_go_to_the_innermost_range_around_their_launch():
     parts, total = charge_kernels(events, steps=2)
     assert parts == {"router": 0.15, "experts": 0.3, "(no part)": 1.0}
     assert total == 1.45
+
+
+class FakeEvent:
+    """A CUDA event's ``elapsed_time`` over a device timestamp in milliseconds."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def elapsed_time(self, later: "FakeEvent") -> float:
+        return later.ms - self.ms
+
+
+def test_step_clock_splits_a_generate_step_into_device_and_host_parts():
+    from bench.gpu_profile import StepClock
+
+    clock = StepClock()
+    # three replays 1.0 ms apart on the device: each replay 0.7 ms, then 0.1 ms of queued work up to the stop
+    # flag's read-back, so 0.2 ms of idle; on the host the read-back returns 0.05 ms before the next launch, with
+    # the model's forward, step and check 10 us apart in between
+    for i in range(3):
+        t = float(i)
+        clock.steps.append({"start": FakeEvent(t), "end": FakeEvent(t + 0.7), "launched": 10.0 + t / 1e3})
+        if i < 2:  # the last replay of a call has no stop check before a next replay
+            back = 10.0 + (t + 1 - 0.05) / 1e3
+            clock._stops.append((FakeEvent(t + 0.8), back, 10.0 + (t + 0.3) / 1e3))
+            clock._marks += [(tag, back + (k + 1) * 1e-5) for k, tag in enumerate(StepClock.MARKS)]
+    got = clock.summary()
+    assert got["steps"] == 2
+    want = {"replay": 700.0, "after": 100.0, "idle": 200.0, "host": 50.0, "period": 1000.0,
+            "host: transformers": 10.0, "host: model before step": 10.0, "host: step before check": 10.0,
+            "host: model check": 10.0, "host: check to launch": 10.0, "host: launch to stop check": 300.0}
+    for key, value in want.items():
+        assert abs(got[key] - value) < 0.2, (key, got[key], value)
