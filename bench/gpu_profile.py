@@ -168,19 +168,23 @@ _LAUNCH_WORDS = ("Launch", "Memcpy", "Memset")  # host-side CUDA runtime / drive
 def charge_kernels(events, steps: int) -> tuple[dict[str, float], float]:
     """Device time per step of each labelled part, and of all kernels, from ``prof.profiler.kineto_results.events()``.
 
-    Each kernel is charged to the innermost ``part::`` host range that holds the host-side call which launched it
-    (its ``linked_correlation_id`` is that call's ``correlation_id``): this counts kernels launched by Triton
-    (through the driver, with no aten op around them) as well as PyTorch's. Kernels whose launch lies in no range
-    are charged to ``"(no part)"``."""
+    A kernel's ``linked_correlation_id`` names the host-side event it came from. In PyTorch's Kineto events that is
+    the innermost CPU op or ``record_function`` range active at its launch (an aten op; for a kernel Triton
+    launched, with no aten op around it, our ``part::`` range itself); older traces link it to the runtime or
+    driver launch call instead. The linked event is looked up among the ops and ranges first, then among the launch
+    calls, and the kernel is charged to the innermost ``part::`` range holding that event's start (or to the range
+    itself). Kernels whose host event lies in no range are charged to ``"(no part)"``."""
     cpu = torch.autograd.DeviceType.CPU
-    ranges, launches, kernels = [], {}, []
+    ranges, ops, launches, kernels = [], {}, {}, []
     for e in events:
         name = e.name()
         if e.device_type() == cpu:
             if name.startswith("part::"):
                 ranges.append((e.start_ns(), e.end_ns(), name.removeprefix("part::")))
-            elif any(word in name for word in _LAUNCH_WORDS):
+            if any(word in name for word in _LAUNCH_WORDS):
                 launches[e.correlation_id()] = e.start_ns()
+            elif e.correlation_id():
+                ops[e.correlation_id()] = e.start_ns()
         elif not name.startswith("part::") and not e.is_user_annotation():
             kernels.append((e.linked_correlation_id(), e.duration_ns()))
     parts: dict[str, float] = defaultdict(float)
@@ -188,7 +192,7 @@ def charge_kernels(events, steps: int) -> tuple[dict[str, float], float]:
     for link, duration in kernels:
         us = duration / 1e3 / steps
         total += us
-        at = launches.get(link)
+        at = ops.get(link, launches.get(link))
         inside = [r for r in ranges if at is not None and r[0] <= at <= r[1]]
         parts[min(inside, key=lambda r: r[1] - r[0])[2] if inside else "(no part)"] += us
     return parts, total

@@ -1,6 +1,6 @@
 """bench/gpu_profile.py's charging of kernels to the model's parts, on synthetic profiler events (the profile itself
-needs a GPU): each kernel goes to the innermost labelled host range around the call that launched it, whether that
-call came from an aten op or from Triton's launcher."""
+needs a GPU): each kernel goes to the innermost labelled host range around the host event it is linked to (the op
+or range active at its launch, or in older traces the launch call), whether an aten op or Triton launched it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,23 @@ def Event(name, device, start, end, corr=0, link=0, annotation=False):  # noqa: 
                            linked_correlation_id=lambda: link, is_user_annotation=lambda: annotation)
 
 
-def test_kernels_go_to_the_innermost_range_around_their_launch():
+def test_kernels_linked_to_ops_and_ranges_go_to_the_innermost_range_around_them():
+    events = [
+        Event("part::experts", CPU, 0, 1000, corr=1),
+        Event("part::router", CPU, 100, 200, corr=2),  # nested inside experts' range
+        Event("aten::mm", CPU, 300, 400, corr=3),  # inside experts only
+        Event("cudaLaunchKernel", CPU, 310, 320, corr=2),  # a runtime id equal to the router's op id: not used
+        Event("aten::add", CPU, 2000, 2010, corr=4),  # outside every range
+        Event("_router_select", CUDA, 5000, 5300, link=2),  # Triton's kernel: linked to the router's range
+        Event("gemv", CUDA, 6000, 6600, link=3),
+        Event("add_kernel", CUDA, 7000, 9000, link=4),
+    ]
+    parts, total = charge_kernels(events, steps=2)
+    assert parts == {"router": 0.15, "experts": 0.3, "(no part)": 1.0}
+    assert total == 1.45
+
+
+def test_kernels_linked_to_launch_calls_go_to_the_innermost_range_around_their_launch():
     events = [
         Event("part::experts", CPU, 0, 1000),
         Event("part::router", CPU, 100, 200),  # nested inside experts' range
