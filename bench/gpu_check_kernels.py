@@ -418,16 +418,22 @@ def multi_linear_check(rows: list[dict]) -> None:
     for label_, kw in (("bf16", {}), ("int8", {"scales": [scale_o]})):
         w_o = q_o if kw else kda.o_proj.weight
         found = []
-        for n, k, w, st in ((16, 128, 8, 3), (16, 256, 8, 3), (16, 512, 8, 3), (16, 512, 4, 4), (16, 1024, 8, 3),
-                            (16, 1024, 4, 3), (32, 512, 8, 3), (16, 2048, 8, 2)):
-            tile = dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+        want = torch.nn.functional.linear(xo, (q_o.float() * scale_o).to(torch.bfloat16) if kw else w_o)
+        default = multi_linear_triton.choose_tile([w_o.shape[0]], bool(kw), xo.device, k=w_o.shape[1])
+        for n, k, w, st, sp in ((16, 256, 8, 3, 1), (16, 128, 8, 3, 1), (16, 256, 8, 3, 2), (16, 256, 8, 3, 4),
+                                (16, 128, 8, 3, 4), (16, 256, 4, 3, 4), (16, 128, 4, 4, 4), (16, 256, 8, 3, 8),
+                                (16, 512, 8, 3, 4), (32, 256, 8, 3, 4), (16, 1024, 8, 3, 1)):
+            tile = dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, SPLIT=sp)
             try:
-                us = replay_us(lambda t=tile: multi_linear_triton.multi_linear([(xo, w_o)], tile=t, **kw))
-                found.append(f"{(n, k, w, st)} {us:.1f}")
+                fn = (lambda t=tile: multi_linear_triton.multi_linear([(xo, w_o)], tile=t, **kw)[0])
+                err = rel(fn(), want)
+                us = replay_us(fn)
+                found.append(f"{(n, k, w, st, sp)} {us:.1f}" + (f" (error {err:.1e})" if err > 1e-2 else ""))
             except Exception as exc:  # noqa: BLE001 - a tile over the shared-memory limit: report, go on
-                found.append(f"{(n, k, w, st)} failed ({type(exc).__name__})")
+                found.append(f"{(n, k, w, st, sp)} failed ({type(exc).__name__})")
         rows.append({"check": f"  KDA o_proj alone ({label_} weights), B=1, us per tile (BLOCK_N, BLOCK_K, warps, "
-                              f"stages), against {t_cublas:.1f} for the bf16 cuBLAS call: " + ", ".join(found),
+                              f"stages, SPLIT), against {t_cublas:.1f} for the bf16 cuBLAS call; default "
+                              f"{tuple(default.values())}: " + ", ".join(found),
                      "rel_err": t_cublas, "info": True})
 
 

@@ -53,6 +53,13 @@ TILE = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
 # idle (a single o_proj or down_proj: 2304 rows = 36 tiles of 64).
 INT8_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Split over K: a launch that still has fewer than this many programs per SM with 16-row tiles (one o_proj: 144
+# programs of 128 KB for 132 SMs, so a dozen SMs read twice what the others do) cuts K into SPLIT parts, each
+# program adding its part into an fp32 workspace and the last one of a tile summing the parts (``_multi_linear``).
+# An o_proj alone measured 8.4 us in cuBLAS, 18.5 us in the int8 launch without a split (17% of the copy
+# bandwidth); the split is not yet timed.
+SPLIT_BELOW_PER_SM = 4
+MAX_SPLIT = 8
 
 
 def multi_linear(
@@ -99,7 +106,8 @@ def multi_linear(
         flat.append((x2, w.contiguous(), scale, zero))
         dims.append(w.shape[0])
     tokens = flat[0][0].shape[0]
-    tile = choose_tile(dims, quant, flat[0][0].device, tile)
+    device = flat[0][0].device
+    tile = choose_tile(dims, quant, device, tile, k=max(w.shape[1] for _, w, _, _ in flat))
     outs = [torch.empty(tokens, n, dtype=dtype, device=flat[0][0].device) for n in dims]
     if tokens == 0:
         return [y.view(*lead, n) for y, n in zip(outs, dims)]
@@ -115,25 +123,56 @@ def multi_linear(
     ends += [total] * (MAX_SLOTS - len(ends))
     precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     ks, strides = {w.shape[1] for _, w, _, _ in flat}, {x2.stride(0) for x2, _, _, _ in flat}
-    _multi_linear[(total, triton.cdiv(tokens, BLOCK_M))](
-        *args, *ends[:-1], tokens, QUANT=quant, HAS_ZERO=zeros is not None,
+    m_blocks, split = triton.cdiv(tokens, BLOCK_M), tile.get("SPLIT", 1)
+    counters = _tile_counters(device, total * m_blocks) if split > 1 else None
+    if counters is None:
+        split = 1
+    workspace = (torch.empty(split, m_blocks * BLOCK_M, total * tile["BLOCK_N"], dtype=torch.float32, device=device)
+                 if split > 1 else outs[0])
+    _multi_linear[(total, m_blocks, split)](
+        *args, *ends[:-1], tokens, workspace, counters if counters is not None else outs[0],
+        QUANT=quant, HAS_ZERO=zeros is not None,
         K_ALL=ks.pop() if len(ks) == 1 else 0, SX_ALL=strides.pop() if len(strides) == 1 else 0,
-        BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
+        BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], SPLIT=split, PRECISION=precision,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
     return [y.view(*lead, n) for y, n in zip(outs, dims)]
 
 
-def choose_tile(dims: Sequence[int], quant: bool, device: torch.device, given: dict | None = None) -> dict:
+def choose_tile(dims: Sequence[int], quant: bool, device: torch.device, given: dict | None = None,
+                k: int | None = None) -> dict:
     """:data:`TILE` or :data:`INT8_TILE` with ``given`` on top; without a given ``BLOCK_N``, the row block halves
-    (down to 16) while the launch's ``sum(ceil(N_i / BLOCK_N))`` programs would leave SMs of ``device`` idle."""
+    (down to 16) while the launch's ``sum(ceil(N_i / BLOCK_N))`` programs would leave SMs of ``device`` idle; then,
+    without a given ``SPLIT``, with 16-row tiles and fewer than :data:`SPLIT_BELOW_PER_SM` programs an SM, K (the
+    largest, ``k``) is split in up to :data:`MAX_SPLIT` parts of at least two K blocks until there are that many."""
     given = given or {}
-    tile = {**(INT8_TILE if quant else TILE), **given}
+    tile = {**(INT8_TILE if quant else TILE), "SPLIT": 1, **given}
+    sms = _sm_count(device)
+    programs = sum(triton.cdiv(n, tile["BLOCK_N"]) for n in dims)
     if "BLOCK_N" not in given:
-        sms = _sm_count(device)
-        while tile["BLOCK_N"] > 16 and sum(triton.cdiv(n, tile["BLOCK_N"]) for n in dims) < sms:
+        while tile["BLOCK_N"] > 16 and programs < sms:
             tile["BLOCK_N"] //= 2
+            programs = sum(triton.cdiv(n, tile["BLOCK_N"]) for n in dims)
+    if "SPLIT" not in given and k is not None and tile["BLOCK_N"] == 16:
+        while (tile["SPLIT"] < MAX_SPLIT and programs * tile["SPLIT"] < SPLIT_BELOW_PER_SM * sms
+               and k >= 4 * tile["SPLIT"] * tile["BLOCK_K"]):
+            tile["SPLIT"] *= 2
     return tile
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """Per-device int32 arrival counters of split tiles, zero between launches (the last program of a tile resets
+    its own). Allocated outside CUDA-graph capture (the eager warm-up before a capture makes them); ``None`` if a
+    capture would have to allocate them. Launches sharing them must not run at once on two streams of a device."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,15 +190,21 @@ _SLOT_ARGS = [f"{name}{i}" for i in range(MAX_SLOTS) for name in ("n", "k", "sx"
 def _multi_linear(
     x0, w0, y0, s0, z0, n0, k0, sx0, x1, w1, y1, s1, z1, n1, k1, sx1, x2, w2, y2, s2, z2, n2, k2, sx2,
     x3, w3, y3, s3, z3, n3, k3, sx3, x4, w4, y4, s4, z4, n4, k4, sx4, x5, w5, y5, s5, z5, n5, k5, sx5,
-    e0, e1, e2, e3, e4, M, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, K_ALL: tl.constexpr, SX_ALL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    e0, e1, e2, e3, e4, M, ws, cnt, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, K_ALL: tl.constexpr,
+    SX_ALL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """y_s[rows, feats] = x_s[rows] W_s[feats]^T for the slot s whose block range holds program_id(0) (QUANT: W_s
     = (q - z) * s per row, the scale applied to the fp32 sums). ``K_ALL`` / ``SX_ALL`` (non-zero): the K and the x
     row stride every slot shares, as compile-time constants. Only with them does the compiler know that rows start
     on 16-byte boundaries: it then loads whole vectors through pipelined asynchronous copies, where runtime sizes
     (not specialised: the slots' values are merged at run time) leave one scalar load per element and no
-    pipelining (sm_90 PTX of the KDA launch: 80 ``ld.global.b16`` against ``cp.async`` copies)."""
+    pipelining (sm_90 PTX of the KDA launch: 80 ``ld.global.b16`` against ``cp.async`` copies).
+
+    ``SPLIT > 1``: program_id(2) takes one of SPLIT ranges of whole K blocks and stores its fp32 sums in its plane
+    of ``ws`` ``[SPLIT, rows, programs * BLOCK_N]``; after a barrier it counts itself in at ``cnt[tile]`` (an
+    acquire-release atomic: every plane stored before a program's arrival is visible to the program that arrives
+    after it). The last to arrive adds the SPLIT planes (read past L1), scales, stores y and resets the counter."""
     pid = tl.program_id(0)
     x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x0, w0, y0, s0, z0, n0, k0, sx0, e0 * 0
     if pid >= e0:
@@ -186,14 +231,37 @@ def _multi_linear(
     if HAS_ZERO:
         zero = tl.load(z_ptr + feats, mask=feat_ok, other=0).to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0_ in range(0, K, BLOCK_K):
+    k_lo, k_hi = 0, K
+    if SPLIT > 1:
+        k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+        k_lo = tl.program_id(2) * k_per
+        k_hi = tl.minimum(k_lo + k_per, K)
+    for k0_ in range(k_lo, k_hi, BLOCK_K):
         k_ok = (k0_ + kk) < K
         xt = tl.load(x_rows + k0_, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_rows + k0_, mask=feat_ok[:, None] & k_ok[None, :], other=0)
         if HAS_ZERO:
             wt = wt.to(tl.int32) - zero[:, None]
         acc = tl.dot(xt, tl.trans(wt.to(xt.dtype)), acc, input_precision=PRECISION)
-    if QUANT:
-        acc = acc * tl.load(s_ptr + feats, mask=feat_ok, other=0.0)[None, :]
     dest = y_ptr + rows.to(tl.int64)[:, None] * N + feats[None, :]
-    tl.store(dest, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & feat_ok[None, :])
+    if SPLIT == 1:
+        if QUANT:
+            acc = acc * tl.load(s_ptr + feats, mask=feat_ok, other=0.0)[None, :]
+        tl.store(dest, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & feat_ok[None, :])
+    else:
+        width = tl.num_programs(0) * BLOCK_N
+        plane = tl.num_programs(1) * BLOCK_M * width
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        ws_tile = ws + rows.to(tl.int64)[:, None] * width + cols[None, :]
+        tl.store(ws_tile + tl.program_id(2) * plane, acc)
+        tl.debug_barrier()  # every thread's part stored before the arrival below releases them
+        tile = pid * tl.num_programs(1) + tl.program_id(1)
+        arrived = tl.atomic_add(cnt + tile, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for part in tl.static_range(SPLIT):
+                total += tl.load(ws_tile + part * plane, cache_modifier=".cg")
+            if QUANT:
+                total = total * tl.load(s_ptr + feats, mask=feat_ok, other=0.0)[None, :]
+            tl.store(dest, total.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & feat_ok[None, :])
+            tl.atomic_xchg(cnt + tile, 0)

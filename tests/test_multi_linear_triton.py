@@ -96,12 +96,41 @@ def test_small_tiles_loop_over_k_and_strided_x(mlt):
         assert rel(y, x.double() @ w.double().T) < 1e-6
 
 
+@pytest.mark.parametrize("split", [2, 3, 4])
+@pytest.mark.parametrize("quant", [False, True])
+def test_split_over_k_matches_float64_and_leaves_the_counters_at_zero(mlt, split, quant):
+    """K split in ``split`` ranges (uneven: K = 5 blocks of 32 and a tail), several programs per weight, 17 tokens
+    (two row blocks), plain and int8 weights: the products against float64, twice in a row (the last program of
+    each tile resets its arrival counter, so a second launch sums its own parts only)."""
+    gen = torch.Generator().manual_seed(40 + split + 10 * quant)
+    dims = [(40, 176), (7, 176)]
+    x = torch.randn(17, 176, generator=gen).to(DEVICE)
+    tile = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 2, "num_stages": 2, "SPLIT": split}
+    if quant:
+        ws = [torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(DEVICE) for n, k in dims]
+        scales = [(torch.rand(n, generator=gen) * 0.01).to(DEVICE) for n, _ in dims]
+        want = [x.double() @ (w.double() * s.double()[:, None]).T for w, s in zip(ws, scales)]
+        kwargs = {"scales": scales}
+    else:
+        ws = [torch.randn(n, k, generator=gen).to(DEVICE) for n, k in dims]
+        want = [x.double() @ w.double().T for w in ws]
+        kwargs = {}
+    for _ in range(2):
+        outs = mlt.multi_linear([(x, w) for w in ws], tile=tile, **kwargs)
+        for y, ref in zip(outs, want):
+            assert rel(y, ref) < 1e-6
+        assert not mlt._COUNTERS[x.device].any()
+
+
 def test_tile_narrows_only_where_sms_would_idle(mlt):
     """KDA's six projections (12576 rows: 197 tiles of 64) keep the measured 64-row tile; a single o_proj or
     down_proj (2304 rows: 36 tiles) narrows to 16 rows (144 programs on 132 SMs); a given BLOCK_N is kept."""
     cpu = torch.device("cpu")  # stands for a 132-SM device
     assert mlt.choose_tile([4096, 4096, 4096, 128, 32, 128], False, cpu)["BLOCK_N"] == 64
-    assert mlt.choose_tile([2304], True, cpu) == {**mlt.INT8_TILE, "BLOCK_N": 16}
+    assert mlt.choose_tile([2304], True, cpu) == {**mlt.INT8_TILE, "BLOCK_N": 16, "SPLIT": 1}  # K unknown
+    assert mlt.choose_tile([2304], True, cpu, k=4096)["SPLIT"] == 4  # o_proj: 144 programs, 576 with the split
+    assert mlt.choose_tile([2304], True, cpu, k=512)["SPLIT"] == 1  # too short a K to split
+    assert mlt.choose_tile([6144, 576], True, cpu, k=2304)["SPLIT"] == 1  # 32-row tiles: no split
     assert mlt.choose_tile([6144, 576], True, cpu)["BLOCK_N"] == 32  # MLA's q / kv_a: 105 tiles of 64, 210 of 32
     assert mlt.choose_tile([2304], False, cpu, {"BLOCK_N": 64})["BLOCK_N"] == 64
 
@@ -310,24 +339,27 @@ def test_seam_keeps_module_calls_where_they_compute_more(monkeypatch):
 COMPILE_SETUP = r"""
 from modeling_kimi_linear import multi_linear_triton as m
 fn, names = m._multi_linear, m._multi_linear.arg_names
-quant, zero = sys.argv[1] != "bf16", sys.argv[1] == "int8-zero"
+quant, zero, split = not sys.argv[1].startswith("bf16"), sys.argv[1] == "int8-zero", sys.argv[1].endswith("split")
 tile = m.INT8_TILE if quant else m.TILE
 const = {"BLOCK_M": m.BLOCK_M, "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"], "PRECISION": "tf32",
-         "QUANT": quant, "HAS_ZERO": zero, "K_ALL": 2304, "SX_ALL": 2304}  # KDA's launch from x
+         "QUANT": quant, "HAS_ZERO": zero, "K_ALL": 2304, "SX_ALL": 2304, "SPLIT": 1}  # KDA's launch from x
+if split:  # a single o_proj (4096 -> 2304): 16-row tiles, K in 4 parts
+    const.update(BLOCK_N=16, K_ALL=4096, SX_ALL=4096, SPLIT=4)
 slot_type = {"x": "*bf16", "y": "*bf16", "w": "*i8" if quant else "*bf16",
              "s": "*fp32" if quant else "*bf16", "z": "*i8" if zero else "*fp32" if quant else "*bf16"}
 ptr = {n for n in names if n[0] in slot_type and n[1:].isdigit()}
 signature = {n: "constexpr" if n in const else slot_type[n[0]] if n in ptr else "i32" for n in names}
-attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptr}
+signature.update(ws="*fp32", cnt="*i32")
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptr | {"ws", "cnt"}}
 options = {"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
 """
 
 
-@pytest.mark.parametrize("weights", ["bf16", "int8", "int8-zero"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int8-zero", "bf16-split", "int8-split"])
 def test_kernel_compiles_for_sm90_without_spills(tmp_path, weights):
     """The interpreter runs Python, not the compiler (which must merge the six slots' pointers and sizes chosen at
     run time): compile the kernel for an H100 / H200 (sm_90, no GPU needed) with its default tile, bf16 and int8
-    weights, and check that ptxas keeps it in registers."""
+    weights, and the split over K of a single o_proj, and check that ptxas keeps it in registers."""
     assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, weights)
 
 
