@@ -221,6 +221,7 @@ def profile_context(model, context: int, args, bw: float) -> list[dict]:  # noqa
         if args.dump_events:
             dump = [[e.name()[:80], str(e.device_type()), e.start_ns(), e.end_ns(), e.correlation_id(),
                      e.linked_correlation_id(), e.is_user_annotation()] for e in events]
+            Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / f"events_{context}_{choice}.json").write_text(json.dumps(dump[: args.dump_events]))
         model.cuda_graph_decode = True
         for _ in range(3):

@@ -53,13 +53,16 @@ TILE = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
 # idle (a single o_proj or down_proj: 2304 rows = 36 tiles of 64).
 INT8_TILE = {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Split over K: a launch that still has fewer than this many programs per SM with 16-row tiles (one o_proj: 144
-# programs of 128 KB for 132 SMs, so a dozen SMs read twice what the others do) cuts K into SPLIT parts, each
-# program adding its part into an fp32 workspace and the last one of a tile summing the parts (``_multi_linear``).
-# An o_proj alone measured 8.4 us in cuBLAS, 18.5 us in the int8 launch without a split (17% of the copy
-# bandwidth); the split is not yet timed.
-SPLIT_BELOW_PER_SM = 4
-MAX_SPLIT = 8
+# Split over K for a single projection with few output rows and a long K (o_proj, down_proj: 2304 rows, K >= 4096):
+# with 16-row tiles it is 144 programs of 128 KB (bf16) for 132 SMs, so a dozen SMs read twice what the others do.
+# K is cut into SPLIT_PARTS ranges, each program adding its range into an fp32 workspace and the last one of a tile
+# summing the parts (``_multi_linear``). KDA's o_proj alone on an H100 (gpu_check --only mlinear), us: int8 weights
+# 18.2 unsplit, 14.6 in 4 parts with 8 warps, 10.5 in 4 parts with 4 warps (10.2 with 32-row tiles); bf16 weights
+# 18.4 / 14.9 / 10.4 against 8.4 for cuBLAS (so bf16 o_proj stays a module call). The pair gate + up of the shared
+# expert (K = 2304, split in 8 with 8 warps) ran 10.5 us against 6.7 unsplit: groups and short K are not split.
+SPLIT_MIN_K = 4096
+SPLIT_PARTS = 4
+SPLIT_TILE = {"num_warps": 4}
 
 
 def multi_linear(
@@ -143,20 +146,16 @@ def choose_tile(dims: Sequence[int], quant: bool, device: torch.device, given: d
                 k: int | None = None) -> dict:
     """:data:`TILE` or :data:`INT8_TILE` with ``given`` on top; without a given ``BLOCK_N``, the row block halves
     (down to 16) while the launch's ``sum(ceil(N_i / BLOCK_N))`` programs would leave SMs of ``device`` idle; then,
-    without a given ``SPLIT``, with 16-row tiles and fewer than :data:`SPLIT_BELOW_PER_SM` programs an SM, K (the
-    largest, ``k``) is split in up to :data:`MAX_SPLIT` parts of at least two K blocks until there are that many."""
+    without a given ``SPLIT``, a single weight still in 16-row tiles with ``k >= SPLIT_MIN_K`` is split over K in
+    :data:`SPLIT_PARTS` with :data:`SPLIT_TILE` (measured faster only there, see above)."""
     given = given or {}
     tile = {**(INT8_TILE if quant else TILE), "SPLIT": 1, **given}
-    sms = _sm_count(device)
-    programs = sum(triton.cdiv(n, tile["BLOCK_N"]) for n in dims)
     if "BLOCK_N" not in given:
-        while tile["BLOCK_N"] > 16 and programs < sms:
+        sms = _sm_count(device)
+        while tile["BLOCK_N"] > 16 and sum(triton.cdiv(n, tile["BLOCK_N"]) for n in dims) < sms:
             tile["BLOCK_N"] //= 2
-            programs = sum(triton.cdiv(n, tile["BLOCK_N"]) for n in dims)
-    if "SPLIT" not in given and k is not None and tile["BLOCK_N"] == 16:
-        while (tile["SPLIT"] < MAX_SPLIT and programs * tile["SPLIT"] < SPLIT_BELOW_PER_SM * sms
-               and k >= 4 * tile["SPLIT"] * tile["BLOCK_K"]):
-            tile["SPLIT"] *= 2
+    if "SPLIT" not in given and len(dims) == 1 and k is not None and k >= SPLIT_MIN_K and tile["BLOCK_N"] == 16:
+        tile.update({**SPLIT_TILE, "SPLIT": SPLIT_PARTS}, **{key: v for key, v in given.items() if key in SPLIT_TILE})
     return tile
 
 

@@ -128,8 +128,11 @@ def test_tile_narrows_only_where_sms_would_idle(mlt):
     cpu = torch.device("cpu")  # stands for a 132-SM device
     assert mlt.choose_tile([4096, 4096, 4096, 128, 32, 128], False, cpu)["BLOCK_N"] == 64
     assert mlt.choose_tile([2304], True, cpu) == {**mlt.INT8_TILE, "BLOCK_N": 16, "SPLIT": 1}  # K unknown
-    assert mlt.choose_tile([2304], True, cpu, k=4096)["SPLIT"] == 4  # o_proj: 144 programs, 576 with the split
-    assert mlt.choose_tile([2304], True, cpu, k=512)["SPLIT"] == 1  # too short a K to split
+    split = mlt.choose_tile([2304], True, cpu, k=4096)  # o_proj: 144 programs, 576 with the split
+    assert (split["SPLIT"], split["num_warps"], split["BLOCK_N"]) == (4, 4, 16)
+    assert mlt.choose_tile([2304], False, cpu, k=4096, given={"num_warps": 8})["num_warps"] == 8
+    assert mlt.choose_tile([2304], True, cpu, k=1024)["SPLIT"] == 1  # too short a K to split
+    assert mlt.choose_tile([1024, 1024], False, cpu, k=4096)["SPLIT"] == 1  # a group: not split (measured slower)
     assert mlt.choose_tile([6144, 576], True, cpu, k=2304)["SPLIT"] == 1  # 32-row tiles: no split
     assert mlt.choose_tile([6144, 576], True, cpu)["BLOCK_N"] == 32  # MLA's q / kv_a: 105 tiles of 64, 210 of 32
     assert mlt.choose_tile([2304], False, cpu, {"BLOCK_N": 64})["BLOCK_N"] == 64
@@ -351,7 +354,7 @@ ptr = {n for n in names if n[0] in slot_type and n[1:].isdigit()}
 signature = {n: "constexpr" if n in const else slot_type[n[0]] if n in ptr else "i32" for n in names}
 signature.update(ws="*fp32", cnt="*i32")
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptr | {"ws", "cnt"}}
-options = {"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+options = {"num_warps": m.SPLIT_TILE["num_warps"] if split else tile["num_warps"], "num_stages": tile["num_stages"]}
 """
 
 
