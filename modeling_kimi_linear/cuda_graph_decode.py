@@ -88,6 +88,8 @@ class StaticDecoder:
         self._graphs: dict[tuple, _Captured] = {}
         self._storage: tuple | None = None
         self._cache_tensors: tuple[bool, list] = (False, [])  # inference mode, weak references (_same_tensors)
+        self._position: int | None = None  # what the device position holds after the last step
+        self._keys: tuple | None = None  # what keys_valid holds (_write_keys); None: unknown
         self._inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._pool = None
         self._guard: ModelGuard | None = None
@@ -106,6 +108,7 @@ class StaticDecoder:
         self._drop_graphs()
         self._storage = self._inputs = None
         self._cache_tensors = (False, [])
+        self._position = self._keys = None
 
     def _drop_graphs(self) -> None:
         # a memory pool whose graphs are all gone is released by PyTorch: later captures need a new one
@@ -150,9 +153,10 @@ class StaticDecoder:
         return self._inputs
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-             cache: "KimiLinearCache") -> torch.Tensor:
+             cache: "KimiLinearCache", grown_from: torch.Tensor | None = None) -> torch.Tensor:
         """Decode ``input_ids [B, 1]`` with ``cache`` (already holding a prompt); returns logits ``[B, 1, V]``
-        and advances the cache by one token."""
+        and advances the cache by one token. ``grown_from``: the mask ``attention_mask`` was made from by appending
+        one column of ones, if the caller knows it (the model's ``generate()`` update does)."""
         past = cache.get_seq_length()
         bucket = decode_bucket(past + 1)
         cache.reserve(bucket, exact=self.exact_buffers)
@@ -170,28 +174,52 @@ class StaticDecoder:
             self._storage = storage
         self._check_model(new_cache=new_storage)
         ids.copy_(input_ids)
-        position.fill_(past)
-        if attention_mask is not None and attention_mask.shape[1] == past + 1:
-            keys_valid[:, : past + 1].copy_(attention_mask)
-        elif attention_mask is not None and attention_mask.shape[1] == 1:  # the new token's column only
-            keys_valid[:, :past].fill_(True)
-            keys_valid[:, past : past + 1].copy_(attention_mask)
-        elif attention_mask is not None:
-            raise ValueError(
-                f"attention_mask has {attention_mask.shape[1]} columns; expected {past + 1} (cached + new tokens)"
-            )
-        else:
-            keys_valid[:, : past + 1].fill_(True)
+        if self._position != past:  # each step leaves the device position one further (see _advanced_run)
+            position.fill_(past)
+        self._write_keys(keys_valid, attention_mask, past, grown_from)
         step = StaticDecodeStep(position, keys_valid, bucket)
         if not (self.use_graph and ids.is_cuda):
-            logits = self._run(step, ids, cache)
+            logits = self._advanced_run(step, ids, cache)
         else:
             captured = self._graphs.get(bucket)
             if captured is None:
                 captured = self._graphs[bucket] = self._capture(step, ids, cache)
             captured.graph.replay()
             logits = captured.logits.clone()
+        self._position = past + 1
         cache.advance(1)
+        return logits
+
+    def _write_keys(self, keys_valid: torch.Tensor, attention_mask: torch.Tensor | None, past: int,
+                    grown_from: torch.Tensor | None) -> None:
+        """Make ``keys_valid[:, :past + 1]`` the step's mask, every column after it True, with as few device
+        operations as the last step allows: none when the mask is the last step's grown by one column of ones
+        (``grown_from``, from ``generate()``'s own update) or when there is no mask and none was written. On the
+        H100 host each eager operation costs the GPU ~30 us of waiting between two graph replays."""
+        state = self._keys
+        if attention_mask is None:
+            if state != ("ones",):
+                keys_valid.fill_(True)
+            self._keys = ("ones",)
+            return
+        columns = attention_mask.shape[1]
+        if columns == past + 1:
+            seen = state[1]() if state is not None and state[0] == "mask" else None
+            if grown_from is None or seen is None or grown_from is not seen:
+                keys_valid[:, : past + 1].copy_(attention_mask)
+                keys_valid[:, past + 1 :].fill_(True)
+            self._keys = ("mask", weakref.ref(attention_mask))
+        elif columns == 1:  # the new token's column only
+            keys_valid.fill_(True)
+            keys_valid[:, past : past + 1].copy_(attention_mask)
+            self._keys = None
+        else:
+            raise ValueError(f"attention_mask has {columns} columns; expected {past + 1} (cached + new tokens)")
+
+    def _advanced_run(self, step: StaticDecodeStep, ids: torch.Tensor, cache: "KimiLinearCache") -> torch.Tensor:
+        """One step, then the device position moved on by one (so the next step need not write it)."""
+        logits = self._run(step, ids, cache)
+        step.position.add_(1)
         return logits
 
     def _run(self, step: StaticDecodeStep, ids: torch.Tensor, cache: "KimiLinearCache") -> torch.Tensor:
@@ -219,5 +247,5 @@ class StaticDecoder:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._run(step, ids, cache)
+            logits = self._advanced_run(step, ids, cache)
         return _Captured(graph, logits)

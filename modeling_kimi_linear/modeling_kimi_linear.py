@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -458,7 +459,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         """``GenerationMixin.prepare_inputs_for_generation``, with a short path for a decode step (one new token,
         a cache, only the usual kwargs): the same inputs less ``position_ids``, which a one-token step never reads.
         It skips the general method's per-step work: ``inspect.signature(self.forward)`` (done every step for
-        classes registered for an auto class, as ours are), ``self.device`` and slicing the position ids."""
+        classes registered for an auto class, as ours are), ``self.device``, slicing the position ids and copying
+        a batch-1 token (generate() concatenates a new ``input_ids`` each step, so the view stays valid)."""
         if (
             not is_first_iteration
             and next_sequence_length == 1
@@ -467,7 +469,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             and kwargs.keys() <= _DECODE_STEP_KWARGS
             and input_ids.device == self.model.embed_tokens.weight.device
         ):
-            model_inputs = {"input_ids": input_ids[:, -1:].clone(memory_format=torch.contiguous_format), "cache": cache}
+            last = input_ids[:, -1:]  # a view where it is contiguous (batch 1): one device copy less a step
+            model_inputs = {"input_ids": last if last.is_contiguous() else last.contiguous(), "cache": cache}
             if attention_mask is not None:
                 model_inputs["attention_mask"] = attention_mask
             for key, value in kwargs.items():
@@ -495,7 +498,11 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             model_kwargs["cache"] = cache
             model_kwargs.pop("position_ids", None)
             if (mask := model_kwargs.get("attention_mask")) is not None:
-                model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+                grown = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+                # the next static decode step need not copy a mask it already holds all but the ones column of;
+                # the old mask is kept (generate() drops it) so that the step can tell it is the one it saw
+                self.__dict__["_grown_mask"] = (weakref.ref(grown), mask)
+                model_kwargs["attention_mask"] = grown
             return model_kwargs
         return super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, num_new_tokens)
 
@@ -531,6 +538,14 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             decoder = self.__dict__[kind] = runner(self._decode_logits)
         return decoder
 
+    def _mask_source(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask that :meth:`_update_model_kwargs_for_generation` grew ``mask`` from by one column of ones, if
+        it did (the update keeps that mask until the next one)."""
+        grown = self.__dict__.get("_grown_mask")
+        if mask is None or grown is None or grown[0]() is not mask:
+            return None
+        return grown[1]
+
     def _decode_logits(self, input_ids: torch.Tensor, cache: KimiLinearCache) -> torch.Tensor:
         """Logits ``[B, 1, V]`` of one decode step (the function a CUDA graph captures)."""
         hidden = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state
@@ -560,7 +575,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         decoder = self._static_decoder_for(input_ids, inputs_embeds, past_key_values, labels, output_hidden_states,
                                            output_router_logits, use_cache, kwargs)
         if decoder is not None:
-            logits = decoder.step(input_ids, attention_mask, past_key_values)
+            logits = decoder.step(input_ids, attention_mask, past_key_values,
+                                  grown_from=self._mask_source(attention_mask))
             return build_output(MoeCausalLMOutputWithPast, logits=logits, **cache_field(past_key_values))
         outputs = self.model(
             input_ids=input_ids,

@@ -109,6 +109,20 @@ def test_guard_sees_every_kind_of_change():
     assert not guard.changed()
 
 
+def test_a_dtype_reinterpreted_in_place_is_seen_at_the_next_cache():
+    """The one change the per-step check leaves to the thorough one (the module docstring says so): a weight
+    reinterpreted as another dtype of the same size keeps its memory, so its address, and only the check at the
+    next cache (every ``generate()`` call) sees it; a cast to another dtype moves memory and is seen at once."""
+    model = tiny_model(MIXES["3:1"]).to(torch.bfloat16)
+    proj = model.model.layers[0].self_attn.q_proj
+    guard = ModelGuard(model)
+    proj.weight.data = proj.weight.data.view(torch.float16)
+    assert not guard.changed() and guard.signature_changed()
+    guard.refresh()
+    proj.weight.data = proj.weight.data.to(torch.float32)
+    assert guard.changed()
+
+
 def test_registrations_outside_the_model_are_no_change():
     """Modules built or wired up elsewhere - a compiled step's own wrapper holding the model as a submodule, a
     second model - change nothing a static step of this model reads; the same registration on one of the model's

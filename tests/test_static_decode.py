@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from modeling_kimi_linear.cuda_graph_decode import MIN_BUCKET, StaticDecoder, decode_bucket
-from modeling_kimi_linear import KimiLinearForCausalLM
+from modeling_kimi_linear import KimiLinearCache, KimiLinearForCausalLM
 from test_cache_generate import MIXES, ids, tiny_model
 
 
@@ -122,3 +122,87 @@ def test_cpu_forward_never_takes_the_graph_path():
         out = model(ids(1, 10))
         model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
     assert "_graph_decoder" not in model.__dict__
+
+
+def test_grown_masks_are_not_copied_again_and_other_masks_are():
+    """Within ``generate()`` each step's mask is the last one plus a column of ones (``grown_from``): the static
+    step then writes nothing (the padding it holds is the last mask's), and decodes exactly as the ordinary step
+    with left padding. A mask that is not the last one grown (``grown_from`` None, or another tensor) is written
+    in full. Shown by spoiling the held padding: a skipped write keeps the spoilt column, a full one repairs it."""
+    model = tiny_model(MIXES["3:1"])
+    batch, prompt = 2, 30
+    x = ids(batch, prompt, seed=2)
+    mask = torch.ones(batch, prompt, dtype=torch.long)
+    mask[1, :5] = 0
+    decoder = StaticDecoder(model._decode_logits, use_graph=False)
+    worst = 0.0
+    with torch.no_grad():
+        first = model(x, attention_mask=mask)
+        ordinary, static = first.past_key_values, model(x, attention_mask=mask).past_key_values
+        token, previous = first.logits[:, -1:].argmax(-1), None
+        for step in range(6):
+            grown = torch.cat([mask, mask.new_ones(batch, 1)], 1)
+            want = model(token, attention_mask=grown, past_key_values=ordinary).logits
+            got = decoder.step(token, grown, static, grown_from=mask if step else None)
+            worst = max(worst, (want - got).abs().max().item())
+            keys = decoder._inputs[2]
+            assert torch.equal(keys[:, : grown.shape[1]], grown.bool()) and bool(keys[:, grown.shape[1]:].all())
+            token, mask = want[:, -1:].argmax(-1), grown
+        assert worst <= 1e-5
+        keys[1, 0] = True  # spoil the held padding
+        grown = torch.cat([mask, mask.new_ones(batch, 1)], 1)
+        decoder.step(token, grown, static, grown_from=mask)
+        assert bool(keys[1, 0]), "a grown mask is not written again"
+        mask, grown = grown, torch.cat([grown, grown.new_ones(batch, 1)], 1)
+        decoder.step(token, grown, static, grown_from=mask.clone())  # another tensor than the one held
+        assert not bool(keys[1, 0]), "a mask grown from another tensor is written in full"
+
+
+def test_device_position_follows_every_cache():
+    """The step moves the device-side position on by one, and the host writes it only when the cache's length
+    is not where the last step left it: alternating two caches of other lengths still decodes each exactly."""
+    model = tiny_model(MIXES["3:1"])
+    decoder = StaticDecoder(model._decode_logits, use_graph=False)
+    with torch.no_grad():
+        runs = []
+        for length, seed in ((30, 3), (21, 4)):
+            out = model(ids(1, length, seed=seed))
+            runs.append([out.past_key_values, model(ids(1, length, seed=seed)).past_key_values,
+                         out.logits[:, -1:].argmax(-1)])
+        for _ in range(3):
+            for run in runs:
+                ordinary, static, token = run
+                want = model(token, past_key_values=ordinary).logits
+                got = decoder.step(token, None, static)
+                assert (want - got).abs().max().item() <= 1e-5
+                assert int(decoder._inputs[1]) == static.get_seq_length()
+                run[2] = want[:, -1:].argmax(-1)
+
+
+def test_generate_through_the_static_step_equals_eager_generate(monkeypatch):
+    """``generate()`` on a left-padded batch with every decode step through the static step (the code a CUDA graph
+    captures, run eagerly on CPU): its masks come grown by the model's own update, so only the first step writes
+    one. Tokens and scores equal those of eager generation."""
+    model = tiny_model(MIXES["3:1"])
+    x = ids(2, 12, seed=6)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, output_scores=True,
+                  return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        eager = model.generate(x, **kwargs)
+        decoder = StaticDecoder(model._decode_logits, use_graph=False)
+        steps = []
+        real_step = decoder.step
+
+        def counted(*args, **kw):  # noqa: ANN002, ANN003
+            steps.append(kw.get("grown_from") is not None)
+            return real_step(*args, **kw)
+
+        decoder.step = counted
+        monkeypatch.setattr(type(model), "_static_decoder_for", lambda self, *a, **k: decoder if a[0].shape[1] == 1
+                            and isinstance(a[2], KimiLinearCache) and a[2].get_seq_length() > 0 else None)
+        static = model.generate(x, **kwargs)
+    assert len(steps) == 7 and steps == [True] * 7  # every decode step's mask was the last one grown
+    assert torch.equal(eager.sequences, static.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(eager.scores, static.scores)) <= 1e-5
