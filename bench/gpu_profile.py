@@ -168,12 +168,11 @@ _LAUNCH_WORDS = ("Launch", "Memcpy", "Memset")  # host-side CUDA runtime / drive
 def charge_kernels(events, steps: int) -> tuple[dict[str, float], float]:
     """Device time per step of each labelled part, and of all kernels, from ``prof.profiler.kineto_results.events()``.
 
-    A kernel's ``linked_correlation_id`` names the host-side event it came from. In PyTorch's Kineto events that is
-    the innermost CPU op or ``record_function`` range active at its launch (an aten op; for a kernel Triton
-    launched, with no aten op around it, our ``part::`` range itself); older traces link it to the runtime or
-    driver launch call instead. The linked event is looked up among the ops and ranges first, then among the launch
-    calls, and the kernel is charged to the innermost ``part::`` range holding that event's start (or to the range
-    itself). Kernels whose host event lies in no range are charged to ``"(no part)"``."""
+    A kernel's ``correlation_id`` is that of the runtime or driver call that launched it (``cudaLaunchKernel``,
+    ``cuLaunchKernelEx``...), a host event with the same id; its ``linked_correlation_id`` names the aten op around
+    that call, and is 0 for a kernel Triton launched (no aten op around it). Each kernel is charged to the innermost
+    ``part::`` host range holding its launch call (the linked op where no launch call is found), else to
+    ``"(no part)"``. (Read off an H100 run's event dump: 668 of 821 kernels had no linked op.)"""
     cpu = torch.autograd.DeviceType.CPU
     ranges, ops, launches, kernels = [], {}, {}, []
     for e in events:
@@ -181,18 +180,18 @@ def charge_kernels(events, steps: int) -> tuple[dict[str, float], float]:
         if e.device_type() == cpu:
             if name.startswith("part::"):
                 ranges.append((e.start_ns(), e.end_ns(), name.removeprefix("part::")))
-            if any(word in name for word in _LAUNCH_WORDS):
+            elif any(word in name for word in _LAUNCH_WORDS):
                 launches[e.correlation_id()] = e.start_ns()
-            elif e.correlation_id():
+            else:
                 ops[e.correlation_id()] = e.start_ns()
         elif not name.startswith("part::") and not e.is_user_annotation():
-            kernels.append((e.linked_correlation_id(), e.duration_ns()))
+            kernels.append((e.correlation_id(), e.linked_correlation_id(), e.duration_ns()))
     parts: dict[str, float] = defaultdict(float)
     total = 0.0
-    for link, duration in kernels:
+    for corr, link, duration in kernels:
         us = duration / 1e3 / steps
         total += us
-        at = ops.get(link, launches.get(link))
+        at = launches.get(corr, ops.get(link) if link else None)
         inside = [r for r in ranges if at is not None and r[0] <= at <= r[1]]
         parts[min(inside, key=lambda r: r[1] - r[0])[2] if inside else "(no part)"] += us
     return parts, total

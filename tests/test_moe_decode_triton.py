@@ -354,6 +354,29 @@ def test_router_matches_gate(mdt, num_tokens, num_experts, top_k, groups, topk_g
     assert torch.allclose(got_logits, logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 2, 3])
+def test_router_at_the_release_width_matches_float64(mdt, num_tokens):
+    """The release's router shape (256 experts over 2304 features; decode tiles of 2 experts and K blocks of 1024
+    at one or two tokens, so K ends inside a block): logits against float64, experts as the PyTorch gate."""
+    torch.manual_seed(num_tokens)
+    gate = KimiMoEGate(gate_config(256, 8, 1, 1, "sigmoid", False, hidden=2304))
+    with torch.no_grad():
+        gate.weight.normal_(0.0, 0.05)
+        gate.e_score_correction_bias.normal_(0.0, 0.2)
+    x = torch.randn(num_tokens, 2304)
+    assert choice_margin(gate, x) > 1e-5, "test data too close to a tie"
+    gate, x = gate.to(DEVICE), x.to(DEVICE)
+    with torch.no_grad():
+        gate.decode_kernels = "torch"
+        ids, _, _ = gate(x)
+        got_ids, _, got_logits = mdt.route(x, gate.weight, gate.e_score_correction_bias, top_k=8, num_groups=1,
+                                           topk_group=1, renormalize=True, scaling=2.446, activation="sigmoid",
+                                           weights_include_bias=False)
+    want = x.double() @ gate.weight.double().T
+    assert float((got_logits.double() - want).abs().max()) < 1e-4
+    assert torch.equal(got_ids, ids)
+
+
 def block_config(**overrides):
     from modeling_kimi_linear import KimiLinearConfig
 
