@@ -1,6 +1,7 @@
-"""bench/gpu_profile.py's charging of kernels to the model's parts, on synthetic profiler events (the profile itself
-needs a GPU): each kernel goes to the innermost labelled host range around the host event it is linked to (the op
-or range active at its launch, or in older traces the launch call), whether an aten op or Triton launched it."""
+"""bench/gpu_profile.py's charging of kernels to the model's parts, on synthetic profiler events shaped as an H100
+run's event dump showed them (the profile itself needs a GPU): a kernel's ``correlation_id`` is its launch call's
+(``cuLaunchKernelEx`` for Triton, ``cudaLaunchKernel`` for aten), its ``linked_correlation_id`` the aten op around
+that call, or 0 for Triton. Each kernel goes to the innermost labelled range around its launch."""
 
 from __future__ import annotations
 
@@ -20,38 +21,33 @@ def Event(name, device, start, end, corr=0, link=0, annotation=False):  # noqa: 
                            linked_correlation_id=lambda: link, is_user_annotation=lambda: annotation)
 
 
-def test_kernels_linked_to_ops_and_ranges_go_to_the_innermost_range_around_them():
+def test_kernels_go_to_the_innermost_range_around_their_launch_call():
     events = [
-        Event("part::experts", CPU, 0, 1000, corr=1),
-        Event("part::router", CPU, 100, 200, corr=2),  # nested inside experts' range
-        Event("aten::mm", CPU, 300, 400, corr=3),  # inside experts only
-        Event("cudaLaunchKernel", CPU, 310, 320, corr=2),  # a runtime id equal to the router's op id: not used
-        Event("aten::add", CPU, 2000, 2010, corr=4),  # outside every range
-        Event("_router_select", CUDA, 5000, 5300, link=2),  # Triton's kernel: linked to the router's range
-        Event("gemv", CUDA, 6000, 6600, link=3),
-        Event("add_kernel", CUDA, 7000, 9000, link=4),
+        Event("part::experts", CPU, 0, 1000, corr=1, annotation=True),
+        Event("part::router", CPU, 100, 200, corr=2, annotation=True),  # nested inside experts' range
+        Event("cuLaunchKernelEx", CPU, 150, 160, corr=17),  # Triton's launch: no aten op around it
+        Event("aten::mm", CPU, 300, 400, corr=3),  # an op id; launch ids are another numbering
+        Event("cudaLaunchKernel", CPU, 310, 320, corr=2),  # a launch id equal to the router range's op id
+        Event("cudaLaunchKernel", CPU, 2000, 2010, corr=40),  # outside every range
+        Event("part::router", CUDA, 5000, 5300, corr=2, annotation=True),  # the range's GPU-side copy: no kernel
+        Event("_router_select", CUDA, 5000, 5300, corr=17, link=0),
+        Event("gemv", CUDA, 6000, 6600, corr=2, link=3),
+        Event("lm_head_gemv", CUDA, 7000, 9000, corr=40, link=0),
     ]
     parts, total = charge_kernels(events, steps=2)
     assert parts == {"router": 0.15, "experts": 0.3, "(no part)": 1.0}
     assert total == 1.45
 
 
-def test_kernels_linked_to_launch_calls_go_to_the_innermost_range_around_their_launch():
+def test_a_kernel_without_a_recorded_launch_call_goes_by_its_aten_op():
     events = [
-        Event("part::experts", CPU, 0, 1000),
-        Event("part::router", CPU, 100, 200),  # nested inside experts' range
-        Event("cuLaunchKernel", CPU, 150, 160, corr=7),  # Triton's launch, no aten op around it
-        Event("aten::mm", CPU, 300, 400, corr=7000),  # an aten op whose own id collides with nothing
-        Event("cudaLaunchKernel", CPU, 310, 320, corr=8),
-        Event("cudaLaunchKernel", CPU, 2000, 2010, corr=9),  # outside every range
-        Event("part::router", CUDA, 5000, 5300, annotation=True),  # the GPU-side copy of a range: not a kernel
-        Event("_router_select", CUDA, 5000, 5300, link=7),
-        Event("gemv", CUDA, 6000, 6600, link=8),
-        Event("lm_head_gemv", CUDA, 7000, 9000, link=9),
+        Event("part::mla", CPU, 0, 1000, corr=1, annotation=True),
+        Event("aten::bmm", CPU, 300, 400, corr=5),
+        Event("bmm_kernel", CUDA, 6000, 6400, corr=99, link=5),  # its launch call fell outside the profile
+        Event("lost_kernel", CUDA, 7000, 7200, corr=98, link=0),
     ]
-    parts, total = charge_kernels(events, steps=2)
-    assert parts == {"router": 0.15, "experts": 0.3, "(no part)": 1.0}
-    assert total == 1.45
+    parts, _ = charge_kernels(events, steps=1)
+    assert parts == {"mla": 0.4, "(no part)": 0.2}
 
 
 class FakeEvent:
