@@ -26,21 +26,27 @@ def test_buckets_cover_every_length_with_bounded_waste():
     assert len({decode_bucket(r) for r in range(4096, 8193)}) == 5  # 4 per doubling (+ the boundary)
 
 
+@torch.no_grad()
+def padded_start(layer_types: list[str], batch: int, prompt: int, pad: int, seed: int):  # noqa: ANN201
+    """A tiny model, a static decoder without graphs, and two caches of the same prompt (the second sequence
+    left-padded by ``pad``): ``(model, decoder, mask, ordinary cache, static cache, first token)``."""
+    model = tiny_model(layer_types)
+    x = ids(batch, prompt, seed=seed)
+    mask = torch.ones(batch, prompt, dtype=torch.long)
+    mask[1, :pad] = 0
+    first = model(x, attention_mask=mask)
+    static = model(x, attention_mask=mask).past_key_values
+    decoder = StaticDecoder(model._decode_logits, use_graph=False)
+    return model, decoder, mask, first.past_key_values, static, first.logits[:, -1:].argmax(-1)
+
+
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_static_step_equals_ordinary_decode_across_buckets(mix):
     """From 250 cached tokens over the 256 bucket boundary (the latent buffers grow), with left padding."""
-    model = tiny_model(MIXES[mix])
     batch, prompt = 2, 250
-    x = ids(batch, prompt, seed=1)
-    mask = torch.ones(batch, prompt, dtype=torch.long)
-    mask[1, :9] = 0
-    decoder = StaticDecoder(model._decode_logits, use_graph=False)
+    model, decoder, mask, ordinary, static, token = padded_start(MIXES[mix], batch, prompt, pad=9, seed=1)
     worst = 0.0
     with torch.no_grad():
-        first = model(x, attention_mask=mask)
-        ordinary = first.past_key_values
-        static = model(x, attention_mask=mask).past_key_values
-        token = first.logits[:, -1:].argmax(-1)
         for _ in range(12):
             mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
             want = model(token, attention_mask=mask, past_key_values=ordinary).logits
@@ -129,17 +135,10 @@ def test_grown_masks_are_not_copied_again_and_other_masks_are():
     step then writes nothing (the padding it holds is the last mask's), and decodes exactly as the ordinary step
     with left padding. A mask that is not the last one grown (``grown_from`` None, or another tensor) is written
     in full. Shown by spoiling the held padding: a skipped write keeps the spoilt column, a full one repairs it."""
-    model = tiny_model(MIXES["3:1"])
     batch, prompt = 2, 30
-    x = ids(batch, prompt, seed=2)
-    mask = torch.ones(batch, prompt, dtype=torch.long)
-    mask[1, :5] = 0
-    decoder = StaticDecoder(model._decode_logits, use_graph=False)
+    model, decoder, mask, ordinary, static, token = padded_start(MIXES["3:1"], batch, prompt, pad=5, seed=2)
     worst = 0.0
     with torch.no_grad():
-        first = model(x, attention_mask=mask)
-        ordinary, static = first.past_key_values, model(x, attention_mask=mask).past_key_values
-        token, previous = first.logits[:, -1:].argmax(-1), None
         for step in range(6):
             grown = torch.cat([mask, mask.new_ones(batch, 1)], 1)
             want = model(token, attention_mask=grown, past_key_values=ordinary).logits
