@@ -287,6 +287,23 @@ def moe_decode(rows: list[dict], batches=(1, 8, 32), reps: int = 8, device: str 
             "distinct_experts": distinct, "expert_bytes": moved, "triton_experts_tb_s": achieved / 1e12,
             "copy_tb_s": bandwidth / 1e12,
         })
+    if timing and 1 in batches:  # the router's decode tile against the tile it replaced (untimed when written)
+        from modeling_kimi_linear import moe_decode_triton as mdt
+
+        x1 = torch.randn(1, hidden, device=device, dtype=dtype, generator=gen)
+        gate = block.gate
+        kwargs = dict(top_k=cfg.num_experts_per_token, num_groups=cfg.num_expert_group, topk_group=cfg.topk_group,
+                      renormalize=cfg.moe_renormalize, scaling=cfg.routed_scaling_factor,
+                      activation=cfg.moe_router_activation_func, weights_include_bias=cfg.router_weights_include_bias)
+        found = []
+        saved = mdt.ROUTER_DECODE_BLOCK_E, mdt.ROUTER_DECODE_BLOCK_D
+        for block_e, block_d in ((8, 256), (2, 1024), (1, 1024), (4, 512), (2, 512), (1, 2048)):
+            mdt.ROUTER_DECODE_BLOCK_E, mdt.ROUTER_DECODE_BLOCK_D = block_e, block_d
+            us = graph_time_ms(lambda: mdt.route(x1, gate.weight, gate.e_score_correction_bias, **kwargs)) * 1e3
+            found.append(f"({block_e}, {block_d}) {us:.1f}")
+        mdt.ROUTER_DECODE_BLOCK_E, mdt.ROUTER_DECODE_BLOCK_D = saved
+        rows.append({"check": "  router at batch 1, us per call (experts a program, K block; (8, 256) was the tile "
+                              f"before, default {saved}): " + ", ".join(found), "rel_err": 0.0, "info": True})
     if timing and tiles:  # the tile sweep (minutes on a fresh machine): gpu_check --only moetiles
         moe_tiles(rows, block, gen, expert_bytes, bandwidth)
 

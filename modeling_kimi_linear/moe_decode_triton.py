@@ -93,6 +93,7 @@ ROUTER_BLOCK_E = 8  # experts per program of _router_logits
 # 11.3 us a layer in an H100 profile for 1.2 MB of weight (~4% of the copy bandwidth: load latency, not bytes);
 # the narrower tile is not yet timed.
 ROUTER_DECODE_BLOCK_E = 2
+ROUTER_DECODE_BLOCK_D = 1024
 
 
 def experts_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> bool:
@@ -486,7 +487,7 @@ def route(
     logits = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
     block_m = min(_pow2(num_tokens), 16)
     block_e = ROUTER_DECODE_BLOCK_E if num_tokens <= 2 else ROUTER_BLOCK_E
-    block_d = max(32, min(1024 if num_tokens <= 2 else 256, 4096 // (block_m * block_e)))
+    block_d = max(32, min(ROUTER_DECODE_BLOCK_D if num_tokens <= 2 else 256, 4096 // (block_m * block_e)))
     _router_logits[(triton.cdiv(num_experts, block_e), triton.cdiv(num_tokens, block_m))](
         x, weight, logits, num_tokens, hidden, num_experts,
         BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_D=block_d,
