@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -184,10 +185,10 @@ def mla_decode_check(rows: list[dict]) -> None:
 
             saved, found = mdt.MIN_TILES_PER_SPLIT, []
             for min_tiles in (1, 2, 4, 8):
-                mdt.MIN_TILES_PER_SPLIT = min_tiles
-                ms = bench_ms(lambda: mla_decode_attention(q_lat, latent, valid, layer.scaling, layer.kv_lora_rank))
+                with mock.patch.object(mdt, "MIN_TILES_PER_SPLIT", min_tiles):
+                    ms = bench_ms(lambda: mla_decode_attention(q_lat, latent, valid, layer.scaling,
+                                                               layer.kv_lora_rank))
                 found.append(f"{min_tiles}: {ms * 1e3:.1f} us ({nbytes / (ms * 1e-3) / bw:.0%})")
-            mdt.MIN_TILES_PER_SPLIT = saved
             rows.append({"check": f"  kernel alone by MIN_TILES_PER_SPLIT (default {saved}): " + ", ".join(found),
                          "info": True, "rel_err": 0.0})
         t_torch = bench_ms(lambda: attend("torch", q, latent, mask))
@@ -309,10 +310,9 @@ def moe_decode(rows: list[dict], batches=(1, 8, 32), reps: int = 8, device: str 
         found = []
         saved = mdt.ROUTER_DECODE_BLOCK_E, mdt.ROUTER_DECODE_BLOCK_D
         for block_e, block_d in ((8, 256), (2, 1024), (1, 1024), (4, 512), (2, 512), (1, 2048)):
-            mdt.ROUTER_DECODE_BLOCK_E, mdt.ROUTER_DECODE_BLOCK_D = block_e, block_d
-            us = graph_time_ms(lambda: mdt.route(x1, gate.weight, gate.e_score_correction_bias, **kwargs)) * 1e3
+            with mock.patch.multiple(mdt, ROUTER_DECODE_BLOCK_E=block_e, ROUTER_DECODE_BLOCK_D=block_d):
+                us = graph_time_ms(lambda: mdt.route(x1, gate.weight, gate.e_score_correction_bias, **kwargs)) * 1e3
             found.append(f"({block_e}, {block_d}) {us:.1f}")
-        mdt.ROUTER_DECODE_BLOCK_E, mdt.ROUTER_DECODE_BLOCK_D = saved
         rows.append({"check": "  router at batch 1, us per call (experts a program, K block; (8, 256) was the tile "
                               f"before, default {saved}): " + ", ".join(found), "rel_err": 0.0, "info": True})
     if timing and tiles:  # the tile sweep (minutes on a fresh machine): gpu_check --only moetiles

@@ -111,7 +111,7 @@ def multi_linear(
     tokens = flat[0][0].shape[0]
     device = flat[0][0].device
     tile = choose_tile(dims, quant, device, tile, k=max(w.shape[1] for _, w, _, _ in flat))
-    outs = [torch.empty(tokens, n, dtype=dtype, device=flat[0][0].device) for n in dims]
+    outs = [torch.empty(tokens, n, dtype=dtype, device=device) for n in dims]
     if tokens == 0:
         return [y.view(*lead, n) for y, n in zip(outs, dims)]
     ends, total = [], 0
@@ -155,7 +155,7 @@ def choose_tile(dims: Sequence[int], quant: bool, device: torch.device, given: d
         while tile["BLOCK_N"] > 16 and sum(triton.cdiv(n, tile["BLOCK_N"]) for n in dims) < sms:
             tile["BLOCK_N"] //= 2
     if "SPLIT" not in given and len(dims) == 1 and k is not None and k >= SPLIT_MIN_K and tile["BLOCK_N"] == 16:
-        tile.update({**SPLIT_TILE, "SPLIT": SPLIT_PARTS}, **{key: v for key, v in given.items() if key in SPLIT_TILE})
+        tile = {**tile, **SPLIT_TILE, "SPLIT": SPLIT_PARTS, **given}  # what the caller gave still wins
     return tile
 
 
