@@ -11,7 +11,10 @@ import torch
 
 def versions_header(extra: str, device: str | None = None) -> str:
     """``device: ...; torch ..., transformers ..., fla ...; <date>; <extra>`` for a result table (``device``: the
-    device's name, by default the first GPU's)."""
+    device's name, by default the first GPU's), noting ``KIMI_LINEAR_PDL=0`` where it turned programmatic dependent
+    launch off (``modeling_kimi_linear/pdl.py``)."""
+    import os
+
     import transformers
 
     try:
@@ -21,7 +24,8 @@ def versions_header(extra: str, device: str | None = None) -> str:
     except ImportError:
         fla_version = "not installed"
     return (f"device: {device or torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, fla {fla_version}; {datetime.date.today()}; {extra}")
+            f"{transformers.__version__}, fla {fla_version}; {datetime.date.today()}; {extra}"
+            + ("; KIMI_LINEAR_PDL=0" if os.environ.get("KIMI_LINEAR_PDL") == "0" else ""))
 
 
 def save_report(out: str | Path, stem: str, text: str, header: str, rows: list[dict]) -> None:

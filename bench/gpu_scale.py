@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     result.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   header=versions_header(f"{args.dtype}, random weights, preset {args.preset}",
                                          device=None if device.type == "cuda" else "cpu"),
-                  prefill=args.prefill, new_tokens=args.new_tokens)
+                  prefill=args.prefill, new_tokens=args.new_tokens,
+                  programmatic_dependent_launch=os.environ.get("KIMI_LINEAR_PDL", "1") != "0")
     import datetime
     import transformers
 

@@ -38,7 +38,7 @@ def split_kernel_signature(dtype: str) -> dict[str, str]:
              "stride_ph", "stride_lb", "stride_ls"]
     out = {name: sig[name] for name in order}
     out.update({name: "constexpr" for name in ("DV", "DR", "BLOCK_H", "BLOCK_DV", "BLOCK_DR", "BLOCK_S", "HAS_MASK",
-                                              "HAS_LIMIT", "KV_MAJOR", "PRECISION")})
+                                              "HAS_LIMIT", "KV_MAJOR", "PRECISION", "PDL")})
     return out
 
 
@@ -57,11 +57,12 @@ def compile_config(config, dtype: str, arch: int):  # noqa: ANN001, ANN201
                                         "stride_lb", "stride_ls")]
     constexprs = {"DV": 512, "DR": 64, "BLOCK_H": 32, "BLOCK_DV": 512, "BLOCK_DR": 64, "BLOCK_S": config.block_s,
                   "HAS_MASK": True, "HAS_LIMIT": True, "KV_MAJOR": config.kv_major,
-                  "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                  "PRECISION": "ieee" if dtype == "fp32" else "tf32", "PDL": True}
     src = ASTSource(fn=mdt._mla_decode_split_kernel, signature=sig, constexprs=constexprs,
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                   "launch_pdl": True})
 
 
 def ptxas_report(ptx: str, arch: int) -> str:

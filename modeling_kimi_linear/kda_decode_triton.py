@@ -66,6 +66,8 @@ try:  # inside try: transformers' remote-code loader then does not require trito
 except ImportError as err:  # only :func:`kernels.kda_decode_step` imports this module, for CUDA tensors
     raise ImportError("the fused KDA decode kernel needs triton: pip install triton") from err
 
+from . import pdl
+
 DEFAULT_NUM_WARPS = 4
 
 
@@ -125,7 +127,10 @@ def _kda_decode_kernel(
     mask_ptr, stride_mb, out_ptr, stride_outb,
     H, scale, eps,
     D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HAS_MASK: tl.constexpr, PER_HEAD_GATE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.begin(PDL)
+    pdl.wait(PDL)
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
@@ -286,6 +291,6 @@ def kda_decode_step(
         mask_arg, mask_arg.stride(0), out, out.stride(0),
         heads, dim ** -0.5, float(eps),
         D=dim, W=width, WP=triton.next_power_of_2(width), HAS_MASK=token_mask is not None,
-        PER_HEAD_GATE=per_head_gate, num_warps=num_warps,
+        PER_HEAD_GATE=per_head_gate, num_warps=num_warps, **pdl.launch_options(v.device),
     )
     return out, tail_out, state_out

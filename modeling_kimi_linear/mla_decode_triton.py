@@ -51,6 +51,8 @@ try:  # transformers' remote-code check skips imports inside try: a checkpoint m
 except ImportError as err:
     raise ImportError("modeling_kimi_linear.mla_decode_triton needs triton: pip install triton") from err
 
+from . import pdl
+
 SPLITS_PER_SM = 2  # thread blocks per SM aimed at over the whole batch (2 full waves, or 1 at 2 blocks per SM)
 MIN_TILES_PER_SPLIT = 4  # a split covers at least this many tiles (short contexts: few splits, a cheap combine)
 MAX_SPLITS = 1024  # per sequence
@@ -125,10 +127,13 @@ def _mla_decode_split_kernel(
     DV: tl.constexpr, DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_LIMIT: tl.constexpr, KV_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (split, sequence): online softmax over the tiles ``split, split + splits, split + 2 * splits, ...`` of
     the rows ``[0, min(S, limit))`` (tiles dealt out in turn, so every split keeps an equal share when the limit
     cuts the rows short)."""
+    pdl.begin(PDL)
+    pdl.wait(PDL)
     split = tl.program_id(0)
     splits = tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)
@@ -224,9 +229,11 @@ def _mla_decode_combine_kernel(
     stride_pb, stride_ps, stride_ph,
     stride_lb, stride_ls,
     stride_ob, stride_oh,
-    DV: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    DV: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
     """One (sequence, head, block of value columns): ``sum_k w_k part_k / sum_k w_k``, ``w_k = 2**(lse_k - max)``."""
+    pdl.begin(PDL)
+    pdl.wait(PDL)
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -323,6 +330,7 @@ def mla_decode_attention(
     lse = torch.empty(bsz, splits, heads, device=latent.device, dtype=torch.float32)
     out = torch.empty(bsz, heads, value_dim, device=latent.device, dtype=latent.dtype)
     mask_arg = mask if mask is not None else latent  # never read without HAS_MASK
+    launch = pdl.launch_options(latent.device)
     limit_arg = row_limit if row_limit is not None else latent  # never read without HAS_LIMIT
     _mla_decode_split_kernel[(splits, bsz)](
         q_lat, latent, mask_arg, limit_arg, part, lse,
@@ -336,7 +344,7 @@ def mla_decode_attention(
         BLOCK_H=_pow2(heads), BLOCK_DV=_pow2(value_dim), BLOCK_DR=_pow2(rope), BLOCK_S=config.block_s,
         HAS_MASK=mask is not None, HAS_LIMIT=row_limit is not None, KV_MAJOR=config.kv_major,
         PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch,
     )
     # the interpreter's cost is per program: one per (sequence, head) there
     block_c = COMBINE_BLOCK if latent.is_cuda else _pow2(value_dim)
@@ -347,6 +355,6 @@ def mla_decode_attention(
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         DV=value_dim, BLOCK_C=block_c, SPLIT_CHUNK=COMBINE_SPLITS,
-        num_warps=4,
+        num_warps=4, **launch,
     )
     return out

@@ -80,6 +80,8 @@ try:  # in a try block, transformers' remote-code check does not ask for triton 
 except ImportError as exc:
     raise ImportError("the MoE decode kernels need triton: pip install triton") from exc
 
+from . import pdl
+
 # activations the kernels implement (names as in ``transformers.activations.ACT2FN``; both are x * sigmoid(x))
 ACTIVATIONS = ("silu", "swish")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -205,6 +207,7 @@ def experts(
     slots = min(copies, num_experts) + has_shared
     rows = copies + num_tokens * has_shared  # token copies, then (shared) one copy of each token
     direct = num_tokens == 1  # one token's k distinct experts are the groups already: no grouping launch
+    launch = pdl.launch_options(device)
     if direct:
         order = groups = flat_ids  # placeholders the kernels never read
     else:
@@ -213,7 +216,7 @@ def experts(
         _group_copies[(1,)](
             flat_ids, order, groups, copies, num_tokens, num_experts, slots,
             CP=_pow2(copies), EP=_pow2(num_experts + 1), GP=_pow2(slots), SHARED=has_shared, NP=_pow2(num_tokens),
-            num_warps=1,
+            num_warps=1, **launch,
         )
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     tile = {**GATE_UP_TILE, **(gate_up_tile or {})}
@@ -224,7 +227,7 @@ def experts(
         x.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
         QUANT=quant, HAS_ZERO=gate_up_zero is not None, SHARED=has_shared, DIRECT=direct,
         BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
-        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"], **launch,
     )
     tile = {**DOWN_TILE, **(down_tile or {})}
     ys = torch.empty(rows, hidden, dtype=torch.float32, device=device)
@@ -234,11 +237,11 @@ def experts(
         down.stride(0), down.stride(1), down.stride(2),
         QUANT=quant, HAS_ZERO=down_zero is not None, SHARED=has_shared, DIRECT=direct,
         BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
-        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"], **launch,
     )
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
     _sum_copies[(num_tokens, triton.cdiv(hidden, SUM_BLOCK))](
-        ys, out, hidden, copies, TOP_K=top_k, KP=_pow2(top_k), SHARED=has_shared, BLOCK=SUM_BLOCK,
+        ys, out, hidden, copies, TOP_K=top_k, KP=_pow2(top_k), SHARED=has_shared, BLOCK=SUM_BLOCK, **launch,
     )
     return out
 
@@ -271,10 +274,12 @@ def _shared_args(shared: SharedExpert | None, x: torch.Tensor, gate_up: torch.Te
 
 @triton.jit
 def _group_copies(ids_ptr, order_ptr, groups_ptr, C, N, E, G, CP: tl.constexpr, EP: tl.constexpr,
-                  GP: tl.constexpr, SHARED: tl.constexpr, NP: tl.constexpr):
+                  GP: tl.constexpr, SHARED: tl.constexpr, NP: tl.constexpr, PDL: tl.constexpr):
     """Sort the C copies by expert (stable); one group per distinct expert, in increasing expert order, in the
     first ``G - SHARED`` slots. SHARED: the last slot is the shared expert's group (start C, N copies), and the
     sorted order goes on with the copies ``C + t`` of the N tokens."""
+    pdl.begin(PDL)
+    pdl.wait(PDL)
     c = tl.arange(0, CP)
     valid = c < C
     expert = tl.load(ids_ptr + c, mask=valid, other=E).to(tl.int32)  # padding sorts last, counts in bin E
@@ -333,12 +338,14 @@ def _gate_up(
     G, TOP_K, C, N,
     stride_x, stride_we, stride_wn, stride_wk,
     QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr, DIRECT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """h[sorted copy, cols] = silu(W_gate[e] x) * (W_up[e] x) for the copies of one group and BLOCK_N columns
     (QUANT: W = (q - zero) * scale per row, the scale applied to the fp32 sums). SHARED: the last group is the
     shared expert (contiguous ``[I, D]`` gate and up weights of their own, scales and zero points likewise), whose
     copy ``C + t`` is token t."""
+    pdl.begin(PDL)
+    pdl.wait(PDL)  # the expert ids are the router's output: nothing to prefetch before them
     expert, start, count = _program_group(groups_ptr, ids_ptr, G, C, N, DIRECT, SHARED)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
@@ -398,11 +405,13 @@ def _down(
     G, C, N,
     stride_we, stride_wn, stride_wk,
     QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr, DIRECT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """ys[copy, feats] = weight[copy] * (W_down[e] h[copy])[feats], fp32, for the copies of one group (QUANT: as
     in _gate_up). SHARED: the last group is the shared expert (its own contiguous ``[D, I]`` weight), routing
     weight 1."""
+    pdl.begin(PDL)
+    pdl.wait(PDL)
     expert, start, count = _program_group(groups_ptr, ids_ptr, G, C, N, DIRECT, SHARED)
     feats = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     feat_ok = feats < D
@@ -443,9 +452,11 @@ def _down(
 
 @triton.jit
 def _sum_copies(ys_ptr, out_ptr, D, C, TOP_K: tl.constexpr, KP: tl.constexpr, SHARED: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[t, feats] = sum over the token's k copies of ys (fp32; SHARED: plus its shared-expert row C + t), in
     out's dtype."""
+    pdl.begin(PDL)
+    pdl.wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     feats = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     j = tl.arange(0, KP)
@@ -488,9 +499,11 @@ def route(
     block_m = min(_pow2(num_tokens), 16)
     block_e = ROUTER_DECODE_BLOCK_E if num_tokens <= 2 else ROUTER_BLOCK_E
     block_d = max(32, min(ROUTER_DECODE_BLOCK_D if num_tokens <= 2 else 256, 4096 // (block_m * block_e)))
+    launch = pdl.launch_options(x.device)
     _router_logits[(triton.cdiv(num_experts, block_e), triton.cdiv(num_tokens, block_m))](
         x, weight, logits, num_tokens, hidden, num_experts,
         BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_D=block_d,
+        LINES=_pow2(triton.cdiv(hidden * weight.element_size(), pdl.LINE_BYTES.value)), **launch,
     )
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
     out = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
@@ -498,17 +511,22 @@ def route(
         logits, bias, ids, out, num_experts, float(scaling),
         EP=_pow2(num_experts), TOP_K=top_k, KP=_pow2(top_k), NUM_GROUPS=num_groups, NGP=_pow2(num_groups),
         TOPK_GROUP=topk_group, GROUP_SIZE=num_experts // num_groups, SOFTMAX=activation == "softmax",
-        INCLUDE_BIAS=bool(weights_include_bias), RENORMALIZE=bool(renormalize) and top_k > 1, num_warps=1,
+        INCLUDE_BIAS=bool(weights_include_bias), RENORMALIZE=bool(renormalize) and top_k > 1, num_warps=1, **launch,
     )
     return ids, out, logits
 
 
 @triton.jit
 def _router_logits(x_ptr, w_ptr, out_ptr, N, D: tl.constexpr, E,
-                   BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    """logits[rows, experts] = x W^T in fp32 (each tile converted in registers; plain fp32 FMAs, never TF32)."""
+                   BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, LINES: tl.constexpr,
+                   PDL: tl.constexpr):
+    """logits[rows, experts] = x W^T in fp32 (each tile converted in registers; plain fp32 FMAs, never TF32).
+    PDL: the program asks L2 for its experts' whole weight rows (``LINES`` lines each) before it waits."""
+    pdl.begin(PDL)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    pdl.prefetch_rows(w_ptr + experts.to(tl.int64) * D, experts < E, D, LINES, PDL)
+    pdl.wait(PDL)
     dd = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -527,9 +545,11 @@ def _router_select(
     logits_ptr, bias_ptr, ids_ptr, weights_ptr, E, scaling,
     EP: tl.constexpr, TOP_K: tl.constexpr, KP: tl.constexpr, NUM_GROUPS: tl.constexpr, NGP: tl.constexpr,
     TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, SOFTMAX: tl.constexpr, INCLUDE_BIAS: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
+    RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """One token: scores, bias, grouped top-k, top-k, weights (as ``KimiMoEGate``)."""
+    pdl.begin(PDL)
+    pdl.wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, EP)
     valid = e < E

@@ -40,6 +40,7 @@ try:  # in a try block, transformers' remote-code check does not ask for triton 
 except ImportError as exc:
     raise ImportError("the multi-linear decode kernel needs triton: pip install triton") from exc
 
+from . import pdl
 from .kernels import MULTI_LINEAR_SLOTS as MAX_SLOTS  # (x, W) pairs one launch takes
 
 BLOCK_M = 16  # tl.dot's smallest M: the tokens of a step, padded
@@ -63,6 +64,10 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SPLIT_MIN_K = 4096
 SPLIT_PARTS = 4
 SPLIT_TILE = {"num_warps": 4}
+# Launched with programmatic dependent launch (:mod:`pdl`), each program asks L2 for the first PREFETCH_LINES
+# 128-byte lines of each of its weight rows (two K blocks of bf16 weights, four of int8) while the previous kernel
+# finishes; not yet timed.
+PREFETCH_LINES = 4
 
 
 def multi_linear(
@@ -137,7 +142,8 @@ def multi_linear(
         QUANT=quant, HAS_ZERO=zeros is not None,
         K_ALL=ks.pop() if len(ks) == 1 else 0, SX_ALL=strides.pop() if len(strides) == 1 else 0,
         BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], SPLIT=split, PRECISION=precision,
-        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        PREFETCH=PREFETCH_LINES, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        **pdl.launch_options(device),
     )
     return [y.view(*lead, n) for y, n in zip(outs, dims)]
 
@@ -191,7 +197,7 @@ def _multi_linear(
     x3, w3, y3, s3, z3, n3, k3, sx3, x4, w4, y4, s4, z4, n4, k4, sx4, x5, w5, y5, s5, z5, n5, k5, sx5,
     e0, e1, e2, e3, e4, M, ws, cnt, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, K_ALL: tl.constexpr,
     SX_ALL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     """y_s[rows, feats] = x_s[rows] W_s[feats]^T for the slot s whose block range holds program_id(0) (QUANT: W_s
     = (q - z) * s per row, the scale applied to the fp32 sums). ``K_ALL`` / ``SX_ALL`` (non-zero): the K and the x
@@ -203,7 +209,11 @@ def _multi_linear(
     ``SPLIT > 1``: program_id(2) takes one of SPLIT ranges of whole K blocks and stores its fp32 sums in its plane
     of ``ws`` ``[SPLIT, rows, programs * BLOCK_N]``; after a barrier it counts itself in at ``cnt[tile]`` (an
     acquire-release atomic: every plane stored before a program's arrival is visible to the program that arrives
-    after it). The last to arrive adds the SPLIT planes (read past L1), scales, stores y and resets the counter."""
+    after it). The last to arrive adds the SPLIT planes (read past L1), scales, stores y and resets the counter.
+
+    PDL (:mod:`pdl`): the program asks L2 for the first PREFETCH lines of its weight rows, then waits for the
+    previous kernel before it touches anything else."""
+    pdl.begin(PDL)
     pid = tl.program_id(0)
     x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x0, w0, y0, s0, z0, n0, k0, sx0, e0 * 0
     if pid >= e0:
@@ -227,14 +237,16 @@ def _multi_linear(
     kk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * sx + kk[None, :]
     w_rows = w_ptr + feats.to(tl.int64)[:, None] * K + kk[None, :]
-    if HAS_ZERO:
-        zero = tl.load(z_ptr + feats, mask=feat_ok, other=0).to(tl.int32)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_lo, k_hi = 0, K
     if SPLIT > 1:
         k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
         k_lo = tl.program_id(2) * k_per
         k_hi = tl.minimum(k_lo + k_per, K)
+    pdl.prefetch_rows(w_ptr + feats.to(tl.int64) * K + k_lo, feat_ok, k_hi - k_lo, PREFETCH, PDL)
+    pdl.wait(PDL)
+    if HAS_ZERO:
+        zero = tl.load(z_ptr + feats, mask=feat_ok, other=0).to(tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0_ in range(k_lo, k_hi, BLOCK_K):
         k_ok = (k0_ + kk) < K
         xt = tl.load(x_rows + k0_, mask=row_ok[:, None] & k_ok[None, :], other=0.0)

@@ -24,6 +24,8 @@ try:  # in a try block, transformers' remote-code check does not ask for triton 
 except ImportError as exc:
     raise ImportError("the RMSNorm decode kernel needs triton: pip install triton") from exc
 
+from . import pdl
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -56,13 +58,17 @@ def add_rms_norm(
         _add_rms_norm[(rows.shape[0],)](
             rows, rows if residual is None else res, h, y, weight.contiguous(), dim, float(eps),
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            **pdl.launch_options(x.device),
         )
     return y.view(x.shape), (x if residual is None else h.view(x.shape))
 
 
 @triton.jit
-def _add_rms_norm(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, D, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, D, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                  PDL: tl.constexpr):
     """One row: h = x + r (in x's dtype, stored), y = w * (rmsnorm_fp32(h) in x's dtype) (in x's dtype)."""
+    pdl.begin(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64) * D
     cols = tl.arange(0, BLOCK)
     ok = cols < D

@@ -62,24 +62,37 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 {setup}
+if "PDL" in names:  # as launched on a Hopper GPU (modeling_kimi_linear/pdl.py)
+    const.setdefault("PDL", True)
+    signature["PDL"] = "constexpr"
+    options = {{**options, "launch_pdl": const["PDL"]}}
 src = ASTSource(fn=fn, signature=signature, constexprs={{(names.index(n),): v for n, v in const.items()}}, attrs=attrs)
 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+ptx = kernel.asm["ptx"].splitlines()
+memory = [i for i, line in enumerate(ptx) if line.strip().startswith(("ld.global", "st.global", "cp.async", "atom.",
+                                                                      "red.", "@"))
+          and any(op in line for op in ("ld.global", "st.global", "cp.async", "atom.", "red."))]
+waits = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
+pdl = {{"pdl": const.get("PDL", False), "first_memory": min(memory, default=-1), "first_wait": min(waits, default=-1),
+       "waits": len(waits), "signals": sum("griddepcontrol.launch_dependents" in line for line in ptx)}}
 tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 usage = ""
 if tool.exists():
     Path("kernel.cubin").write_bytes(kernel.asm["cubin"])
     usage = subprocess.run([str(tool), "--dump-resource-usage", "kernel.cubin"], capture_output=True, text=True).stdout
-print(json.dumps({{"usage": usage}}))
+print(json.dumps({{"usage": usage, **pdl}}))
 """
 
 
 def assert_compiles_for_sm90_without_spills(tmp_path: Path, setup: str, *argv: str, spills_ok: bool = False) -> None:
     """Triton's interpreter runs Python, not the compiler: compile a kernel for an H100 / H200 (sm_90, no GPU
     needed) in a fresh process without ``TRITON_INTERPRET``, and check that ptxas keeps it in registers (no
-    local-memory spills; checked where triton ships cuobjdump). ``setup`` is Python that defines ``fn`` (the
-    kernel), ``names`` (its argument names), ``const`` (constexpr values by name), ``signature``, ``attrs`` and
-    ``options`` for ``triton.compile``; ``argv`` reaches it as ``sys.argv[1:]``. ``spills_ok`` checks only that it
-    compiles (a kernel whose measured-fastest tile spills)."""
+    local-memory spills; checked where triton ships cuobjdump). A kernel with a ``PDL`` switch is compiled as a
+    Hopper launch uses it (:mod:`modeling_kimi_linear.pdl`), and its PTX must wait for the previous kernel before
+    its first global load, store or atomic (a weight prefetch may come before). ``setup`` is Python that defines
+    ``fn`` (the kernel), ``names`` (its argument names), ``const`` (constexpr values by name), ``signature``,
+    ``attrs`` and ``options`` for ``triton.compile``; ``argv`` reaches it as ``sys.argv[1:]``. ``spills_ok`` checks
+    only that it compiles (a kernel whose measured-fastest tile spills)."""
     import os
     import subprocess
     import sys
@@ -90,9 +103,13 @@ def assert_compiles_for_sm90_without_spills(tmp_path: Path, setup: str, *argv: s
     result = subprocess.run([sys.executable, "-c", SM90_COMPILE.format(setup=setup), *argv], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    usage = json.loads(result.stdout.strip().splitlines()[-1])["usage"]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    usage = report["usage"]
     if usage and not spills_ok:
         assert "STACK:0 " in usage, usage
+    if report["pdl"]:  # modeling_kimi_linear/pdl.py's rules 1-2: signal, then wait before any memory access
+        assert report["signals"] >= 1 and report["waits"] >= 1, report
+        assert 0 <= report["first_wait"] < report["first_memory"], report
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -179,3 +179,34 @@ def test_attend_latent_through_the_kernel_matches_the_pytorch_path(monkeypatch, 
         no_mask = layer.attend_latent(q, buf[:, : position + 1], None)
         layer.decode_kernels = "torch"
         assert rel(no_mask, layer.attend_latent(q, buf[:, : position + 1], None)) < 1e-5
+
+
+MLA_COMPILE_SETUP = r"""
+import torch
+from modeling_kimi_linear import mla_decode_triton as m
+fn = getattr(m, sys.argv[1])
+names = fn.arg_names
+config = m.default_config(torch.bfloat16)
+if sys.argv[1] == "_mla_decode_split_kernel":  # the release's latent rows (512 + 64) and 32 heads
+    const = {"DV": 512, "DR": 64, "BLOCK_H": 32, "BLOCK_DV": 512, "BLOCK_DR": 64, "BLOCK_S": config.block_s,
+             "HAS_MASK": True, "HAS_LIMIT": True, "KV_MAJOR": config.kv_major, "PRECISION": "tf32"}
+    types = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "mask_ptr": "*u8", "limit_ptr": "*i64", "part_ptr": "*fp32",
+             "lse_ptr": "*fp32", "qk_scale": "fp32", "stride_kb": "i64"}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+else:
+    const = {"DV": 512, "BLOCK_C": m.COMBINE_BLOCK, "SPLIT_CHUNK": m.COMBINE_SPLITS}
+    types = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}
+    options = {"num_warps": 4}
+signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr")}
+"""
+
+
+@pytest.mark.parametrize("kernel", ["_mla_decode_split_kernel", "_mla_decode_combine_kernel"])
+def test_kernels_compile_for_sm90_with_dependent_launch(tmp_path, kernel):
+    """Both kernels compile for an H100 / H200 (sm_90, no GPU needed) as a Hopper launch uses them: with
+    programmatic dependent launch, waiting for the previous kernel before their first memory access
+    (:mod:`modeling_kimi_linear.pdl`; the conftest helper checks the PTX's order), and stay in registers."""
+    from conftest import assert_compiles_for_sm90_without_spills
+
+    assert_compiles_for_sm90_without_spills(tmp_path, MLA_COMPILE_SETUP, kernel)

@@ -345,7 +345,8 @@ fn, names = m._multi_linear, m._multi_linear.arg_names
 quant, zero, split = not sys.argv[1].startswith("bf16"), sys.argv[1] == "int8-zero", sys.argv[1].endswith("split")
 tile = m.INT8_TILE if quant else m.TILE
 const = {"BLOCK_M": m.BLOCK_M, "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"], "PRECISION": "tf32",
-         "QUANT": quant, "HAS_ZERO": zero, "K_ALL": 2304, "SX_ALL": 2304, "SPLIT": 1}  # KDA's launch from x
+         "QUANT": quant, "HAS_ZERO": zero, "K_ALL": 2304, "SX_ALL": 2304, "SPLIT": 1,
+         "PREFETCH": m.PREFETCH_LINES}  # KDA's launch from x
 if split:  # a single o_proj (4096 -> 2304): 16-row tiles, K in 4 parts
     const.update(BLOCK_N=16, K_ALL=4096, SX_ALL=4096, SPLIT=4)
 slot_type = {"x": "*bf16", "y": "*bf16", "w": "*i8" if quant else "*bf16",
