@@ -106,16 +106,31 @@ def kda_decode_step_checks(rows: list[dict]) -> None:
             conv = conv[:1].expand(bsz, -1, -1).contiguous()
             state = state[:1].expand(bsz, -1, -1, -1).contiguous()
         q, k, v, f, b, gate = proj
-        kernel = {}
-        for warps in (4, 8, 16):
-            kernel[warps] = replay_us(lambda: kda_decode_triton.kda_decode_step(
+        def step(warps: int, split: int | None = None):  # noqa: ANN202
+            return kda_decode_triton.kda_decode_step(
                 q, k, v, f, b, gate, (fused.q_conv1d.weight, fused.k_conv1d.weight, fused.v_conv1d.weight),
                 fused.A_log, fused.dt_bias, fused.o_norm.weight, fused.o_norm.variance_epsilon, conv, state,
-                in_place=True, num_warps=warps))
-        rows.append({"check": f"  fused kernel alone, B={bsz}, us per call at 4 / 8 / 16 warps (default "
-                              f"{kda_decode_triton.DEFAULT_NUM_WARPS}): "
-                              + " / ".join(f"{kernel[w]:.1f}" for w in (4, 8, 16)),
-                     "rel_err": kernel[kda_decode_triton.DEFAULT_NUM_WARPS], "info": True})
+                in_place=True, num_warps=warps, split_v=split)
+
+        default_split = kda_decode_triton.split_plan(bsz * fused.num_heads, fused.head_dim,
+                                                     torch.cuda.get_device_properties(0).multi_processor_count)
+        kernel = {(w, default_split): replay_us(lambda w=w: step(w)) for w in (4, 8, 16)}
+        rows.append({"check": f"  fused kernel alone, B={bsz}, {default_split} programs a head, us per call at 4 / 8 "
+                              f"/ 16 warps (default {kda_decode_triton.DEFAULT_NUM_WARPS}): "
+                              + " / ".join(f"{kernel[w, default_split]:.1f}" for w in (4, 8, 16)),
+                     "rel_err": kernel[kda_decode_triton.DEFAULT_NUM_WARPS, default_split], "info": True})
+        splits = [s for s in (1, 2, 4, 8) if s != default_split]
+        found = {(w, s): replay_us(lambda w=w, s=s: step(w, s)) for s in splits for w in (2, 4)}
+        rows.append({"check": f"  same by programs a head (split_v) at 2 / 4 warps: "
+                              + ", ".join(f"{s}: {found[2, s]:.1f} / {found[4, s]:.1f}" for s in splits),
+                     "rel_err": min(found.values()), "info": True})
+        conv0, state0 = conv.clone(), state.clone()  # one step split and one not, from the same state: same values
+        split_out = [t.clone() for t in step(4, 8)]
+        conv.copy_(conv0)
+        state.copy_(state0)
+        whole_out = step(4, 1)
+        rows.append({"check": f"  fused kernel, B={bsz}: 8 programs a head vs 1 (output, state, tail)",
+                     "rel_err": max(rel(x, y) for x, y in zip(split_out, whole_out))})
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ A decode step (one new token per sequence) on the PyTorch / fla path launches so
 (the concatenations of the projections and of the conv taps, the short-convolution update, the gate's softplus /
 exp arithmetic, sigmoid(beta), fla's ``fused_recurrent_kda`` with its l2norm, the gated RMS norm, casts and
 copies). Each moves a few kilobytes, so a step replayed as a CUDA graph is dominated by per-kernel launch and tail
-time. This module does all of it in one launch: one program per (sequence ``b``, head ``h``).
+time. This module does all of it in one launch: ``split_v`` programs per (sequence ``b``, head ``h``), see below.
 
 Math, per program (fp32 throughout; ``D`` = head_dim = K = V, ``P = H * D``, ``W`` = conv width):
 
@@ -31,14 +31,21 @@ logits ``[B, 1, P]`` (``[B, 1, H]`` per head); beta logits ``[B, 1, H]``; conv w
 checkpoint's ``q_conv1d.weight`` etc.: no concatenation per step); conv tail ``[B, 3P, W-1]``, q channels first, then
 k, then v, oldest tap first, any strides (an eager cache holds a strided view of the previous step's window);
 state ``[B, H, D, D]`` float32, any strides. The tail and the state may be written in place (the outputs may be the
-inputs' memory): every program reads all of its own head's channels and state before a barrier and writes after
-it, and touches no other head's. No host synchronisation, fixed shapes: safe under CUDA-graph capture.
+inputs' memory): every program reads what it needs of its own head's channels and state before a barrier and
+writes only its own columns' state and value tails after it; the q / k tails every program of the head reads are
+written by the last of them to arrive (below). No program touches another head's. No host synchronisation, fixed
+shapes: safe under CUDA-graph capture.
 
-Why one program per (b, h) and not finer: the gated norm needs all ``D`` outputs of a head, and each output column
-needs the whole ``D x D`` state column, so splitting a head across programs would need a cross-program reduction
-(a second kernel or a grid-wide handshake). A head's state is ``D*D*4`` bytes (64 KB at D = 128), read once and
-written once. With B * H = 32 programs at batch 1 the kernel does not fill an H100's 132 SMs; it still replaces ~25
-launches with one, which is what a graph-replayed step pays for.
+Programs: ``split_v`` per (b, h), each taking ``D / split_v`` value columns of the head's state. Column j of the
+delta rule reads and writes column j of S only (``pred_j``, the update of ``S[:, j]``, ``o_j``), so the columns need
+no communication; the gated norm does (it needs all D outputs of the head): each program stores its outputs in a
+small fp32 workspace and counts itself in at an arrival counter (:mod:`launch_resources`); the last of the head's
+programs to arrive norms the head, writes its output and its q / k conv tails, and resets the counter. A head's
+state is ``D*D*4`` bytes (64 KB at D = 128), read once and written once. At batch 1 one program a head is 32
+programs for an H100's 132 SMs: one SM streams each head's 128 KB, and the call took 6-7 us (a fifth of the copy
+bandwidth for its 4.2 MB). :func:`split_plan` doubles the programs a head while the launch has fewer programs than
+SMs (8 a head at batch 1, 256 programs of 16 columns; one a head from batch 5 with 32 heads). The split is not yet
+timed on a GPU (``bench/gpu_check.py --only kdastep`` times each split).
 
 Registers: at ``num_warps=4`` (the default, 128 threads) the state tile is 128 fp32 registers per thread. Compiled
 for sm_90a by Triton 3.6 (no GPU needed; ``tests/test_kda_decode_triton.py`` does it) the kernel takes 254
@@ -67,8 +74,21 @@ except ImportError as err:  # only :func:`kernels.kda_decode_step` imports this 
     raise ImportError("the fused KDA decode kernel needs triton: pip install triton") from err
 
 from . import pdl
+from .launch_resources import arrival_counters, sm_count
 
 DEFAULT_NUM_WARPS = 4
+MAX_SPLIT_V = 8  # programs per head at most (16 value columns each at D = 128)
+INTERPRETER_SMS = 4  # the "SM count" for CPU tensors (Triton's interpreter, tests only)
+
+
+def split_plan(heads_total: int, dim: int, sms: int) -> int:
+    """Programs per head for ``heads_total = B * H`` heads: doubled (up to :data:`MAX_SPLIT_V`, at least 16 value
+    columns each) while the launch has fewer programs than the device has SMs. A head's state is read and written by
+    one program's SM otherwise, and at batch 1 the release's 32 heads would use 32 of 132 SMs."""
+    split = 1
+    while split < MAX_SPLIT_V and heads_total * split < sms and dim // (2 * split) >= 16:
+        split *= 2
+    return split
 
 
 @triton.jit
@@ -124,19 +144,27 @@ def _kda_decode_kernel(
     tail_out_ptr, stride_ob, stride_oc, stride_ow,
     state_ptr, stride_sb, stride_sh, stride_sk, stride_sv,
     state_out_ptr, stride_zb, stride_zh, stride_zk, stride_zv,
-    mask_ptr, stride_mb, out_ptr, stride_outb,
+    mask_ptr, stride_mb, out_ptr, stride_outb, o_ws_ptr, cnt_ptr,
     H, scale, eps,
     D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HAS_MASK: tl.constexpr, PER_HEAD_GATE: tl.constexpr,
-    PDL: tl.constexpr,
+    SPLIT_V: tl.constexpr, PDL: tl.constexpr,
 ):
+    """Program ``(b * H + h, part)``: sequence b, head h, value columns ``[part * D / SPLIT_V, (part + 1) * D /
+    SPLIT_V)`` of the state (all of them when SPLIT_V is 1). SPLIT_V > 1: the head's gated norm needs all D outputs,
+    so each program stores its outputs (fp32, already rounded to the model dtype) in ``o_ws [B * H, D]`` and counts
+    itself in at ``cnt[b * H + h]`` (acquire-release); the last of the head's programs to arrive reads them back,
+    writes the head's normed output and its q / k conv tails (every program of the head has read those by then),
+    and resets the counter."""
     pdl.begin(PDL)
     pdl.wait(PDL)
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
     P = H * D
+    BV: tl.constexpr = D // SPLIT_V
     DTYPE = out_ptr.dtype.element_ty
     offs_d = tl.arange(0, D)
+    offs_v = tl.program_id(1) * BV + tl.arange(0, BV)  # this program's value columns
     offs_w = tl.arange(0, WP)
     if HAS_MASK:
         keep = tl.load(mask_ptr + b * stride_mb).to(tl.float32)  # 1.0 real token, 0.0 padding
@@ -145,27 +173,27 @@ def _kda_decode_kernel(
 
     # ---- every read first (the tail and the state may be overwritten below)
     s_ptrs = (state_ptr + b * stride_sb + h * stride_sh
-              + offs_d[:, None] * stride_sk + offs_d[None, :] * stride_sv)
-    state = tl.load(s_ptrs)  # [D (key), D (value)] fp32
+              + offs_d[:, None] * stride_sk + offs_v[None, :] * stride_sv)
+    state = tl.load(s_ptrs)  # [D (key), BV (value)] fp32
     tail = tail_ptr + b * stride_tb
-    q_x, k_x, v_x = q_ptr + b * stride_qb + h * D, k_ptr + b * stride_kb + h * D, v_ptr + b * stride_vb + h * D
+    q_x, k_x = q_ptr + b * stride_qb + h * D, k_ptr + b * stride_kb + h * D
+    v_x = v_ptr + b * stride_vb + h * D + tl.program_id(1) * BV  # the value channels of this program's columns
     q_tail = tail + h * D * stride_tc  # the head's first q channel; k and v channels follow P and 2P later
     k_tail = tail + (P + h * D) * stride_tc
-    v_tail = tail + (2 * P + h * D) * stride_tc
+    v_tail = tail + (2 * P + h * D + tl.program_id(1) * BV) * stride_tc
     # short convolution (SiLU, rounded to the model dtype); each conv weight is [P, W]
     q = _conv(q_x, keep, wq_ptr + h * D * W, q_tail, stride_tc, stride_tw, offs_d, W, DTYPE)
     k = _conv(k_x, keep, wk_ptr + h * D * W, k_tail, stride_tc, stride_tw, offs_d, W, DTYPE)
-    v = _conv(v_x, keep, wv_ptr + h * D * W, v_tail, stride_tc, stride_tw, offs_d, W, DTYPE)
+    v = _conv(v_x, keep, wv_ptr + (h * D + tl.program_id(1) * BV) * W, v_tail, stride_tc, stride_tw,
+              tl.arange(0, BV), W, DTYPE)
     q_tail_new = _new_tail(q_x, keep, q_tail, stride_tc, stride_tw, offs_d, offs_w, W)
     k_tail_new = _new_tail(k_x, keep, k_tail, stride_tc, stride_tw, offs_d, offs_w, W)
-    v_tail_new = _new_tail(v_x, keep, v_tail, stride_tc, stride_tw, offs_d, offs_w, W)
+    v_tail_new = _new_tail(v_x, keep, v_tail, stride_tc, stride_tw, tl.arange(0, BV), offs_w, W)
     if PER_HEAD_GATE:
         f = tl.load(f_ptr + b * stride_fb + h).to(tl.float32) + tl.load(dt_bias_ptr + h)
     else:
         f = tl.load(f_ptr + b * stride_fb + h * D + offs_d).to(tl.float32) + tl.load(dt_bias_ptr + h * D + offs_d)
     beta_logit = tl.load(b_ptr + b * stride_bb + h).to(tl.float32)
-    gate = tl.load(gate_ptr + b * stride_gb + h * D + offs_d).to(tl.float32)
-    norm_w = tl.load(norm_w_ptr + offs_d).to(tl.float32)
     a_log = tl.load(a_log_ptr + h)
 
     # ---- l2norm (eps 1e-6 inside the root, as fla's use_qk_l2norm_in_kernel and kda_torch.l2norm), query scale
@@ -186,20 +214,32 @@ def _kda_decode_kernel(
     o = tl.sum(q[:, None] * state, axis=0)
     o = o.to(DTYPE).to(tl.float32)  # the op's output is in the model dtype, the norm reads it from there
 
-    # ---- gated RMS norm of the head
-    rstd = tl.rsqrt(tl.sum(o * o, axis=0) / D + eps)
-    y = o * rstd * norm_w * tl.sigmoid(gate)
-
-    # ---- every write last
+    # ---- every write last: this program's state columns and value tails
     tl.debug_barrier()
     z_ptrs = (state_out_ptr + b * stride_zb + h * stride_zh
-              + offs_d[:, None] * stride_zk + offs_d[None, :] * stride_zv)
+              + offs_d[:, None] * stride_zk + offs_v[None, :] * stride_zv)
     tl.store(z_ptrs, state)
     tail_out = tail_out_ptr + b * stride_ob
-    _store_tail(tail_out + h * D * stride_oc, q_tail_new, stride_oc, stride_ow, offs_d, offs_w, W, DTYPE)
-    _store_tail(tail_out + (P + h * D) * stride_oc, k_tail_new, stride_oc, stride_ow, offs_d, offs_w, W, DTYPE)
-    _store_tail(tail_out + (2 * P + h * D) * stride_oc, v_tail_new, stride_oc, stride_ow, offs_d, offs_w, W, DTYPE)
-    tl.store(out_ptr + b * stride_outb + h * D + offs_d, y.to(DTYPE))
+    _store_tail(tail_out + (2 * P + h * D + tl.program_id(1) * BV) * stride_oc, v_tail_new, stride_oc, stride_ow,
+                tl.arange(0, BV), offs_w, W, DTYPE)
+    last = True
+    if SPLIT_V > 1:  # hand the head's outputs to the last of its programs
+        tl.store(o_ws_ptr + pid * D + offs_v, o)
+        tl.debug_barrier()  # every thread's outputs stored before the arrival below releases them
+        last = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_V - 1
+    if last:
+        o_head = o
+        if SPLIT_V > 1:
+            o_head = tl.load(o_ws_ptr + pid * D + offs_d, cache_modifier=".cg")  # past L1: other SMs wrote it
+            tl.atomic_xchg(cnt_ptr + pid, 0)
+        # ---- gated RMS norm of the head, and the q / k tails
+        gate = tl.load(gate_ptr + b * stride_gb + h * D + offs_d).to(tl.float32)
+        norm_w = tl.load(norm_w_ptr + offs_d).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(o_head * o_head, axis=0) / D + eps)
+        y = o_head * rstd * norm_w * tl.sigmoid(gate)
+        _store_tail(tail_out + h * D * stride_oc, q_tail_new, stride_oc, stride_ow, offs_d, offs_w, W, DTYPE)
+        _store_tail(tail_out + (P + h * D) * stride_oc, k_tail_new, stride_oc, stride_ow, offs_d, offs_w, W, DTYPE)
+        tl.store(out_ptr + b * stride_outb + h * D + offs_d, y.to(DTYPE))
 
 
 def _rows(x: torch.Tensor, name: str, bsz: int, width: int) -> torch.Tensor:
@@ -228,6 +268,7 @@ def kda_decode_step(
     *,
     in_place: bool = False,
     num_warps: int = DEFAULT_NUM_WARPS,
+    split_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One KDA decode step for every sequence, fused (see the module docstring for the math).
 
@@ -243,6 +284,8 @@ def kda_decode_step(
         in_place: write the new tail and state into ``conv_tail`` and ``state``; otherwise into new contiguous
             tensors.
         num_warps: warps per program (see the module docstring).
+        split_v: programs per head, each taking ``D / split_v`` value columns of the state (a power of two);
+            default :func:`split_plan`.
 
     Returns:
         ``(o [B, 1, P] in the model dtype (o_proj's input), new conv tail, new state)``.
@@ -280,7 +323,14 @@ def kda_decode_step(
         state_out = torch.empty(state.shape, dtype=state.dtype, device=state.device)
     out = torch.empty(bsz, 1, proj, dtype=v.dtype, device=v.device)
     mask_arg = token_mask if token_mask is not None else out  # unread without HAS_MASK
-    _kda_decode_kernel[(bsz * heads,)](
+    split_v = split_plan(bsz * heads, dim, sm_count(v.device, INTERPRETER_SMS)) if split_v is None else split_v
+    if split_v < 1 or split_v & (split_v - 1) or dim % split_v:
+        raise ValueError(f"split_v must be a power of two dividing D = {dim}, got {split_v}")
+    counters = arrival_counters(v.device, bsz * heads) if split_v > 1 else None
+    if counters is None:  # unsplit, or a CUDA-graph capture that would have to allocate the counters
+        split_v, counters = 1, out
+    o_ws = torch.empty(bsz * heads, dim, dtype=torch.float32, device=v.device) if split_v > 1 else out
+    _kda_decode_kernel[(bsz * heads, split_v)](
         q, k, v, f, beta_logits, gate,
         q.stride(0), k.stride(0), v.stride(0), f.stride(0), beta_logits.stride(0), gate.stride(0),
         weights[0], weights[1], weights[2], a_log, dt_bias, norm_weight,
@@ -288,9 +338,9 @@ def kda_decode_step(
         tail_out, *tail_out.stride(),
         state, *state.stride(),
         state_out, *state_out.stride(),
-        mask_arg, mask_arg.stride(0), out, out.stride(0),
+        mask_arg, mask_arg.stride(0), out, out.stride(0), o_ws, counters,
         heads, dim ** -0.5, float(eps),
         D=dim, W=width, WP=triton.next_power_of_2(width), HAS_MASK=token_mask is not None,
-        PER_HEAD_GATE=per_head_gate, num_warps=num_warps, **pdl.launch_options(v.device),
+        PER_HEAD_GATE=per_head_gate, SPLIT_V=split_v, num_warps=num_warps, **pdl.launch_options(v.device),
     )
     return out, tail_out, state_out

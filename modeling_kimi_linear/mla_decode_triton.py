@@ -39,7 +39,6 @@ this module is imported only when :func:`kernels.resolve_decode_kernels` chose `
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -52,6 +51,7 @@ except ImportError as err:
     raise ImportError("modeling_kimi_linear.mla_decode_triton needs triton: pip install triton") from err
 
 from . import pdl
+from .launch_resources import sm_count
 
 SPLITS_PER_SM = 2  # thread blocks per SM aimed at over the whole batch (2 full waves, or 1 at 2 blocks per SM)
 MIN_TILES_PER_SPLIT = 4  # a split covers at least this many tiles (short contexts: few splits, a cheap combine)
@@ -97,13 +97,6 @@ FP32_CONFIG = MLADecodeConfig(block_s=16, kv_major=False, num_warps=8, num_stage
 def default_config(dtype: torch.dtype) -> MLADecodeConfig:
     """The launch configuration for latents of ``dtype`` (fixed per dtype: nothing to autotune at start-up)."""
     return FP32_CONFIG if dtype == torch.float32 else CONFIGS[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def split_plan(rows: int, batch: int, sm_count: int, block_s: int) -> int:
@@ -319,7 +312,7 @@ def mla_decode_attention(
                              f"{tuple(mask.shape)}")
         mask = mask.expand(bsz, rows).view(torch.uint8)
     config = config or default_config(latent.dtype)
-    splits = split_plan(rows, bsz, _sm_count(latent.device), config.block_s)
+    splits = split_plan(rows, bsz, sm_count(latent.device, INTERPRETER_SMS), config.block_s)
     if num_splits is not None:
         splits = max(1, min(num_splits, triton.cdiv(rows, config.block_s)))
     if row_limit is not None and (row_limit.numel() != 1 or row_limit.dtype not in (torch.int32, torch.int64)):

@@ -29,7 +29,6 @@ quantized formats, hooks: see :func:`kernels.linear_kind`).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +40,7 @@ except ImportError as exc:
     raise ImportError("the multi-linear decode kernel needs triton: pip install triton") from exc
 
 from . import pdl
+from .launch_resources import arrival_counters, sm_count
 from .kernels import MULTI_LINEAR_SLOTS as MAX_SLOTS  # (x, W) pairs one launch takes
 
 BLOCK_M = 16  # tl.dot's smallest M: the tokens of a step, padded
@@ -132,7 +132,7 @@ def multi_linear(
     precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     ks, strides = {w.shape[1] for _, w, _, _ in flat}, {x2.stride(0) for x2, _, _, _ in flat}
     m_blocks, split = triton.cdiv(tokens, BLOCK_M), tile.get("SPLIT", 1)
-    counters = _tile_counters(device, total * m_blocks) if split > 1 else None
+    counters = arrival_counters(device, total * m_blocks) if split > 1 else None
     if counters is None:
         split = 1
     workspace = (torch.empty(split, m_blocks * BLOCK_M, total * tile["BLOCK_N"], dtype=torch.float32, device=device)
@@ -157,35 +157,12 @@ def choose_tile(dims: Sequence[int], quant: bool, device: torch.device, given: d
     given = given or {}
     tile = {**(INT8_TILE if quant else TILE), "SPLIT": 1, **given}
     if "BLOCK_N" not in given:
-        sms = _sm_count(device)
+        sms = sm_count(device)
         while tile["BLOCK_N"] > 16 and sum(triton.cdiv(n, tile["BLOCK_N"]) for n in dims) < sms:
             tile["BLOCK_N"] //= 2
     if "SPLIT" not in given and len(dims) == 1 and k is not None and k >= SPLIT_MIN_K and tile["BLOCK_N"] == 16:
         tile = {**tile, **SPLIT_TILE, "SPLIT": SPLIT_PARTS, **given}  # what the caller gave still wins
     return tile
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """Per-device int32 arrival counters of split tiles, zero between launches (the last program of a tile resets
-    its own). Allocated outside CUDA-graph capture (the eager warm-up before a capture makes them); ``None`` if a
-    capture would have to allocate them. Launches sharing them must not run at once on two streams of a device."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (132 on an H100 / H200; also the stand-in off CUDA)."""
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _SLOT_ARGS = [f"{name}{i}" for i in range(MAX_SLOTS) for name in ("n", "k", "sx")] + [f"e{i}" for i in range(5)]

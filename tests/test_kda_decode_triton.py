@@ -26,7 +26,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # set to something else by the ca
     pytest.skip("TRITON_INTERPRET=1 is needed to run Triton kernels on the CPU", allow_module_level=True)
 
 from conftest import assert_compiles_for_sm90_without_spills  # noqa: E402
-from modeling_kimi_linear import KimiLinearCache, kda_layer, kernels  # noqa: E402
+from modeling_kimi_linear import KimiLinearCache, kda_decode_triton, kda_layer, kernels, launch_resources  # noqa: E402
 from modeling_kimi_linear.kda_decode_triton import kda_decode_step  # noqa: E402
 from modeling_kimi_linear.kda_layer import KimiDeltaAttention  # noqa: E402
 from modeling_kimi_linear.presets import load_preset  # noqa: E402
@@ -112,19 +112,23 @@ def random_inputs(bsz: int, heads: int, dim: int, per_head: bool, gen: torch.Gen
     }
 
 
-def call_kernel(params: dict, inputs: dict, tail: torch.Tensor, state: torch.Tensor, mask, in_place: bool):
+def call_kernel(params: dict, inputs: dict, tail: torch.Tensor, state: torch.Tensor, mask, in_place: bool,
+                split_v: int | None = None):
     return kda_decode_step(
         inputs["q"], inputs["k"], inputs["v"], inputs["f"], inputs["b"], inputs["gate"],
         (params["wq"], params["wk"], params["wv"]), params["A_log"], params["dt_bias"], params["norm_w"],
-        params["eps"], tail, state, mask, in_place=in_place,
+        params["eps"], tail, state, mask, in_place=in_place, split_v=split_v,
     )
 
 
+@pytest.mark.parametrize("split_v", [None, 1, 2, 8])
 @pytest.mark.parametrize("bsz,heads,dim,per_head", [(1, 2, 32, False), (2, 3, 16, False), (3, 2, 16, True)])
-def test_kernel_matches_float64_recurrence_over_steps(bsz, heads, dim, per_head):
+def test_kernel_matches_float64_recurrence_over_steps(bsz, heads, dim, per_head, split_v):
     """Six steps in a row from a random state and tail; a masked token at step 2 (sequence 0) and step 4 (the
     last sequence); the tail a strided view of a wider window (as an eager cache holds it) on odd steps; in place
-    on steps 3 and 5."""
+    on steps 3 and 5. Each head's value columns in one program, or split over 2 or 8 (the last to arrive norms the
+    head and puts its arrival counter back to 0, so the next step starts from zero counters), or as
+    :func:`split_plan` chooses."""
     width = 4
     gen = torch.Generator().manual_seed(bsz * 100 + heads)
     params = random_params(heads, dim, width, per_head, gen)
@@ -147,7 +151,8 @@ def test_kernel_matches_float64_recurrence_over_steps(bsz, heads, dim, per_head)
             assert not tail.is_contiguous()
         in_place = step in (3, 5)
         before = (tail.data_ptr(), state.data_ptr())
-        out, tail, state = call_kernel(params, inputs, tail, state, mask, in_place)
+        out, tail, state = call_kernel(params, inputs, tail, state, mask, in_place, split_v)
+        assert not launch_resources._COUNTERS.get(out.device, torch.zeros(1)).any()
         if in_place:
             assert (tail.data_ptr(), state.data_ptr()) == before
         expected, ref_tail, ref_state = reference_step(
@@ -169,6 +174,18 @@ def test_masked_token_leaves_state_unchanged_and_shifts_a_zero_into_the_tail():
     assert torch.equal(new_state[0], state[0])
     assert not torch.equal(new_state[1], state[1])
     assert torch.equal(new_tail[0, :, :2], tail[0, :, 1:]) and torch.equal(new_tail[0, :, 2], torch.zeros(96))
+
+
+def test_split_plan_fills_the_sms_at_small_batches_only():
+    """The release's 32 heads at batch 1 on a 132-SM GPU: 8 programs a head (256); batch 4: 2 (256); from batch 5
+    (160 heads) one program a head; never under 16 value columns a program; a bad split is refused."""
+    assert [kda_decode_triton.split_plan(32 * b, 128, 132) for b in (1, 2, 4, 5, 64)] == [8, 4, 2, 1, 1]
+    assert kda_decode_triton.split_plan(2, 32, 132) == 2  # 16 columns a program at least
+    gen = torch.Generator().manual_seed(1)
+    params = random_params(2, 16, 4, False, gen)
+    with pytest.raises(ValueError, match="split_v"):
+        call_kernel(params, random_inputs(1, 2, 16, False, gen), torch.zeros(1, 96, 3), torch.zeros(1, 2, 16, 16),
+                    None, False, split_v=3)
 
 
 # ------------------------------------------------------------------------------------------------ through the layer
@@ -273,10 +290,11 @@ fn, names = m._kda_decode_kernel, m._kda_decode_kernel.arg_names
 model_ptrs = ("q_ptr", "k_ptr", "v_ptr", "f_ptr", "b_ptr", "gate_ptr", "wq_ptr", "wk_ptr", "wv_ptr", "norm_w_ptr",
               "tail_ptr", "tail_out_ptr", "out_ptr")
 types = {**{n: "*bf16" for n in model_ptrs}, "a_log_ptr": "*fp32", "dt_bias_ptr": "*fp32", "state_ptr": "*fp32",
-         "state_out_ptr": "*fp32", "mask_ptr": "*i1", "scale": "fp32", "eps": "fp32"}
+         "state_out_ptr": "*fp32", "mask_ptr": "*i1", "scale": "fp32", "eps": "fp32", "o_ws_ptr": "*fp32",
+         "cnt_ptr": "*i32"}
 # the release's shapes, contiguous tensors: unit strides and 16-divisible ints are what the JIT specialises on
 const = {"D": 128, "W": 4, "WP": 4, "HAS_MASK": True, "PER_HEAD_GATE": sys.argv[1] == "head", "stride_sv": 1,
-         "stride_zv": 1, "stride_tw": 1, "stride_ow": 1}
+         "stride_zv": 1, "stride_tw": 1, "stride_ow": 1, "SPLIT_V": int(sys.argv[2])}
 odd = {"stride_tc", "stride_oc", "stride_mb"}
 signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in const and n not in odd
@@ -285,9 +303,10 @@ options = {"num_warps": m.DEFAULT_NUM_WARPS}
 """
 
 
+@pytest.mark.parametrize("split_v", [1, 8])
 @pytest.mark.parametrize("gate", ["channel", "head"])
-def test_kernel_compiles_for_sm90_without_spills(tmp_path, gate):
+def test_kernel_compiles_for_sm90_without_spills(tmp_path, gate, split_v):
     """The interpreter runs Python, not the compiler: compile the kernel for an H100 / H200 (sm_90, no GPU needed)
     at the release's shapes and default warps, and check that ptxas keeps it in registers (no local-memory
     spills)."""
-    assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, gate)
+    assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, gate, str(split_v))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from conftest import KERNEL_DEVICE, assert_compiles_for_sm90_without_spills, kernel_module
-from modeling_kimi_linear import KimiLinearCache, kernels
+from modeling_kimi_linear import KimiLinearCache, kernels, launch_resources
 from modeling_kimi_linear.kda_layer import KimiDeltaAttention
 from modeling_kimi_linear.mla_layer import KimiMLAAttention
 from modeling_kimi_linear.moe import KimiMLP
@@ -119,7 +119,7 @@ def test_split_over_k_matches_float64_and_leaves_the_counters_at_zero(mlt, split
         outs = mlt.multi_linear([(x, w) for w in ws], tile=tile, **kwargs)
         for y, ref in zip(outs, want):
             assert rel(y, ref) < 1e-6
-        assert not mlt._COUNTERS[x.device].any()
+        assert not launch_resources._COUNTERS[x.device].any()
 
 
 def test_tile_narrows_only_where_sms_would_idle(mlt):
