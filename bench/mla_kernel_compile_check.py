@@ -26,20 +26,15 @@ SMEM_LIMIT = 227 * 1024  # per block on Hopper
 
 def split_kernel_signature(dtype: str) -> dict[str, str]:
     """Argument types of ``_mla_decode_split_kernel`` as the launcher sees them for a 1M-row buffer."""
-    ints = ["S", "H", "stride_qb", "stride_qh", "stride_kb", "stride_ks", "stride_mb",
-            "stride_ms", "stride_pb", "stride_ps", "stride_ph", "stride_lb", "stride_ls"]
-    sig = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{dtype}", "mask_ptr": "*u8", "limit_ptr": "*i64", "part_ptr": "*fp32",
-           "lse_ptr": "*fp32"}
-    sig.update({name: "i32" for name in ints})
-    sig["qk_scale"] = "fp32"
-    sig["stride_kb"] = "i64"  # a batch stride of a long buffer passes 2**31
-    order = ["q_ptr", "kv_ptr", "mask_ptr", "limit_ptr", "part_ptr", "lse_ptr", "S", "H", "qk_scale",
-             "stride_qb", "stride_qh", "stride_kb", "stride_ks", "stride_mb", "stride_ms", "stride_pb", "stride_ps",
-             "stride_ph", "stride_lb", "stride_ls"]
-    out = {name: sig[name] for name in order}
-    out.update({name: "constexpr" for name in ("DV", "DR", "BLOCK_H", "BLOCK_DV", "BLOCK_DR", "BLOCK_S", "HAS_MASK",
-                                              "HAS_LIMIT", "KV_MAJOR", "PRECISION", "PDL")})
-    return out
+    from modeling_kimi_linear import mla_decode_triton as mdt
+
+    types = {"q_ptr": f"*{dtype}", "qr_ptr": f"*{dtype}", "kv_ptr": f"*{dtype}", "mask_ptr": "*u8",
+             "limit_ptr": "*i64", "part_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32",
+             "stride_kb": "i64"}  # a batch stride of a long buffer passes 2**31
+    constexprs = ("DV", "DR", "BLOCK_H", "BLOCK_DV", "BLOCK_DR", "BLOCK_S", "HAS_MASK", "HAS_LIMIT", "KV_MAJOR",
+                  "PRECISION", "PDL")
+    return {name: "constexpr" if name in constexprs else types.get(name, "i32")
+            for name in mdt._mla_decode_split_kernel.arg_names}
 
 
 def compile_config(config, dtype: str, arch: int):  # noqa: ANN001, ANN201
@@ -52,9 +47,9 @@ def compile_config(config, dtype: str, arch: int):  # noqa: ANN001, ANN201
     sig = split_kernel_signature(dtype)
     names = list(sig)
     # pointers and the strides the host passes are multiples of 16, as the launcher's specialisation would note
-    aligned = [names.index(n) for n in ("q_ptr", "kv_ptr", "mask_ptr", "limit_ptr", "part_ptr", "lse_ptr", "stride_qb",
-                                        "stride_qh", "stride_kb", "stride_ks", "stride_pb", "stride_ps", "stride_ph",
-                                        "stride_lb", "stride_ls")]
+    aligned = [names.index(n) for n in ("q_ptr", "qr_ptr", "kv_ptr", "mask_ptr", "limit_ptr", "part_ptr", "lse_ptr",
+                                        "stride_qb", "stride_qh", "stride_rb", "stride_rh", "stride_kb", "stride_ks",
+                                        "stride_pb", "stride_ps", "stride_ph", "stride_lb", "stride_ls")]
     constexprs = {"DV": 512, "DR": 64, "BLOCK_H": 32, "BLOCK_DV": 512, "BLOCK_DR": 64, "BLOCK_S": config.block_s,
                   "HAS_MASK": True, "HAS_LIMIT": True, "KV_MAJOR": config.kv_major,
                   "PRECISION": "ieee" if dtype == "fp32" else "tf32", "PDL": True}

@@ -113,18 +113,19 @@ def kda_decode_step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def mla_decode(
     q_lat: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None, scale: float, value_dim: int,
-    row_limit: torch.Tensor | None = None,
+    row_limit: torch.Tensor | None = None, q_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MLA attention in latent space for one new token per sequence, as one flash-decoding Triton kernel
     (:func:`mla_decode_triton.mla_decode_attention`; imported here, on first use, only after
     :func:`resolve_decode_kernels` chose ``"triton"``).
 
     ``q_lat [B, H, L]``, ``latent [B, S, L]``, ``mask [B or 1, S]`` bool or ``None`` -> ``[B, H, value_dim]``;
-    rows at and past ``row_limit`` (a one-element device tensor) are not read.
+    rows at and past ``row_limit`` (a one-element device tensor) are not read. With ``q_rope``, the query comes in
+    its two parts: ``q_lat [B, H, value_dim]`` and ``q_rope [B, H, L - value_dim]``.
     """
     from .mla_decode_triton import mla_decode_attention
 
-    return mla_decode_attention(q_lat, latent, mask, scale, value_dim, row_limit=row_limit)
+    return mla_decode_attention(q_lat, latent, mask, scale, value_dim, row_limit=row_limit, q_rope=q_rope)
 
 
 # Token-expert copies (tokens x top-k) up to which the MoE runs on the Triton decode kernels: batch 64 at top-8.

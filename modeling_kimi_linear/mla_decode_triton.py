@@ -110,9 +110,9 @@ def split_plan(rows: int, batch: int, sm_count: int, block_s: int) -> int:
 
 @triton.jit
 def _mla_decode_split_kernel(
-    q_ptr, kv_ptr, mask_ptr, limit_ptr, part_ptr, lse_ptr,
+    q_ptr, qr_ptr, kv_ptr, mask_ptr, limit_ptr, part_ptr, lse_ptr,
     S, H, qk_scale,
-    stride_qb, stride_qh,
+    stride_qb, stride_qh, stride_rb, stride_rh,
     stride_kb, stride_ks,
     stride_mb, stride_ms,
     stride_pb, stride_ps, stride_ph,
@@ -124,7 +124,7 @@ def _mla_decode_split_kernel(
 ):
     """One (split, sequence): online softmax over the tiles ``split, split + splits, split + 2 * splits, ...`` of
     the rows ``[0, min(S, limit))`` (tiles dealt out in turn, so every split keeps an equal share when the limit
-    cuts the rows short)."""
+    cuts the rows short). The query's value-space part is read at ``q_ptr``, its shared-key part at ``qr_ptr``."""
     pdl.begin(PDL)
     pdl.wait(PDL)
     split = tl.program_id(0)
@@ -142,6 +142,7 @@ def _mla_decode_split_kernel(
     r_ok = offs_r < DR if DR != BLOCK_DR else offs_r >= 0
 
     q_base = q_ptr + b * stride_qb
+    qr_base = qr_ptr + b * stride_rb
     kv_base = kv_ptr + b * stride_kb
     end = S
     if HAS_LIMIT:  # rows past the decode position of a static step: never read
@@ -151,13 +152,13 @@ def _mla_decode_split_kernel(
     if KV_MAJOR:  # q^T [D, H]: the heads are the dots' N dimension
         q_v = tl.load(q_base + offs_v[:, None] + offs_h[None, :] * stride_qh, mask=v_ok[:, None] & h_ok[None, :],
                       other=0.0).to(dtype)
-        q_r = tl.load(q_base + DV + offs_r[:, None] + offs_h[None, :] * stride_qh,
+        q_r = tl.load(qr_base + offs_r[:, None] + offs_h[None, :] * stride_rh,
                       mask=r_ok[:, None] & h_ok[None, :], other=0.0).to(dtype)
         acc = tl.zeros([BLOCK_DV, BLOCK_H], dtype=tl.float32)  # acc^T
     else:  # q [H, D]: the heads are the dots' M dimension
         q_v = tl.load(q_base + offs_h[:, None] * stride_qh + offs_v[None, :], mask=h_ok[:, None] & v_ok[None, :],
                       other=0.0).to(dtype)
-        q_r = tl.load(q_base + offs_h[:, None] * stride_qh + DV + offs_r[None, :],
+        q_r = tl.load(qr_base + offs_h[:, None] * stride_rh + offs_r[None, :],
                       mask=h_ok[:, None] & r_ok[None, :], other=0.0).to(dtype)
         acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -269,11 +270,13 @@ def mla_decode_attention(
     config: MLADecodeConfig | None = None,
     num_splits: int | None = None,
     row_limit: torch.Tensor | None = None,
+    q_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over cached MLA latent rows, in latent space.
 
     Args:
-        q_lat: ``[B, H, L]`` absorbed queries, any float dtype (cast to the latent's dtype for the products).
+        q_lat: ``[B, H, L]`` absorbed queries, any float dtype (cast to the latent's dtype for the products); or,
+            with ``q_rope``, only their first ``value_dim`` values ``[B, H, value_dim]``. Any batch and head strides.
         latent: ``[B, S, L]`` cached rows (bf16, fp16 or fp32), last dimension contiguous; any batch and row
             strides (``buffer[:, :rows]`` of a larger preallocated buffer works as it is).
         mask: ``[B, S]`` or ``[1, S]`` bool (True = attend), or ``None`` (every row).
@@ -284,28 +287,38 @@ def mla_decode_attention(
         row_limit: optional one-element integer tensor on the device: rows at and past it are neither read nor
             attended (a static decode step attends over a bucket of rows, of which only ``position + 1`` are
             filled); read on the device, so a CUDA graph replays it with the step's current value.
+        q_rope: optional ``[B, H, L - value_dim]``, the queries' last values (against the rows' shared key part),
+            given apart so that the two parts need not be concatenated first.
 
     Returns:
         ``[B, H, value_dim]`` in the latent's dtype: ``softmax(scale * q_lat @ latent^T) @ latent[..., :value_dim]``
         per sequence and head; 0 for a sequence whose mask is all False.
     """
-    if q_lat.dim() != 3 or latent.dim() != 3:
-        raise ValueError(f"q_lat must be [B, H, L] and latent [B, S, L]; got {tuple(q_lat.shape)} and "
-                         f"{tuple(latent.shape)}")
-    bsz, heads, width = q_lat.shape
+    if q_lat.dim() != 3 or latent.dim() != 3 or (q_rope is not None and (q_rope.dim() != 3
+                                                                       or q_rope.shape[:2] != q_lat.shape[:2])):
+        raise ValueError(f"q_lat must be [B, H, L] (or [B, H, value_dim] with q_rope [B, H, L - value_dim]) and "
+                         f"latent [B, S, L]; got {tuple(q_lat.shape)}, "
+                         f"{None if q_rope is None else tuple(q_rope.shape)} and {tuple(latent.shape)}")
+    if q_rope is None:
+        q_lat, q_rope = q_lat[..., :value_dim], q_lat[..., value_dim:]
+    bsz, heads = q_lat.shape[:2]
+    width = q_lat.shape[2] + q_rope.shape[2]
     if latent.shape[0] != bsz or latent.shape[2] != width:
         raise ValueError(f"latent {tuple(latent.shape)} does not match q_lat {tuple(q_lat.shape)} ([B, S, L])")
     rows = latent.shape[1]
     if rows == 0:
         raise ValueError("latent has no rows to attend over")
-    if not 0 < value_dim < width:
-        raise ValueError(f"value_dim={value_dim} must be between 1 and L-1={width - 1} (values, then key-only part)")
+    if not 0 < value_dim < width or q_lat.shape[2] != value_dim:
+        raise ValueError(f"value_dim={value_dim} must be between 1 and L-1={width - 1} (values, then key-only part)"
+                         f" and the width of q_lat's value part ({q_lat.shape[2]})")
     if latent.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"latent dtype {latent.dtype} is not bf16, fp16 or fp32")
     if latent.stride(-1) != 1:
         latent = latent.contiguous()
     if q_lat.stride(-1) != 1:
         q_lat = q_lat.contiguous()
+    if q_rope.stride(-1) != 1:
+        q_rope = q_rope.contiguous()
     if mask is not None:
         if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] not in (1, bsz) or mask.shape[1] != rows:
             raise ValueError(f"mask must be bool [B or 1, S] = [{bsz} or 1, {rows}], got {mask.dtype} "
@@ -326,9 +339,9 @@ def mla_decode_attention(
     launch = pdl.launch_options(latent.device)
     limit_arg = row_limit if row_limit is not None else latent  # never read without HAS_LIMIT
     _mla_decode_split_kernel[(splits, bsz)](
-        q_lat, latent, mask_arg, limit_arg, part, lse,
+        q_lat, q_rope, latent, mask_arg, limit_arg, part, lse,
         rows, heads, scale * math.log2(math.e),
-        q_lat.stride(0), q_lat.stride(1),
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
         latent.stride(0), latent.stride(1),
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
         part.stride(0), part.stride(1), part.stride(2),

@@ -33,6 +33,16 @@ def _scores_fp32(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.bmm(q.float(), k.float().transpose(1, 2))
 
 
+def _per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x [B, nh, T, a] @ w[nh, a, c] -> [B, nh, T, c]`` as one product batched over the heads, the weight read
+    once. (``torch.matmul`` broadcasts the weight over the batch first and, for B > 1, copies it B times: 4 MB a
+    sequence for each of the release's two absorbed weights, in every MLA layer of a batched decode step.) The
+    result is a view with the heads outermost in memory."""
+    bsz, heads, seqlen, width = x.shape
+    y = torch.bmm(x.transpose(0, 1).reshape(heads, bsz * seqlen, width), w)  # a view of x for one new token
+    return y.view(heads, bsz, seqlen, -1).transpose(0, 1)
+
+
 class KimiMLAAttention(nn.Module):
     """MLA token mixer with released parameter names (``q_proj`` or ``q_a_proj``/``q_b_proj``,
     ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``)."""
@@ -112,11 +122,13 @@ class KimiMLAAttention(nn.Module):
         w_k, w_v = self.absorbed_weights()
         bsz, heads, seqlen, _ = q.shape
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], -1)
-        q_lat = torch.cat([torch.matmul(q_nope, w_k), q_rope], -1)  # [B, nh, T, r + rope]
+        q_abs = _per_head(q_nope, w_k)  # [B, nh, T, r]
         if seqlen == 1 and kernels.triton_decode(self.decode_kernels, q):
             mask = attn_mask[:, 0, 0] if attn_mask is not None else None  # [B or 1, S]
-            out = kernels.mla_decode(q_lat[:, :, 0], latent, mask, self.scaling, self.kv_lora_rank, row_limit)
-            return torch.matmul(out.unsqueeze(2), w_v.transpose(1, 2))  # [B, nh, 1, v]
+            out = kernels.mla_decode(q_abs[:, :, 0], latent, mask, self.scaling, self.kv_lora_rank, row_limit,
+                                     q_rope=q_rope[:, :, 0])  # the two query parts as they are: no concatenation
+            return _per_head(out.unsqueeze(2), w_v.transpose(1, 2))  # [B, nh, 1, v]
+        q_lat = torch.cat([q_abs, q_rope], -1)  # [B, nh, T, r + rope]
         # fold the heads into the query axis: nh*T queries against the one shared latent key/value sequence.
         # (SDPA has no fused kernel for 576-wide heads and its fallback is slow; one query row per head is two
         # batched products and a softmax, with scores in fp32.)
@@ -140,7 +152,7 @@ class KimiMLAAttention(nn.Module):
             out = (probs.unsqueeze(-1) * values.float().unsqueeze(1)).sum(2).to(latent.dtype)
         else:
             out = torch.bmm(probs.to(latent.dtype), values)  # [B, nh*T, r]
-        return torch.matmul(out.view(bsz, heads, seqlen, -1), w_v.transpose(1, 2))  # [B, nh, T, v]
+        return _per_head(out.view(bsz, heads, seqlen, -1), w_v.transpose(1, 2))  # [B, nh, T, v]
 
     def attend_expanded(self, q: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention with per-head keys/values expanded from the latent (prefill); long prompts go in query

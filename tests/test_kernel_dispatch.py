@@ -87,7 +87,7 @@ def test_mla_decode_kernel_never_serves_cpu_tensors_or_the_torch_choice(monkeypa
     as CUDA, ``decode_kernels="torch"`` still keeps the PyTorch path and ``"auto"`` takes the kernel."""
     monkeypatch.setattr(kernels, "triton_imports", lambda: True)  # as if triton were installed
 
-    def kernel_called(*args):
+    def kernel_called(*args, **kwargs):
         raise AssertionError("the Triton MLA decode kernel was called")
 
     monkeypatch.setattr(kernels, "mla_decode", kernel_called)

@@ -128,6 +128,22 @@ def test_row_limit_skips_rows_past_it():
         mdt.mla_decode_attention(q, latent, mask, 0.05, DV, row_limit=torch.tensor([1.5]))
 
 
+def test_query_in_two_parts_with_any_head_strides_matches_one_tensor():
+    """The value-space part and the shared-key part of the query given apart (as the layer passes them: the first
+    a head-major product, the second a slice of the projection) give what the concatenated query gives."""
+    gen = torch.Generator().manual_seed(5)
+    q, latent = torch.randn(3, H, L, generator=gen), torch.randn(3, 40, L, generator=gen)
+    head_major = q[..., :DV].transpose(0, 1).contiguous().transpose(0, 1)  # strides (DV, B * DV, 1)
+    wider = torch.randn(3, H, L + 8, generator=gen)
+    wider[..., 8:] = q
+    rope = wider[..., 8 + DV:]  # a slice with the batch and head strides of a wider tensor
+    want = mdt.mla_decode_attention(q, latent, None, 0.05, DV, num_splits=3)
+    got = mdt.mla_decode_attention(head_major, latent, None, 0.05, DV, num_splits=3, q_rope=rope)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="q_rope"):
+        mdt.mla_decode_attention(head_major, latent, None, 0.05, DV, q_rope=rope[:2])
+
+
 def test_bad_input_is_one_clear_error():
     q, latent = torch.randn(1, H, L), torch.randn(1, 8, L)
     with pytest.raises(ValueError, match="mask must be bool"):
@@ -156,7 +172,7 @@ def test_attend_latent_through_the_kernel_matches_the_pytorch_path(monkeypatch, 
                         else "triton")
     calls = []
     real = kernels.mla_decode
-    monkeypatch.setattr(kernels, "mla_decode", lambda *a: calls.append(a[1].shape) or real(*a))
+    monkeypatch.setattr(kernels, "mla_decode", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
     gen = torch.Generator().manual_seed(11)
     bsz, bucket, capacity, position = 2, 96, 130, 80
     buf = torch.zeros(bsz, capacity, layer.kv_lora_rank + layer.rope_dim)
@@ -190,7 +206,7 @@ config = m.default_config(torch.bfloat16)
 if sys.argv[1] == "_mla_decode_split_kernel":  # the release's latent rows (512 + 64) and 32 heads
     const = {"DV": 512, "DR": 64, "BLOCK_H": 32, "BLOCK_DV": 512, "BLOCK_DR": 64, "BLOCK_S": config.block_s,
              "HAS_MASK": True, "HAS_LIMIT": True, "KV_MAJOR": config.kv_major, "PRECISION": "tf32"}
-    types = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "mask_ptr": "*u8", "limit_ptr": "*i64", "part_ptr": "*fp32",
+    types = {"q_ptr": "*bf16", "qr_ptr": "*bf16", "kv_ptr": "*bf16", "mask_ptr": "*u8", "limit_ptr": "*i64", "part_ptr": "*fp32",
              "lse_ptr": "*fp32", "qk_scale": "fp32", "stride_kb": "i64"}
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
 else:
