@@ -11,8 +11,8 @@ import torch
 
 def versions_header(extra: str, device: str | None = None) -> str:
     """``device: ...; torch ..., transformers ..., fla ...; <date>; <extra>`` for a result table (``device``: the
-    device's name, by default the first GPU's), noting ``KIMI_LINEAR_PDL=0`` where it turned programmatic dependent
-    launch off (``modeling_kimi_linear/pdl.py``)."""
+    device's name, by default the first GPU's), noting ``KIMI_LINEAR_PDL=1`` where it turned programmatic dependent
+    launch on (``modeling_kimi_linear/pdl.py``)."""
     import os
 
     import transformers
@@ -25,7 +25,7 @@ def versions_header(extra: str, device: str | None = None) -> str:
         fla_version = "not installed"
     return (f"device: {device or torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
             f"{transformers.__version__}, fla {fla_version}; {datetime.date.today()}; {extra}"
-            + ("; KIMI_LINEAR_PDL=0" if os.environ.get("KIMI_LINEAR_PDL") == "0" else ""))
+            + ("; KIMI_LINEAR_PDL=1" if os.environ.get("KIMI_LINEAR_PDL") == "1" else ""))
 
 
 def save_report(out: str | Path, stem: str, text: str, header: str, rows: list[dict]) -> None:

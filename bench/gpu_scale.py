@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
                   header=versions_header(f"{args.dtype}, random weights, preset {args.preset}",
                                          device=None if device.type == "cuda" else "cpu"),
                   prefill=args.prefill, new_tokens=args.new_tokens,
-                  programmatic_dependent_launch=os.environ.get("KIMI_LINEAR_PDL", "1") != "0")
+                  programmatic_dependent_launch=os.environ.get("KIMI_LINEAR_PDL") == "1")
     import datetime
     import transformers
 

@@ -1,6 +1,6 @@
 """When this package's Triton decode kernels are launched with programmatic dependent launch
-(:mod:`modeling_kimi_linear.pdl`): CUDA devices of compute capability >= 9.0 only, never under Triton's interpreter,
-and never with ``KIMI_LINEAR_PDL=0``. What the launch does on a GPU (the kernels' PTX waits before any memory
+(:mod:`modeling_kimi_linear.pdl`): with ``KIMI_LINEAR_PDL=1`` (off by default until timed on a GPU), on CUDA devices
+of compute capability >= 9.0 only, never under Triton's interpreter. What the launch does on a GPU (the kernels' PTX waits before any memory
 access) is checked by each kernel's sm_90 compile test; its values by ``bench/gpu_check.py``."""
 
 from __future__ import annotations
@@ -15,11 +15,16 @@ from modeling_kimi_linear import pdl  # noqa: E402
 
 @pytest.fixture
 def hopper(monkeypatch):
-    """Pretend every CUDA device is a Hopper GPU (no GPU here)."""
+    """Pretend every CUDA device is a Hopper GPU (no GPU here), with PDL switched on."""
     monkeypatch.setattr(pdl, "_hopper_or_later", lambda index: True)
-    monkeypatch.delenv(pdl.ENV_VAR, raising=False)
+    monkeypatch.setenv(pdl.ENV_VAR, "1")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     return monkeypatch
+
+
+def test_off_unless_switched_on(hopper):
+    hopper.delenv(pdl.ENV_VAR)
+    assert not pdl.enabled(torch.device("cuda", 0))
 
 
 def test_cuda_devices_of_hopper_and_later_launch_with_it(hopper):
