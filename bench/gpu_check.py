@@ -31,14 +31,14 @@ if __package__:  # kimi_linear_bench.gpu_check (installed) or python -m bench.gp
     from .gpu_check_kernels import (
         kda_decode_step_checks, mla_decode_check, moe_decode, moe_int8_check, multi_linear_check, rms_norm_check,
     )
-    from .gpu_report import save_report, versions_header
+    from .gpu_report import pdl_env, save_report, versions_header
 else:  # run as a script from a checkout (python bench/gpu_check.py): make its package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gpu_check_common import T0, TARGET, Rows, check_config, pair, rel, set_backend  # type: ignore[no-redef]
     from gpu_check_kernels import (  # type: ignore[no-redef]
         kda_decode_step_checks, mla_decode_check, moe_decode, moe_int8_check, multi_linear_check, rms_norm_check,
     )
-    from gpu_report import save_report, versions_header  # type: ignore[no-redef]
+    from gpu_report import pdl_env, save_report, versions_header  # type: ignore[no-redef]
 
 from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.kda_fla import FLA_INSTALL_HINT, fla_kda_ops  # noqa: E402
@@ -140,47 +140,54 @@ def stability(rows: list[dict], prefill: int, steps: int) -> None:
 def graph_decode(rows: list[dict]) -> None:
     """CUDA-graph decode vs op-by-op decode of the same model (3 KDA + 1 MLA, 16 experts top-4, bf16, fla path):
     a left-padded batch of 2 decoded for 100 steps from 250 cached tokens (over two bucket boundaries, the cache
-    buffers growing), then greedy ``generate()`` both ways."""
-
+    buffers growing), then greedy ``generate()`` both ways. A third run, a copy of the model decoding through
+    graphs with this package's Triton kernels launched with programmatic dependent launch (``KIMI_LINEAR_PDL=1``,
+    ``modeling_kimi_linear/pdl.py``), is compared with op-by-op decoding the same way."""
     torch.manual_seed(0)
     model = set_backend(KimiLinearForCausalLM(check_config(moe=True)).to("cuda", torch.bfloat16).eval(), "fla")
+    models = {"eager": model, "graph": model, "graph, PDL": copy.deepcopy(model)}
     ids = torch.randint(3, 4096, (2, 250), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :40] = 0
+
+    def run(mode: str, *args, **kwargs):  # noqa: ANN202
+        m = models[mode]
+        m.cuda_graph_decode = mode != "eager"
+        with pdl_env(mode == "graph, PDL"):
+            return m(*args, **kwargs) if "max_new_tokens" not in kwargs else m.generate(*args, **kwargs)
+
     caches = {}
-    for mode in ("eager", "graph"):
-        model.cuda_graph_decode = mode == "graph"
-        out = model(ids, attention_mask=mask)
+    for mode in models:
+        out = run(mode, ids, attention_mask=mask)
         caches[mode] = output_cache(out)
     token, step_mask = out.logits[:, -1:].argmax(-1), mask
-    worst, times = 0.0, {"eager": [], "graph": []}
+    worst, times = dict.fromkeys(models, 0.0), {mode: [] for mode in models}
     for _ in range(100):
         step_mask = torch.cat([step_mask, step_mask.new_ones(2, 1)], 1)
         logits = {}
-        for mode in ("eager", "graph"):
-            model.cuda_graph_decode = mode == "graph"
+        for mode in models:
             torch.cuda.synchronize()
             t = time.perf_counter()
-            logits[mode] = model(token, attention_mask=step_mask, past_key_values=caches[mode]).logits
+            logits[mode] = run(mode, token, attention_mask=step_mask, past_key_values=caches[mode]).logits
             torch.cuda.synchronize()
             times[mode].append(time.perf_counter() - t)
-        worst = max(worst, rel(logits["graph"], logits["eager"]))
+            worst[mode] = max(worst[mode], rel(logits[mode], logits["eager"]))
         token = logits["eager"][:, -1:].argmax(-1)
-    rows.append({"check": "CUDA-graph decode vs op-by-op decode, logits, 100 steps from 250 tokens (worst step)",
-                 "rel_err": worst})
-    rows.append({"check": "  same, KDA state at the end", "rel_err": rel(caches["graph"].kda_state(0)[1],
-                                                                         caches["eager"].kda_state(0)[1])})
+    for mode in ("graph", "graph, PDL"):
+        rows.append({"check": f"CUDA-graph decode{' with PDL' if 'PDL' in mode else ''} vs op-by-op decode, logits, "
+                              "100 steps from 250 tokens (worst step)", "rel_err": worst[mode]})
+        rows.append({"check": "  same, KDA state at the end", "rel_err": rel(caches[mode].kda_state(0)[1],
+                                                                             caches["eager"].kda_state(0)[1])})
     median = {m: sorted(t)[len(t) // 2] * 1e3 for m, t in times.items()}
     rows.append({"check": f"  step time (ms, a time, not an error): eager {median['eager']:.2f}, graph "
-                          f"{median['graph']:.2f}; slowest graph step (captures) {max(times['graph']) * 1e3:.0f}",
-                 "rel_err": median["graph"], "info": True})
-    seqs = {}
-    for mode in ("eager", "graph"):
-        model.cuda_graph_decode = mode == "graph"
-        seqs[mode] = model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, pad_token_id=0)
-    same = (seqs["eager"] == seqs["graph"]).float().mean().item()
-    rows.append({"check": "generate(): share of greedy tokens that differ, graph vs eager (64 new tokens, bf16)",
-                 "rel_err": 1.0 - same, "info": True})
+                          f"{median['graph']:.2f}, graph with PDL {median['graph, PDL']:.2f}; slowest graph step "
+                          f"(captures) {max(times['graph']) * 1e3:.0f}", "rel_err": median["graph"], "info": True})
+    seqs = {mode: run(mode, ids, attention_mask=mask, max_new_tokens=64, do_sample=False, pad_token_id=0)
+            for mode in models}
+    for mode in ("graph", "graph, PDL"):
+        same = (seqs["eager"] == seqs[mode]).float().mean().item()
+        rows.append({"check": f"generate(): share of greedy tokens that differ, {mode} vs eager (64 new tokens, "
+                              "bf16)", "rel_err": 1.0 - same, "info": True})
 
 
 @torch.no_grad()

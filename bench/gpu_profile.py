@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -35,14 +36,16 @@ if __package__:  # kimi_linear_bench.gpu_profile (installed) or python -m bench.
     from .gpu_check_common import set_decode_kernels
     from .gpu_long_context import extend_cache
     from .gpu_scale import layout_config
-    from .gpu_report import save_report, versions_header
+    from .gpu_report import pdl_settings, programmatic_dependent_launch, save_report, versions_header
 else:  # run as a script from a checkout (python bench/gpu_profile.py): make its package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gpu import copy_bandwidth, log  # type: ignore[no-redef]
     from gpu_check_common import set_decode_kernels  # type: ignore[no-redef]
     from gpu_long_context import extend_cache  # type: ignore[no-redef]
     from gpu_scale import layout_config  # type: ignore[no-redef]
-    from gpu_report import save_report, versions_header  # type: ignore[no-redef]
+    from gpu_report import (  # type: ignore[no-redef]
+        pdl_settings, programmatic_dependent_launch, save_report, versions_header,
+    )
 
 from modeling_kimi_linear import kda_layer  # noqa: E402
 from modeling_kimi_linear.cuda_graph_decode import decode_bucket  # noqa: E402
@@ -197,6 +200,11 @@ def charge_kernels(events, steps: int) -> tuple[dict[str, float], float]:
     return parts, total
 
 
+def pdl_suffix() -> str:
+    """``_pdl`` in the names of files written with programmatic dependent launch on."""
+    return "_pdl" if os.environ.get("KIMI_LINEAR_PDL") == "1" else ""
+
+
 @torch.no_grad()
 def profile_context(model, context: int, args, bw: float) -> list[dict]:  # noqa: ANN001
     ids = torch.randint(3, model.config.vocab_size, (1, args.prefill), device="cuda")
@@ -221,7 +229,8 @@ def profile_context(model, context: int, args, bw: float) -> list[dict]:  # noqa
             dump = [[e.name()[:80], str(e.device_type()), e.start_ns(), e.end_ns(), e.correlation_id(),
                      e.linked_correlation_id(), e.is_user_annotation()] for e in events]
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / f"events_{context}_{choice}.json").write_text(json.dumps(dump[: args.dump_events]))
+            name = f"events_{context}_{choice}{pdl_suffix()}.json"
+            (Path(args.out) / name).write_text(json.dumps(dump[: args.dump_events]))
         model.cuda_graph_decode = True
         for _ in range(3):
             token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
@@ -247,7 +256,7 @@ def profile_context(model, context: int, args, bw: float) -> list[dict]:  # noqa
                      "device_us": round(graph_us, 1), "roofline_us": round(1e6 * sum(nbytes.values()) / bw, 1)})
         log(f"context {context}, decode_kernels={choice}: graph step {graph_us:.0f} us, kernels {kernels_total:.0f} us")
         if args.trace:
-            prof.export_chrome_trace(str(Path(args.out) / f"trace_{context}_{choice}.json"))
+            prof.export_chrome_trace(str(Path(args.out) / f"trace_{context}_{choice}{pdl_suffix()}.json"))
     return rows
 
 
@@ -419,6 +428,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="write the first N profiler events per context and setting (name, device, times, "
                              "correlation ids) to events_<context>_<kernels>.json, to check the charging")
     parser.add_argument("--trace", action="store_true", help="also write a chrome trace per context and setting")
+    parser.add_argument("--pdl", type=pdl_settings, default=[False],
+                        help="profile with this package's Triton kernels launched without ('off') and / or with "
+                             "('on') programmatic dependent launch, e.g. off,on")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
     args.kernels = args.kernels.split(",")
@@ -428,18 +440,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = build_random_model(layout_config(args.preset, "hybrid", args.layers), torch.device("cuda"), torch.bfloat16)
     rows = []
-    for context in (int(c) for c in args.contexts.split(",")):
-        rows += profile_context(model, context, args, bw)
-        if args.generate_steps:
-            rows += generate_anatomy(model, context, args)
+    for context, pdl in itertools.product((int(c) for c in args.contexts.split(",")), args.pdl):
+        with programmatic_dependent_launch(model, pdl):
+            found = profile_context(model, context, args, bw)
+            if args.generate_steps:
+                found += generate_anatomy(model, context, args)
+        rows += [{**r, "pdl": pdl} for r in found]
     cut = f" cut to {args.layers} layers" if args.layers else ""
     head = versions_header(f"bf16, batch 1, preset {args.preset}{cut}; copy bandwidth {bw / 1e12:.2f} TB/s")
-    lines = [head, "", "| context | decode_kernels | part | device time per step (us) | roofline (us) | x roofline |",
-             "|---|---|---|---|---|---|"]
+    lines = [head, "", "| context | decode_kernels | PDL | part | device time per step (us) | roofline (us) | x "
+             "roofline |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['device_us'] / r['roofline_us']:.1f}" if r["roofline_us"] else "-"
-        lines.append(f"| {r['context']} | {r['kernels']} | {r['part']} | {r['device_us']} | {r['roofline_us']} | "
-                     f"{ratio} |")
+        lines.append(f"| {r['context']} | {r['kernels']} | {'on' if r['pdl'] else 'off'} | {r['part']} | "
+                     f"{r['device_us']} | {r['roofline_us']} | {ratio} |")
     save_report(args.out, "gpu_profile", "\n".join(lines), head, rows)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -44,12 +45,14 @@ import torch
 if __package__:  # kimi_linear_bench.gpu_scale (installed) or python -m bench.gpu_scale
     from .gpu import copy_bandwidth, log
     from .gpu_long_context import extend_cache, memory_line, sync
-    from .gpu_report import save_report, versions_header
+    from .gpu_report import pdl_settings, programmatic_dependent_launch, save_report, versions_header
 else:  # run as a script from a checkout (python bench/gpu_scale.py): make its package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gpu import copy_bandwidth, log  # type: ignore[no-redef]
     from gpu_long_context import extend_cache, memory_line, sync  # type: ignore[no-redef]
-    from gpu_report import save_report, versions_header  # type: ignore[no-redef]
+    from gpu_report import (  # type: ignore[no-redef]
+        pdl_settings, programmatic_dependent_launch, save_report, versions_header,
+    )
 
 from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
@@ -172,12 +175,13 @@ def largest_batch(model, context: int, bytes_: Bytes, reserve_gb: float) -> int:
 
 def run_decode(model, args, bw: float | None, bytes_: Bytes) -> list[dict]:  # noqa: ANN001
     rows = []
-    for context in args.contexts:
-        log(f"decode: batch 1 at {context} tokens")
-        got = step_time(model, 1, context, args)
+    for context, pdl in itertools.product(args.contexts, args.pdl):
+        log(f"decode: batch 1 at {context} tokens, programmatic dependent launch {'on' if pdl else 'off'}")
+        with programmatic_dependent_launch(model, pdl):
+            got = step_time(model, 1, context, args)
         row = {"layers": model.config.num_hidden_layers, "context": context, "batch": 1,
                "tpot_ms": round(1e3 * got["step_s"], 3), "synthetic_context": context > args.prefill,
-               "paper_tpot_ms": PAPER_TPOT_MS.get(context)}
+               "paper_tpot_ms": PAPER_TPOT_MS.get(context), "pdl": pdl}
         if bw:
             row["roofline_ms"] = round(1e3 * bytes_.step(1, context) / bw, 3)
             row["tpot_over_roofline"] = round(row["tpot_ms"] / row["roofline_ms"], 2)
@@ -237,10 +241,12 @@ def run_batched(model, layout: str, args, bw: float | None, bytes_: Bytes) -> li
     for context in args.batched_contexts:
         cap = largest_batch(model, context, bytes_, args.reserve_gb)
         batches = sorted({min(b, cap) if b != "max" else cap for b in args.batches})
-        for batch in batches:
-            log(f"batched: {layout} at {context} tokens, batch {batch} (largest that fits: {cap}); {memory_line(model.device)}")
+        for batch, pdl in itertools.product(batches, args.pdl):
+            log(f"batched: {layout} at {context} tokens, batch {batch} (largest that fits: {cap}), programmatic "
+                f"dependent launch {'on' if pdl else 'off'}; {memory_line(model.device)}")
             try:
-                got = step_time(model, batch, context, args)
+                with programmatic_dependent_launch(model, pdl):
+                    got = step_time(model, batch, context, args)
             except torch.OutOfMemoryError:
                 log("  out of memory: skipped")
                 gc.collect()
@@ -248,7 +254,7 @@ def run_batched(model, layout: str, args, bw: float | None, bytes_: Bytes) -> li
                 continue
             row = {"layout": layout, "context": context, "batch": batch, "largest_batch": cap,
                    "tokens_per_s": round(batch / got["step_s"], 1), "expert_share": round(got["expert_share"], 3),
-                   "synthetic_context": context > args.prefill}
+                   "synthetic_context": context > args.prefill, "pdl": pdl}
             if bw:
                 row["roofline_tokens_per_s"] = round(batch * bw / bytes_.step(batch, context, got["expert_share"]), 1)
                 row["share_of_roofline"] = round(row["tokens_per_s"] / row["roofline_tokens_per_s"], 3)
@@ -328,28 +334,36 @@ def build_model(config, device: torch.device, dtype: torch.dtype) -> KimiLinearF
     return model
 
 
+def pdl_cell(row: dict) -> str:
+    """Whether a row ran with programmatic dependent launch (rows of runs before the option: off)."""
+    return "on" if row.get("pdl") else "off"
+
+
 def report(result: dict) -> str:
     lines = [result["header"], "",
              f"Contexts beyond the {result['prefill']}-token real prefill are filled by repeating the prefill's MLA "
              "latents (decode cost does not depend on the values). TPOT through `generate()`: (time for n+1 new "
              "tokens - time for 1) / n.", ""]
     if result.get("decode"):
-        lines += ["| layers | context | batch | TPOT (ms) | roofline (ms) | TPOT / roofline | paper TPOT (ms) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| layers | context | batch | PDL | TPOT (ms) | roofline (ms) | TPOT / roofline | paper TPOT (ms) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in result["decode"]:
-            lines.append(f"| {r['layers']} | {r['context']} | 1 | {r['tpot_ms']} | {r.get('roofline_ms', '-')} | "
-                         f"{r.get('tpot_over_roofline', '-')} | {r.get('paper_tpot_ms') or '-'} |")
-        ours = {r["context"]: r["tpot_ms"] for r in result["decode"]}
+            lines.append(f"| {r['layers']} | {r['context']} | 1 | {pdl_cell(r)} | {r['tpot_ms']} | "
+                         f"{r.get('roofline_ms', '-')} | {r.get('tpot_over_roofline', '-')} | "
+                         f"{r.get('paper_tpot_ms') or '-'} |")
+        ours = {}
+        for r in result["decode"]:  # our best TPOT per context, for the comparison with native
+            ours[r["context"]] = min(ours.get(r["context"], float("inf")), r["tpot_ms"])
         for r in result.get("native_decode", []):
             speedup = f"{r['tpot_ms'] / ours[r['context']]:.1f}x" if r["context"] in ours else "-"
-            lines.append(f"| native transformers, {r['layers']} layers | {r['context']} (real prompt) | 1 | "
+            lines.append(f"| native transformers, {r['layers']} layers | {r['context']} (real prompt) | 1 | - | "
                          f"{r['tpot_ms']} | - | ours is {speedup} faster | - |")
         lines.append("")
     if result.get("batched"):
-        lines += ["| layout | context | batch | tokens/s | roofline tokens/s | share of roofline | experts touched |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| layout | context | batch | PDL | tokens/s | roofline tokens/s | share of roofline | experts "
+                  "touched |", "|---|---|---|---|---|---|---|---|"]
         for r in result["batched"]:
-            lines.append(f"| {r['layout']} | {r['context']} | {r['batch']} | {r['tokens_per_s']} | "
+            lines.append(f"| {r['layout']} | {r['context']} | {r['batch']} | {pdl_cell(r)} | {r['tokens_per_s']} | "
                          f"{r.get('roofline_tokens_per_s', '-')} | {r.get('share_of_roofline', '-')} | "
                          f"{r['expert_share']:.0%} |")
         best = {}
@@ -389,6 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--native-contexts", type=ints, default=[4096],
                         help="decode part: contexts at which native transformers' hybrid is timed in the same run "
                              "(the anchor; empty: none)")
+    parser.add_argument("--pdl", type=pdl_settings, default=[False],
+                        help="decode and batched parts: run each row with this package's Triton kernels launched "
+                             "without ('off') and / or with ('on') programmatic dependent launch, e.g. off,on")
     parser.add_argument("--native-tokens", type=int, default=8, help="n in native's TPOT formula")
     parser.add_argument("--prefill", type=int, default=64, help="real prefill tokens per sequence")
     parser.add_argument("--reserve-gb", type=float, default=6.0, help="device memory kept free when sizing batches")
@@ -415,8 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     result.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   header=versions_header(f"{args.dtype}, random weights, preset {args.preset}",
                                          device=None if device.type == "cuda" else "cpu"),
-                  prefill=args.prefill, new_tokens=args.new_tokens,
-                  programmatic_dependent_launch=os.environ.get("KIMI_LINEAR_PDL") == "1")
+                  prefill=args.prefill, new_tokens=args.new_tokens)
     import datetime
     import transformers
 

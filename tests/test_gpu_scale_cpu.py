@@ -3,23 +3,40 @@ native transformers' anchor row from the same run."""
 
 import json
 import math
+import os
 
+import pytest
+
+from bench import gpu_report
 from bench import gpu_scale as scale
 
 
 def test_gpu_scale_smoke_writes_the_issue_shape(tmp_path):
     scale.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--parts", "decode,batched",
                 "--contexts", "256", "--native-contexts", "256", "--batched-contexts", "256", "--batches", "1,2",
-                "--new-tokens", "2", "--native-tokens", "2", "--out", str(tmp_path)])
+                "--new-tokens", "2", "--native-tokens", "2", "--pdl", "off,on", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "gpu_scale.json").read_text())
     assert {"device", "versions", "date", "decode", "batched"} <= set(result)
-    (row,) = result["decode"]
+    off, on = result["decode"]  # a row for each programmatic-dependent-launch setting (a no-op on a CPU)
+    assert (off["pdl"], on["pdl"]) == (False, True)
     # times are only checked to be numbers: a difference of two short timings can come out negative on a busy CPU
-    assert (row["context"], row["batch"], row["layers"]) == (256, 1, 4) and math.isfinite(row["tpot_ms"])
+    for row in (off, on):
+        assert (row["context"], row["batch"], row["layers"]) == (256, 1, 4) and math.isfinite(row["tpot_ms"])
     (native,) = result["native_decode"]
     assert native["context"] == 256 and math.isfinite(native["tpot_ms"])
-    layouts = {(r["layout"], r["batch"]) for r in result["batched"]}
-    assert layouts == {("hybrid", 1), ("hybrid", 2), ("all_mla", 1), ("all_mla", 2)}
+    layouts = sorted((r["layout"], r["batch"], r["pdl"]) for r in result["batched"])
+    assert layouts == sorted((lay, b, p) for lay in ("hybrid", "all_mla") for b in (1, 2) for p in (False, True))
     assert all(math.isfinite(r["tokens_per_s"]) for r in result["batched"])
     table = (tmp_path / "gpu_scale.md").read_text()
     assert "native transformers" in table and "hybrid / all-MLA" in table
+
+
+def test_pdl_setting_is_restored_and_bad_values_refused(monkeypatch):
+    monkeypatch.delenv("KIMI_LINEAR_PDL", raising=False)
+    model = type("M", (), {})()  # no captured graphs to drop
+    with gpu_report.programmatic_dependent_launch(model, True):
+        assert os.environ["KIMI_LINEAR_PDL"] == "1"
+    assert "KIMI_LINEAR_PDL" not in os.environ
+    assert gpu_report.pdl_settings("off, on") == [False, True]
+    with pytest.raises(ValueError, match="--pdl"):
+        gpu_report.pdl_settings("yes")
