@@ -7,14 +7,16 @@ What the PyTorch path launches per MoE layer for a decode step on CUDA: the rout
 copies of x and of the router weight, linear, sigmoid, bias add, top-k, gather, sum, add, divide, scale) and the
 experts about 17 (argsort, division, zeros, scatter_add, gather of x, cumsum, cast, two ``grouped_mm`` over all E
 experts, activation, product, casts, gather of the weights, product, zeros, index_add). ``grouped_mm`` walks all
-256 groups, nearly all empty at batch 1, and is not built for a 1-16 row GEMV. Here the same work is 6 launches,
-none reading anything back to the host (CUDA-graph capturable):
+256 groups, nearly all empty at batch 1, and is not built for a 1-16 row GEMV. Here the same work is 4 or 5
+launches, none reading anything back to the host (CUDA-graph capturable):
 
-* :func:`route` (2 kernels): ``_router_logits`` computes the fp32 logits from x and the router weight in their own
-  dtypes (each tile is converted in registers; no fp32 copy of the weight is written), ``_router_select`` does
-  per token what ``KimiMoEGate`` does after the linear: sigmoid (or softmax), + ``e_score_correction_bias``,
-  grouped top-k (groups ranked by the sum of their two best biased scores, the other groups' scores replaced by
-  0.0), top-k, gather of the weights with or without the bias, renormalisation, scaling.
+* :func:`route` (1 kernel): ``_router_logits`` computes the fp32 logits from x and the router weight in their own
+  dtypes (each tile is converted in registers; no fp32 copy of the weight is written); the last of its programs
+  for a block of tokens (an arrival counter, :mod:`launch_resources`) then does per token what ``KimiMoEGate``
+  does after the linear (``_select``): sigmoid (or softmax), + ``e_score_correction_bias``, grouped top-k (groups
+  ranked by the sum of their two best biased scores, the other groups' scores replaced by 0.0), top-k, gather of
+  the weights with or without the bias, renormalisation, scaling. (``_router_select``, one program a token, does
+  the selection as a second launch where no counters can be had: a CUDA-graph capture that would allocate them.)
 * :func:`experts` (4 kernels):
 
   1. ``_group_copies`` (one program): sorts the N*k token-expert copies by expert (``tl.sort`` on
@@ -81,6 +83,7 @@ except ImportError as exc:
     raise ImportError("the MoE decode kernels need triton: pip install triton") from exc
 
 from . import pdl
+from .launch_resources import arrival_counters
 
 # activations the kernels implement (names as in ``transformers.activations.ACT2FN``; both are x * sigmoid(x))
 ACTIVATIONS = ("silu", "swish")
@@ -96,6 +99,9 @@ ROUTER_BLOCK_E = 8  # experts per program of _router_logits
 # the narrower tile is not yet timed.
 ROUTER_DECODE_BLOCK_E = 2
 ROUTER_DECODE_BLOCK_D = 1024
+# The expert selection runs in the logits kernel's last program of each block of tokens (an arrival counter) rather
+# than as a second launch: one launch fewer per MoE layer and step; not yet timed.
+FUSED_SELECT = True
 
 
 def experts_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> bool:
@@ -500,28 +506,39 @@ def route(
     block_e = ROUTER_DECODE_BLOCK_E if num_tokens <= 2 else ROUTER_BLOCK_E
     block_d = max(32, min(ROUTER_DECODE_BLOCK_D if num_tokens <= 2 else 256, 4096 // (block_m * block_e)))
     launch = pdl.launch_options(x.device)
-    _router_logits[(triton.cdiv(num_experts, block_e), triton.cdiv(num_tokens, block_m))](
-        x, weight, logits, num_tokens, hidden, num_experts,
-        BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_D=block_d,
-        LINES=_pow2(triton.cdiv(hidden * weight.element_size(), pdl.LINE_BYTES.value)), **launch,
-    )
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
     out = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
-    _router_select[(num_tokens,)](
-        logits, bias, ids, out, num_experts, float(scaling),
-        EP=_pow2(num_experts), TOP_K=top_k, KP=_pow2(top_k), NUM_GROUPS=num_groups, NGP=_pow2(num_groups),
-        TOPK_GROUP=topk_group, GROUP_SIZE=num_experts // num_groups, SOFTMAX=activation == "softmax",
-        INCLUDE_BIAS=bool(weights_include_bias), RENORMALIZE=bool(renormalize) and top_k > 1, num_warps=1, **launch,
+    select = dict(EP=_pow2(num_experts), TOP_K=top_k, KP=_pow2(top_k), NUM_GROUPS=num_groups,
+                  NGP=_pow2(num_groups), TOPK_GROUP=topk_group, GROUP_SIZE=num_experts // num_groups,
+                  SOFTMAX=activation == "softmax", INCLUDE_BIAS=bool(weights_include_bias),
+                  RENORMALIZE=bool(renormalize) and top_k > 1)
+    grid = (triton.cdiv(num_experts, block_e), triton.cdiv(num_tokens, block_m))
+    counters = arrival_counters(x.device, grid[1]) if FUSED_SELECT else None
+    _router_logits[grid](
+        x, weight, logits, num_tokens, hidden, num_experts, bias, ids, out, float(scaling),
+        counters if counters is not None else ids,
+        BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_D=block_d,
+        LINES=_pow2(triton.cdiv(hidden * weight.element_size(), pdl.LINE_BYTES.value)), SELECT=counters is not None,
+        **select, **launch,
     )
+    if counters is None:  # a CUDA-graph capture that would have to allocate the counters: a second launch
+        _router_select[(num_tokens,)](logits, bias, ids, out, num_experts, float(scaling), **select, num_warps=1,
+                                      **launch)
     return ids, out, logits
 
 
 @triton.jit
-def _router_logits(x_ptr, w_ptr, out_ptr, N, D: tl.constexpr, E,
+def _router_logits(x_ptr, w_ptr, out_ptr, N, D: tl.constexpr, E, bias_ptr, ids_ptr, weights_ptr, scaling, cnt_ptr,
                    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, LINES: tl.constexpr,
-                   PDL: tl.constexpr):
+                   SELECT: tl.constexpr, EP: tl.constexpr, TOP_K: tl.constexpr, KP: tl.constexpr,
+                   NUM_GROUPS: tl.constexpr, NGP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                   SOFTMAX: tl.constexpr, INCLUDE_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr):
     """logits[rows, experts] = x W^T in fp32 (each tile converted in registers; plain fp32 FMAs, never TF32).
-    PDL: the program asks L2 for its experts' whole weight rows (``LINES`` lines each) before it waits."""
+    PDL: the program asks L2 for its experts' whole weight rows (``LINES`` lines each) before it waits.
+
+    SELECT: then each program counts itself in at ``cnt[program_id(1)]`` (acquire-release, after its logits are
+    stored); the last of a block of tokens to arrive selects their experts (:func:`_select`, reading the logits
+    past L1) and resets the counter, so that the selection needs no launch of its own."""
     pdl.begin(PDL)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -538,6 +555,15 @@ def _router_logits(x_ptr, w_ptr, out_ptr, N, D: tl.constexpr, E,
         acc += tl.sum(xt[:, None, :] * wt[None, :, :], 2)
     ok = (rows[:, None] < N) & (experts[None, :] < E)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * E + experts[None, :], acc, mask=ok)
+    if SELECT:
+        tl.debug_barrier()  # every thread's logits stored before the arrival below releases them
+        if tl.atomic_add(cnt_ptr + tl.program_id(1), 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            for i in range(BLOCK_M):
+                t = tl.program_id(1) * BLOCK_M + i
+                if t < N:
+                    _select(t, out_ptr, bias_ptr, ids_ptr, weights_ptr, E, scaling, EP, TOP_K, KP, NUM_GROUPS, NGP,
+                            TOPK_GROUP, GROUP_SIZE, SOFTMAX, INCLUDE_BIAS, RENORMALIZE, True)
+            tl.atomic_xchg(cnt_ptr + tl.program_id(1), 0)
 
 
 @triton.jit
@@ -547,13 +573,29 @@ def _router_select(
     TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, SOFTMAX: tl.constexpr, INCLUDE_BIAS: tl.constexpr,
     RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One token: scores, bias, grouped top-k, top-k, weights (as ``KimiMoEGate``)."""
+    """One token a program: :func:`_select` (where the logits kernel could not select itself)."""
     pdl.begin(PDL)
     pdl.wait(PDL)
-    t = tl.program_id(0).to(tl.int64)
+    _select(tl.program_id(0), logits_ptr, bias_ptr, ids_ptr, weights_ptr, E, scaling, EP, TOP_K, KP, NUM_GROUPS, NGP,
+            TOPK_GROUP, GROUP_SIZE, SOFTMAX, INCLUDE_BIAS, RENORMALIZE, False)
+
+
+@triton.jit
+def _select(
+    t, logits_ptr, bias_ptr, ids_ptr, weights_ptr, E, scaling,
+    EP: tl.constexpr, TOP_K: tl.constexpr, KP: tl.constexpr, NUM_GROUPS: tl.constexpr, NGP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, SOFTMAX: tl.constexpr, INCLUDE_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr, PAST_L1: tl.constexpr,
+):
+    """Token t: scores, bias, grouped top-k, top-k, weights (as ``KimiMoEGate``). PAST_L1: the logits were stored
+    by other programs of the running kernel, so they are read from L2."""
+    t = t.to(tl.int64)
     e = tl.arange(0, EP)
     valid = e < E
-    logits = tl.load(logits_ptr + t * E + e, mask=valid, other=float("-inf"))
+    if PAST_L1:
+        logits = tl.load(logits_ptr + t * E + e, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    else:
+        logits = tl.load(logits_ptr + t * E + e, mask=valid, other=float("-inf"))
     if SOFTMAX:
         p = tl.where(valid, tl.exp(logits - tl.max(logits, 0)), 0.0)
         scores = p / tl.sum(p, 0)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICE, assert_compiles_for_sm90_without_spills, kernel_module
-from modeling_kimi_linear import kernels
+from modeling_kimi_linear import kernels, launch_resources
 from modeling_kimi_linear.moe import KimiExperts, KimiMoEGate, KimiSparseMoeBlock
 
 DEVICE = KERNEL_DEVICE
@@ -329,9 +329,11 @@ ROUTER_CASES = [
 
 
 @pytest.mark.parametrize("num_experts,top_k,groups,topk_group,activation,include_bias,dtype", ROUTER_CASES)
-@pytest.mark.parametrize("num_tokens", [1, 3, 16])
+@pytest.mark.parametrize("num_tokens", [1, 3, 16, 20])
 def test_router_matches_gate(mdt, num_tokens, num_experts, top_k, groups, topk_group, activation, include_bias,
                              dtype):
+    """The logits kernel's last program of each block of tokens selects their experts (20 tokens: blocks of 16 and
+    4, each with its own arrival counter, back at 0 after the launch)."""
     torch.manual_seed(num_experts + top_k + groups + num_tokens)
     gate = KimiMoEGate(gate_config(num_experts, top_k, groups, topk_group, activation, include_bias))
     with torch.no_grad():
@@ -352,6 +354,22 @@ def test_router_matches_gate(mdt, num_tokens, num_experts, top_k, groups, topk_g
     assert torch.equal(got_ids, ids)  # same experts, in the same (descending) order
     assert torch.allclose(got_weights, weights, rtol=1e-5, atol=1e-6)
     assert torch.allclose(got_logits, logits, rtol=1e-5, atol=1e-5)
+    assert not launch_resources._COUNTERS[x.device].any()
+
+
+def test_router_selects_in_a_second_launch_without_counters(mdt, monkeypatch):
+    """Where no arrival counters can be had (a CUDA-graph capture that would allocate them), the selection is a
+    launch of its own, with the same result."""
+    torch.manual_seed(2)
+    gate = KimiMoEGate(gate_config(32, 4, 4, 2, "sigmoid", True)).to(DEVICE)
+    x = torch.randn(5, 64).to(DEVICE)
+    kwargs = dict(top_k=4, num_groups=4, topk_group=2, renormalize=True, scaling=2.446, activation="sigmoid",
+                  weights_include_bias=True)
+    with torch.no_grad():
+        fused = mdt.route(x, gate.weight, gate.e_score_correction_bias, **kwargs)
+        monkeypatch.setattr(mdt, "arrival_counters", lambda device, n: None)
+        apart = mdt.route(x, gate.weight, gate.e_score_correction_bias, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(fused, apart))
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 3])
@@ -564,3 +582,27 @@ def test_expert_kernels_compile_for_sm90_without_spills(tmp_path, kernel, weight
     quant = "int8" if weights.startswith("int8") else "bf16"
     assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, kernel, quant,
                                             "zero" if weights.endswith("-zero") else "none", shared)
+
+
+ROUTER_COMPILE_SETUP = r"""
+from modeling_kimi_linear import moe_decode_triton as m
+fn = m._router_logits
+names = fn.arg_names
+# the release's router at one token: 256 experts over 2304 features, 2 experts a program, K blocks of 1024
+const = {"D": 2304, "BLOCK_M": 1, "BLOCK_E": m.ROUTER_DECODE_BLOCK_E, "BLOCK_D": m.ROUTER_DECODE_BLOCK_D,
+         "LINES": 64, "SELECT": sys.argv[1] == "select", "EP": 256, "TOP_K": 8, "KP": 8, "NUM_GROUPS": 1, "NGP": 1,
+         "TOPK_GROUP": 1, "GROUP_SIZE": 256, "SOFTMAX": False, "INCLUDE_BIAS": True, "RENORMALIZE": True}
+types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32", "bias_ptr": "*fp32", "ids_ptr": "*i64",
+         "weights_ptr": "*fp32", "cnt_ptr": "*i32", "scaling": "fp32"}
+signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in types if n.endswith("_ptr")}
+options = {"num_warps": 4}
+"""
+
+
+@pytest.mark.parametrize("select", ["select", "logits-only"])
+def test_router_kernel_compiles_for_sm90_without_spills(tmp_path, select):
+    """The router's logits kernel at the release's shape, with the selection in its last program and without,
+    compiles for sm_90 (the interpreter runs Python, not the compiler), stays in registers, and with programmatic
+    dependent launch waits before its first memory access (only the weight prefetch comes before)."""
+    assert_compiles_for_sm90_without_spills(tmp_path, ROUTER_COMPILE_SETUP, select)
