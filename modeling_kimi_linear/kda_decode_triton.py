@@ -47,9 +47,10 @@ bandwidth for its 4.2 MB). :func:`split_plan` doubles the programs a head while 
 SMs (8 a head at batch 1, 256 programs of 16 columns; one a head from batch 5 with 32 heads). The split is not yet
 timed on a GPU (``bench/gpu_check.py --only kdastep`` times each split).
 
-Registers: at ``num_warps=4`` (the default, 128 threads) the state tile is 128 fp32 registers per thread. Compiled
-for sm_90a by Triton 3.6 (no GPU needed; ``tests/test_kda_decode_triton.py`` does it) the kernel takes 254
-registers at 4 warps, 186 at 8 and 128 (the cap for 512 threads) at 16, with no spills in any. Measured on an H100
+Registers: at ``num_warps=4`` (the default, 128 threads) an unsplit state tile is 128 fp32 registers per thread
+(``1 / split_v`` of that when split). Compiled for sm_90a by Triton 3.6 (no GPU needed;
+``tests/test_kda_decode_triton.py`` does it, split and unsplit) the unsplit kernel takes 254 registers at 4 warps,
+186 at 8 and 128 (the cap for 512 threads) at 16, with no spills in any. Measured unsplit on an H100
 (``bench/gpu_check.py --only kdastep``, 2026-12-07, graph replays): 6.0 / 11.1 / 14.0 us per call at 4 / 8 / 16
 warps at batch 1, 11.6 / 23.2 / 28.3 at batch 8, hence 4. That needs the
 per-channel vectors (conv taps, gates, q / k) to be computed one tap at a time as ``[D]`` vectors: a ``[D, W]``

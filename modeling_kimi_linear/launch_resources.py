@@ -1,10 +1,11 @@
 """What this package's Triton decode kernels size their launches by, per device: the SM count, and int32 arrival
 counters for kernels whose programs hand a last step to the last one to arrive. Nothing here needs triton.
 
-Arrival counters: a kernel that splits one output over several programs (:mod:`multi_linear_triton`'s split over K, the fused KDA
-step's split over value columns in :mod:`kda_decode_triton`) has each program store its part, then count itself in
-with an acquire-release atomic add on its tile's counter; the program that sees ``parts - 1`` arrivals before its
-own finishes the tile (reads every part) and puts the counter back to 0. The counters are therefore zero between
+Arrival counters: a kernel that splits one output over several programs (:mod:`multi_linear_triton`'s split over
+K, the fused KDA step's split over value columns in :mod:`kda_decode_triton`, the router's logits before the expert
+selection in :mod:`moe_decode_triton`) has each program store its part, then count itself in with an
+acquire-release atomic add on its tile's counter; the program that sees ``parts - 1`` arrivals before its own
+finishes the tile (reads every part) and puts the counter back to 0. The counters are therefore zero between
 launches, and one buffer per device serves every such kernel of a stream.
 """
 
