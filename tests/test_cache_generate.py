@@ -62,6 +62,24 @@ def test_latent_decode_equals_expanded_attention():
     assert (absorbed - expanded).abs().max().item() <= 1e-5
 
 
+def test_latent_decode_of_a_batch_reads_the_absorbed_weights_without_copying_them():
+    """At batch > 1 the absorbed products run batched over the heads: no tensor of the batch's size times an
+    absorbed weight is allocated (``torch.matmul`` would broadcast the weight and copy it once per sequence)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model(MIXES["all_mla"])
+    attn = model.model.layers[0].self_attn
+    bsz = 8
+    q = torch.randn(bsz, attn.num_heads, 1, attn.q_dim)
+    latent = torch.randn(bsz, 20, attn.kv_lora_rank + attn.rope_dim)
+    w_k, _ = attn.absorbed_weights()
+    copy_bytes = bsz * w_k.numel() * w_k.element_size()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        attn.attend_latent(q, latent, None)
+    biggest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+    assert biggest < copy_bytes, (biggest, copy_bytes)
+
+
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_cache_bytes_follow_the_mla_latent(mix):
     model = tiny_model(MIXES[mix])
