@@ -121,7 +121,7 @@ def kda_decode_step_checks(rows: list[dict]) -> None:
                      "rel_err": kernel[kda_decode_triton.DEFAULT_NUM_WARPS, default_split], "info": True})
         splits = [s for s in (1, 2, 4, 8) if s != default_split]
         found = {(w, s): replay_us(lambda w=w, s=s: step(w, s)) for s in splits for w in (2, 4)}
-        rows.append({"check": f"  same by programs a head (split_v) at 2 / 4 warps: "
+        rows.append({"check": "  same by programs a head (split_v) at 2 / 4 warps: "
                               + ", ".join(f"{s}: {found[2, s]:.1f} / {found[4, s]:.1f}" for s in splits),
                      "rel_err": min(found.values()), "info": True})
         conv0, state0 = conv.clone(), state.clone()  # one step split and one not, from the same state: same values
@@ -484,8 +484,9 @@ def multi_linear_check(rows: list[dict]) -> None:
 def rms_norm_check(rows: list[dict]) -> None:
     """The decoder's residual add + RMSNorm as one Triton launch (``kernels.add_rms_norm`` ->
     ``rms_norm_triton``) against the add and ``KimiRMSNorm`` (the PyTorch path), bf16 at the release's width
-    (2304), for 1, 8 and 4096 rows: both results' errors and both times (CUDA-graph replays)."""
-    from modeling_kimi_linear.kernels import add_rms_norm
+    (2304), for 1, 8 and 4096 rows: both results' errors and both times (CUDA-graph replays). Then MLA's latent
+    row (``kernels.rms_norm_head``: 512 of 576 values normed) the same way."""
+    from modeling_kimi_linear.kernels import add_rms_norm, rms_norm_head
     from modeling_kimi_linear.norms import KimiRMSNorm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -499,6 +500,16 @@ def rms_norm_check(rows: list[dict]) -> None:
                      + (0.0 if torch.equal(h_t, h_p) else float("inf"))})
         t_p, t_t = replay_us(lambda: add_rms_norm("torch", x, res, norm)), replay_us(
             lambda: add_rms_norm("triton", x, res, norm))
+        rows.append({"check": f"  same, us (graph replay; a time, not an error): PyTorch {t_p:.1f}, one launch "
+                              f"{t_t:.1f} ({t_p / t_t:.1f}x)", "rel_err": t_t, "info": True})
+    latent_norm = KimiRMSNorm(512, eps=1e-6).to("cuda", torch.bfloat16)
+    latent_norm.weight.data = (1 + 0.1 * torch.randn(512, device="cuda", generator=gen)).to(torch.bfloat16)
+    for n in (1, 8):  # MLA's latent: kv_a_proj_with_mqa's [B, 1, 576] output, 512 values normed, 64 kept
+        kv = torch.randn(n, 1, 576, device="cuda", dtype=torch.bfloat16, generator=gen)
+        got, want = rms_norm_head("triton", kv, 512, latent_norm), rms_norm_head("torch", kv, 512, latent_norm)
+        rows.append({"check": f"MLA latent norm + shared key part, one launch vs PyTorch, {n} rows",
+                     "rel_err": rel(got, want)})
+        t_p, t_t = (replay_us(lambda c=c: rms_norm_head(c, kv, 512, latent_norm)) for c in ("torch", "triton"))
         rows.append({"check": f"  same, us (graph replay; a time, not an error): PyTorch {t_p:.1f}, one launch "
                               f"{t_t:.1f} ({t_p / t_t:.1f}x)", "rel_err": t_t, "info": True})
 

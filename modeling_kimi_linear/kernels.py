@@ -266,6 +266,19 @@ def add_rms_norm(
     return norm(h), h
 
 
+def rms_norm_head(choice: str, x: torch.Tensor, width: int, norm: nn.Module) -> torch.Tensor:
+    """``cat([norm(x[..., :width]), x[..., width:]], -1)`` (MLA's cached latent: the compressed KV normalised, the
+    shared key part as it is): one Triton launch (:func:`rms_norm_triton.rms_norm_head`) where
+    :func:`plain_rms_norm` says that computes the same and ``choice`` resolves to ``"triton"`` for x's device, else
+    the split, the module call and the concatenation (the reference)."""
+    if triton_decode(choice, x) and plain_rms_norm(x, None, norm) and norm.weight.shape == (width,):
+        from .rms_norm_triton import rms_norm_head as fused
+
+        return fused(x, norm.weight, norm.variance_epsilon)
+    head, tail = x.split([width, x.shape[-1] - width], -1)
+    return torch.cat([norm(head), tail], -1)
+
+
 def plain_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module) -> bool:
     """Whether ``norm`` is exactly :class:`norms.KimiRMSNorm` (no subclass, no hooks or global module hooks) with a
     plain weight of x's dtype and device, ``residual`` (if any) is like x, nothing needs gradients and no autocast

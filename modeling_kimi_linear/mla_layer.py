@@ -77,14 +77,13 @@ class KimiMLAAttention(nn.Module):
         The two projections from x of a CUDA decode step run as one launch (:func:`kernels.linears`; int8 weights
         read as int8): 12.0 us at batch 1 against 14.7 for the two cuBLAS calls on an H100 once the launch
         pipelined its loads (12.1 vs 12.4 at batch 8; ``bench/gpu_check.py --only mlinear``). The latent's
-        RMSNorm is one Triton launch where :func:`kernels.add_rms_norm` allows (about seven kernels otherwise)."""
+        RMSNorm and its concatenation with the shared key part are one Triton launch where
+        :func:`kernels.rms_norm_head` allows (a copy, about seven norm kernels and a concatenation otherwise)."""
         first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
         q, kv = kernels.linears(self.decode_kernels, [(x, first), (x, self.kv_a_proj_with_mqa)])
         if not hasattr(self, "q_proj"):
             q = self.q_b_proj(kernels.add_rms_norm(self.decode_kernels, q, None, self.q_a_layernorm)[0])
-        c, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], -1)
-        c = kernels.add_rms_norm(self.decode_kernels, c, None, self.kv_a_layernorm)[0]  # one launch on CUDA
-        latent = torch.cat([c, k_rope], -1)
+        latent = kernels.rms_norm_head(self.decode_kernels, kv, self.kv_lora_rank, self.kv_a_layernorm)
         return q.unflatten(-1, (self.num_heads, self.q_dim)).transpose(1, 2), latent
 
     def expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,23 +56,51 @@ def add_rms_norm(
     if rows.shape[0]:
         block = triton.next_power_of_2(dim)
         _add_rms_norm[(rows.shape[0],)](
-            rows, rows if residual is None else res, h, y, weight.contiguous(), dim, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            rows, rows if residual is None else res, h, y, weight.contiguous(), dim, float(eps), dim, dim,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, TAIL=0, num_warps=min(16, max(1, block // 256)),
             **pdl.launch_options(x.device),
         )
     return y.view(x.shape), (x if residual is None else h.view(x.shape))
 
 
+def rms_norm_head(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``cat([weight * rmsnorm(x[..., :D]), x[..., D:]], -1)`` with ``D = len(weight)`` in one launch: MLA's cached
+    latent from ``kv_a_proj_with_mqa``'s output (the compressed KV normalised, the shared key part as it is), where
+    the PyTorch path is a contiguous copy of the strided head, the norm and a concatenation. ``x [..., W]`` with
+    ``W > D``, rows of any stride; the result is a new contiguous tensor of x's shape and dtype."""
+    dim, width = weight.shape[0], x.shape[-1]
+    if weight.dim() != 1 or not 0 < dim < width:
+        raise ValueError(f"expected x [..., W] and weight [D] with D < W; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if x.dtype != weight.dtype or x.dtype not in DTYPES:
+        raise ValueError(f"x and weight must share one of {DTYPES}; got {x.dtype}, {weight.dtype}")
+    rows = x.reshape(-1, width)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        block = triton.next_power_of_2(dim)
+        _add_rms_norm[(rows.shape[0],)](
+            rows, rows, rows, y, weight.contiguous(), dim, float(eps), rows.stride(0), width,
+            HAS_RESIDUAL=False, BLOCK=block, TAIL=triton.next_power_of_2(width - dim),
+            num_warps=min(16, max(1, block // 256)), **pdl.launch_options(x.device),
+        )
+    return y.view(x.shape)
+
+
 @triton.jit
-def _add_rms_norm(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, D, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                  PDL: tl.constexpr):
-    """One row: h = x + r (in x's dtype, stored), y = w * (rmsnorm_fp32(h) in x's dtype) (in x's dtype)."""
+def _add_rms_norm(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, D, eps, stride_x, W, HAS_RESIDUAL: tl.constexpr,
+                  BLOCK: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr):
+    """One row: h = x + r (in x's dtype, stored), y = w * (rmsnorm_fp32(h) in x's dtype) (in x's dtype). x's rows
+    are ``stride_x`` apart, y's ``W``; TAIL > 0 (no residual): the row's values ``D .. W`` are copied to y as they
+    are (``W = D``, ``stride_x = D`` otherwise)."""
     pdl.begin(PDL)
     pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64) * D
+    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
+    y_row = y_ptr + tl.program_id(0).to(tl.int64) * W
     cols = tl.arange(0, BLOCK)
     ok = cols < D
-    h = tl.load(x_ptr + row + cols, mask=ok, other=0.0)
+    h = tl.load(x_row + cols, mask=ok, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row + cols, mask=ok, other=0.0)
         h = (h.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
@@ -81,4 +109,7 @@ def _add_rms_norm(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, D, eps, HAS_RESIDUAL: tl.co
     inv = 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / D + eps)
     n = (hf * inv).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row + cols, (w * n).to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_row + cols, (w * n).to(y_ptr.dtype.element_ty), mask=ok)
+    if TAIL > 0:
+        tail = D + tl.arange(0, TAIL)
+        tl.store(y_row + tail, tl.load(x_row + tail, mask=tail < W, other=0.0), mask=tail < W)

@@ -55,7 +55,29 @@ def test_matches_float64_and_the_module(rnt, shape, with_residual):
         assert (y - norm(want_h)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("rows,head,width", [(1, 512, 576), (3, 64, 80), (2, 100, 101), (0, 16, 20)])
+def test_latent_head_norm_matches_float64_and_the_reference(rnt, rows, head, width):
+    """MLA's latent row (512 normed values of 576, the release), other widths (a head that is not a power of two, a
+    tail of one value), no rows; the input a strided view of a wider projection output, as the decode step's is:
+    the head matches the float64 norm and ``KimiRMSNorm``, the tail is copied exactly (the PyTorch path: split,
+    module call, concatenation)."""
+    gen = torch.Generator().manual_seed(width)
+    wide = torch.randn(rows, 1, width + 7, generator=gen).to(DEVICE)
+    x = wide[..., 7:]
+    norm = KimiRMSNorm(head, eps=1e-6).to(DEVICE)
+    norm.weight.data = torch.randn(head, generator=gen).to(DEVICE)
+    y = rnt.rms_norm_head(x, norm.weight.detach(), norm.variance_epsilon)
+    want = kernels.rms_norm_head("torch", x, head, norm)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
+    assert torch.equal(y[..., head:], x[..., head:])
+    if rows:
+        assert (y[..., :head].double() - norm64(x[..., :head], norm.weight.detach(), 1e-6)).abs().max() < 1e-5
+        assert (y - want).abs().max() < 1e-5
+
+
 def test_rejects_bad_input(rnt):
+    with pytest.raises(ValueError, match="D < W"):
+        rnt.rms_norm_head(torch.randn(2, 8).to(DEVICE), torch.ones(8).to(DEVICE), 1e-6)
     x, w = torch.randn(2, 8).to(DEVICE), torch.ones(8).to(DEVICE)
     with pytest.raises(ValueError, match="weight"):
         rnt.add_rms_norm(x, None, torch.ones(9).to(DEVICE), 1e-6)
@@ -67,15 +89,17 @@ def test_rejects_bad_input(rnt):
 
 def test_model_decode_through_the_seam_matches_module_calls(rnt, monkeypatch, request):
     """A tiny model with ``decode_kernels="triton"`` forced on for CPU tensors (every norm then runs as the kernel:
-    two launches a layer, each with the residual add before it, one for the final norm and one for each MLA layer's
-    latent) gives the logits of the same model on the PyTorch path, prompt and decode steps."""
+    two launches a layer, each with the residual add before it, one for the final norm, and one for each MLA layer's
+    latent with its shared key part) gives the logits of the same model on the PyTorch path, prompt and decode
+    steps."""
     request.getfixturevalue("interpreter_loops_with_numpy_2_4")  # the MLA kernel's loops, under the interpreter
     real = kernels.resolve_decode_kernels
     monkeypatch.setattr(kernels, "resolve_decode_kernels",
                         lambda choice, device: "triton" if choice == "triton" else real(choice, device))
-    calls = []
-    fused = rnt.add_rms_norm
+    calls, head_calls = [], []
+    fused, fused_head = rnt.add_rms_norm, rnt.rms_norm_head
     monkeypatch.setattr(rnt, "add_rms_norm", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(rnt, "rms_norm_head", lambda *a: head_calls.append(1) or fused_head(*a))
     config = load_preset("tiny", kda_backend="torch", decode_kernels="torch")
     torch.manual_seed(0)
     ref = KimiLinearForCausalLM(config).eval()
@@ -96,7 +120,7 @@ def test_model_decode_through_the_seam_matches_module_calls(rnt, monkeypatch, re
         a2 = fast(nxt, past_key_values=a.past_key_values, use_cache=True)
         b2 = ref(nxt, past_key_values=b.past_key_values, use_cache=True)
         assert (a2.logits - b2.logits).abs().max() < 1e-4
-    assert mla and len(calls) == 2 * (2 * config.num_hidden_layers + 1) + 2 * len(mla)
+    assert mla and len(calls) == 2 * (2 * config.num_hidden_layers + 1) and len(head_calls) == 2 * len(mla)
 
 
 def test_seam_keeps_the_module_where_it_computes_more(monkeypatch):
@@ -130,15 +154,18 @@ def test_seam_keeps_the_module_where_it_computes_more(monkeypatch):
 COMPILE_SETUP = r"""
 from modeling_kimi_linear import rms_norm_triton as m
 fn, names = m._add_rms_norm, m._add_rms_norm.arg_names
-const = {"HAS_RESIDUAL": True, "BLOCK": 4096}
+head = sys.argv[1] == "latent"  # MLA's latent row: 512 normed values of 576, rows 576 apart (else a 2304 row)
+const = {"HAS_RESIDUAL": not head, "BLOCK": 512 if head else 4096, "TAIL": 64 if head else 0}
 ptr = {"x_ptr", "r_ptr", "h_ptr", "y_ptr", "w_ptr"}
 signature = {n: "constexpr" if n in const else "*bf16" if n in ptr else "fp32" if n == "eps" else "i32"
              for n in names}
-attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptr | {"D"}}
-options = {"num_warps": 16}
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptr | {"D", "stride_x", "W"}}
+options = {"num_warps": 2 if head else 16}
 """
 
 
-def test_kernel_compiles_for_sm90_without_spills(tmp_path):
-    """The release's row (2304 values in a 4096 block, 16 warps) compiles for sm_90 and stays in registers."""
-    assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP)
+@pytest.mark.parametrize("row", ["decoder", "latent"])
+def test_kernel_compiles_for_sm90_without_spills(tmp_path, row):
+    """The release's decoder row (2304 values in a 4096 block, 16 warps) and MLA latent row (512 normed values,
+    64 copied) compile for sm_90 and stay in registers."""
+    assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, row)
