@@ -33,7 +33,7 @@ k, then v, oldest tap first, any strides (an eager cache holds a strided view of
 state ``[B, H, D, D]`` float32, any strides. The tail and the state may be written in place (the outputs may be the
 inputs' memory): every program reads what it needs of its own head's channels and state before a barrier and
 writes only its own columns' state and value tails after it; the q / k tails every program of the head reads are
-written by the last of them to arrive (below). No program touches another head's. No host synchronisation, fixed
+shifted and written by the last of them to arrive (below), the only program that writes them. No program touches another head's. No host synchronisation, fixed
 shapes: safe under CUDA-graph capture.
 
 Programs: ``split_v`` per (b, h), each taking ``D / split_v`` value columns of the head's state. Column j of the
@@ -75,11 +75,10 @@ except ImportError as err:  # only :func:`kernels.kda_decode_step` imports this 
     raise ImportError("the fused KDA decode kernel needs triton: pip install triton") from err
 
 from . import pdl
-from .launch_resources import arrival_counters, sm_count
+from .launch_resources import INTERPRETER_SMS, arrival_counters, sm_count
 
 DEFAULT_NUM_WARPS = 4
 MAX_SPLIT_V = 8  # programs per head at most (16 value columns each at D = 128)
-INTERPRETER_SMS = 4  # the "SM count" for CPU tensors (Triton's interpreter, tests only)
 
 
 def split_plan(heads_total: int, dim: int, sms: int) -> int:
@@ -187,8 +186,6 @@ def _kda_decode_kernel(
     k = _conv(k_x, keep, wk_ptr + h * D * W, k_tail, stride_tc, stride_tw, offs_d, W, DTYPE)
     v = _conv(v_x, keep, wv_ptr + (h * D + tl.program_id(1) * BV) * W, v_tail, stride_tc, stride_tw,
               tl.arange(0, BV), W, DTYPE)
-    q_tail_new = _new_tail(q_x, keep, q_tail, stride_tc, stride_tw, offs_d, offs_w, W)
-    k_tail_new = _new_tail(k_x, keep, k_tail, stride_tc, stride_tw, offs_d, offs_w, W)
     v_tail_new = _new_tail(v_x, keep, v_tail, stride_tc, stride_tw, tl.arange(0, BV), offs_w, W)
     if PER_HEAD_GATE:
         f = tl.load(f_ptr + b * stride_fb + h).to(tl.float32) + tl.load(dt_bias_ptr + h)
@@ -233,7 +230,9 @@ def _kda_decode_kernel(
         if SPLIT_V > 1:
             o_head = tl.load(o_ws_ptr + pid * D + offs_d, cache_modifier=".cg")  # past L1: other SMs wrote it
             tl.atomic_xchg(cnt_ptr + pid, 0)
-        # ---- gated RMS norm of the head, and the q / k tails
+        # ---- gated RMS norm of the head, and the q / k tails (read here: no other program writes them)
+        q_tail_new = _new_tail(q_x, keep, q_tail, stride_tc, stride_tw, offs_d, offs_w, W)
+        k_tail_new = _new_tail(k_x, keep, k_tail, stride_tc, stride_tw, offs_d, offs_w, W)
         gate = tl.load(gate_ptr + b * stride_gb + h * D + offs_d).to(tl.float32)
         norm_w = tl.load(norm_w_ptr + offs_d).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(o_head * o_head, axis=0) / D + eps)

@@ -16,6 +16,7 @@ import functools
 import torch
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+INTERPRETER_SMS = 4  # the "SM count" a kernel may size its grid by for CPU tensors (Triton's interpreter, tests)
 
 
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor | None:

@@ -51,12 +51,11 @@ except ImportError as err:
     raise ImportError("modeling_kimi_linear.mla_decode_triton needs triton: pip install triton") from err
 
 from . import pdl
-from .launch_resources import sm_count
+from .launch_resources import INTERPRETER_SMS, sm_count
 
 SPLITS_PER_SM = 2  # thread blocks per SM aimed at over the whole batch (2 full waves, or 1 at 2 blocks per SM)
 MIN_TILES_PER_SPLIT = 4  # a split covers at least this many tiles (short contexts: few splits, a cheap combine)
 MAX_SPLITS = 1024  # per sequence
-INTERPRETER_SMS = 4  # the "SM count" used for CPU tensors (Triton's interpreter, tests only)
 COMBINE_BLOCK = 128  # value columns per combine program (on a GPU; the interpreter takes all in one program)
 COMBINE_SPLITS = 32  # splits loaded at a time by the combine kernel
 

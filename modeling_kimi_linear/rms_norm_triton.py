@@ -53,13 +53,7 @@ def add_rms_norm(
     else:
         res = residual.reshape(-1, dim).contiguous()
         h = torch.empty_like(rows)
-    if rows.shape[0]:
-        block = triton.next_power_of_2(dim)
-        _add_rms_norm[(rows.shape[0],)](
-            rows, rows if residual is None else res, h, y, weight.contiguous(), dim, float(eps), dim, dim,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, TAIL=0, num_warps=min(16, max(1, block // 256)),
-            **pdl.launch_options(x.device),
-        )
+    _launch(rows, None if residual is None else res, h, y, weight, eps, dim)
     return y.view(x.shape), (x if residual is None else h.view(x.shape))
 
 
@@ -77,14 +71,24 @@ def rms_norm_head(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    if rows.shape[0]:
-        block = triton.next_power_of_2(dim)
-        _add_rms_norm[(rows.shape[0],)](
-            rows, rows, rows, y, weight.contiguous(), dim, float(eps), rows.stride(0), width,
-            HAS_RESIDUAL=False, BLOCK=block, TAIL=triton.next_power_of_2(width - dim),
-            num_warps=min(16, max(1, block // 256)), **pdl.launch_options(x.device),
-        )
+    _launch(rows, None, rows, y, weight, eps, width)
     return y.view(x.shape)
+
+
+def _launch(rows: torch.Tensor, residual: torch.Tensor | None, h: torch.Tensor, y: torch.Tensor,
+            weight: torch.Tensor, eps: float, width: int) -> None:
+    """One program a row of ``rows [N, >= width]`` (unit last stride): the first ``len(weight)`` values normed
+    (after adding ``residual``'s row, storing the sum in ``h``), the rest up to ``width`` copied, into ``y``."""
+    if not rows.shape[0]:
+        return
+    dim = weight.shape[0]
+    block = triton.next_power_of_2(dim)
+    _add_rms_norm[(rows.shape[0],)](
+        rows, rows if residual is None else residual, h, y, weight.contiguous(), dim, float(eps), rows.stride(0),
+        width, HAS_RESIDUAL=residual is not None, BLOCK=block,
+        TAIL=triton.next_power_of_2(width - dim) if width > dim else 0, num_warps=min(16, max(1, block // 256)),
+        **pdl.launch_options(rows.device),
+    )
 
 
 @triton.jit
