@@ -10,7 +10,8 @@ written by ``transformers.KimiLinearForCausalLM.save_pretrained``.
 DST: a self-contained checkpoint that ``AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True)``
 loads with this package's code: config.json (model_type ``kimi_linear``, the released fields, ``auto_map`` to
 our classes), the ``modeling_kimi_linear`` modules copied flat, the weights re-sharded under the released tensor
-names (our canonical on-disk layout), generation_config.json and the tokenizer files.
+names (our canonical on-disk layout), generation_config.json and the tokenizer files (plus, for the released
+``tiktoken.model``, a ``tokenizer.json`` built from it, which later loads read instead of converting the ranks).
 
 Tensors are streamed chunk by chunk (memory does not grow with the checkpoint) and copied bit-exactly unless
 ``--dtype`` is given; ``A_log`` and ``dt_bias`` are never cast. The output is assembled next to DST and moved
@@ -246,8 +247,8 @@ def write_tokenizer_files(src: Path, out: Path) -> list[str]:
     """Tokenizer step: copy the vocabulary and side files and point ``tokenizer_config.json`` at our tokenizer class
     (``auto_map`` to the module copied beside it, with the sibling modules it imports). The files are copied, not
     re-saved through ``KimiTokenizer``, so the release's own settings stay as they were. SRC's own tokenizer code is
-    not copied (the released ``tokenization_kimi.py`` does not import on transformers 5). Returns the files
-    written."""
+    not copied (the released ``tokenization_kimi.py`` does not import on transformers 5). A rank file also gets a
+    ``tokenizer.json`` (:func:`write_tokenizer_json`). Returns the files written."""
     for vocab, (cls, module) in OUR_TOKENIZERS.items():
         if (src / vocab).is_file():
             break
@@ -282,7 +283,21 @@ def write_tokenizer_files(src: Path, out: Path) -> list[str]:
     else:
         print(f"note: {module}.py is not part of this version of modeling_kimi_linear; AutoTokenizer will load "
               f"{cls} from DST once the file is copied there", file=sys.stderr)
+        return written
+    if vocab == "tiktoken.model":
+        written.append(write_tokenizer_json(out))
     return written
+
+
+def write_tokenizer_json(out: Path) -> str:
+    """Build ``KimiTokenizer`` from the rank file and side files just written to ``out`` and save its Rust
+    tokenizer as ``tokenizer.json``: later loads read that file instead of turning the 163,840 ranks into BPE merges
+    again (the rank file stays, for the released tokenizer class and for export)."""
+    from modeling_kimi_linear.tokenization_kimi import TOKENIZER_FILE_NAME, KimiTokenizer
+
+    tokenizer = KimiTokenizer.from_pretrained(out)
+    tokenizer.backend_tokenizer.save(str(out / TOKENIZER_FILE_NAME))
+    return TOKENIZER_FILE_NAME
 
 
 def copy_docs(src: Path, out: Path) -> None:
@@ -331,6 +346,8 @@ def run(
     tensors = plan_tensors(source, dtype)
     extra = sum(p.stat().st_size for p in src.iterdir()  # config, tokenizer, docs: whatever is not weights
                 if p.is_file() and not p.name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)))
+    if (src / "tiktoken.model").is_file():  # the tokenizer.json written from it: vocabulary and merges, ~4x
+        extra += 4 * (src / "tiktoken.model").stat().st_size
     return stream_convert(
         tensors, dst, write_extras=make_extras(source, tensors, dtype), max_shard_size=max_shard_size,
         memory_budget_bytes=memory_budget_bytes, verify=verify, overwrite=overwrite, extra_bytes=extra + 16 * MiB,

@@ -217,6 +217,31 @@ def test_convert_released(tmp_path, native_source, capsys, shards):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
 
+def test_converted_tokenizer_json(tmp_path, native_source, monkeypatch):
+    """The conversion writes a tokenizer.json built from the rank file; a load from DST reads it (the rank
+    converter is not called) and encodes / decodes as a tokenizer built from the release's files alone."""
+    from modeling_kimi_linear import tokenization_kimi
+    from modeling_kimi_linear.tokenization_kimi import KimiTokenizer
+
+    src = make_released(tmp_path / "released", native_source)
+    dst = tmp_path / "ours"
+    assert convert_main([str(src), str(dst)]) == 0
+    assert json.loads((dst / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    text = "Hello<|im_user|> wörld 123 [EOS]\n"
+    from_ranks = KimiTokenizer.from_pretrained(src)  # the release's tiktoken.model + tokenizer_config.json
+    assert not (src / "tokenizer.json").exists()
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the rank file was converted again")
+
+    monkeypatch.setattr(tokenization_kimi, "_KimiRankFileConverter", no_conversion)
+    from_json = KimiTokenizer.from_pretrained(dst)
+    ids = from_ranks(text)["input_ids"]
+    assert from_json(text)["input_ids"] == ids and len(ids) > 1
+    assert from_json.decode(ids) == from_ranks.decode(ids) == text
+    assert len(from_json) == len(from_ranks)
+
+
 def test_sentencepiece_tokenizer_files(tmp_path, native_source):
     """Our own small models carry a sentencepiece tokenizer.model: it is copied and named
     KimiSentencePieceTokenizer (tokenization_kimi_sp)."""
