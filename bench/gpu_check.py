@@ -140,9 +140,10 @@ def stability(rows: list[dict], prefill: int, steps: int) -> None:
 def graph_decode(rows: list[dict]) -> None:
     """CUDA-graph decode vs op-by-op decode of the same model (3 KDA + 1 MLA, 16 experts top-4, bf16, fla path):
     a left-padded batch of 2 decoded for 100 steps from 250 cached tokens (over two bucket boundaries, the cache
-    buffers growing), then greedy ``generate()`` both ways. A third run, a copy of the model decoding through
-    graphs with this package's Triton kernels launched with programmatic dependent launch (``KIMI_LINEAR_PDL=1``,
-    ``modeling_kimi_linear/pdl.py``), is compared with op-by-op decoding the same way."""
+    buffers growing), then greedy ``generate()`` both ways. The first two runs launch this package's Triton kernels
+    without programmatic dependent launch (``KIMI_LINEAR_PDL=0``); a third, a copy of the model decoding through
+    graphs with it (the default, ``modeling_kimi_linear/pdl.py``), is compared with op-by-op decoding the same
+    way."""
     torch.manual_seed(0)
     model = set_backend(KimiLinearForCausalLM(check_config(moe=True)).to("cuda", torch.bfloat16).eval(), "fla")
     models = {"eager": model, "graph": model, "graph, PDL": copy.deepcopy(model)}

@@ -403,9 +403,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--native-contexts", type=ints, default=[4096],
                         help="decode part: contexts at which native transformers' hybrid is timed in the same run "
                              "(the anchor; empty: none)")
-    parser.add_argument("--pdl", type=pdl_settings, default=[False],
+    parser.add_argument("--pdl", type=pdl_settings, default=[True],
                         help="decode and batched parts: run each row with this package's Triton kernels launched "
-                             "without ('off') and / or with ('on') programmatic dependent launch, e.g. off,on")
+                             "without ('off') and / or with ('on', the default) programmatic dependent launch, e.g. "
+                             "off,on")
     parser.add_argument("--native-tokens", type=int, default=8, help="n in native's TPOT formula")
     parser.add_argument("--prefill", type=int, default=64, help="real prefill tokens per sequence")
     parser.add_argument("--reserve-gb", type=float, default=6.0, help="device memory kept free when sizing batches")

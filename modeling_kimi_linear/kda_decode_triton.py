@@ -33,8 +33,8 @@ k, then v, oldest tap first, any strides (an eager cache holds a strided view of
 state ``[B, H, D, D]`` float32, any strides. The tail and the state may be written in place (the outputs may be the
 inputs' memory): every program reads what it needs of its own head's channels and state before a barrier and
 writes only its own columns' state and value tails after it; the q / k tails every program of the head reads are
-shifted and written by the last of them to arrive (below), the only program that writes them. No program touches another head's. No host synchronisation, fixed
-shapes: safe under CUDA-graph capture.
+shifted and written by the last of them to arrive (below), the only program that writes them. No program touches
+another head's. No host synchronisation, fixed shapes: safe under CUDA-graph capture.
 
 Programs: ``split_v`` per (b, h), each taking ``D / split_v`` value columns of the head's state. Column j of the
 delta rule reads and writes column j of S only (``pred_j``, the update of ``S[:, j]``, ``o_j``), so the columns need
@@ -43,9 +43,10 @@ small fp32 workspace and counts itself in at an arrival counter (:mod:`launch_re
 programs to arrive norms the head, writes its output and its q / k conv tails, and resets the counter. A head's
 state is ``D*D*4`` bytes (64 KB at D = 128), read once and written once. At batch 1 one program a head is 32
 programs for an H100's 132 SMs: one SM streams each head's 128 KB, and the call took 6-7 us (a fifth of the copy
-bandwidth for its 4.2 MB). :func:`split_plan` doubles the programs a head while the launch has fewer programs than
-SMs (8 a head at batch 1, 256 programs of 16 columns; one a head from batch 5 with 32 heads). The split is not yet
-timed on a GPU (``bench/gpu_check.py --only kdastep`` times each split).
+bandwidth for its 4.2 MB). :func:`split_plan` can double the programs a head while the launch has fewer programs
+than SMs (up to 8 a head at batch 1, 256 programs of 16 columns), but by default stays at one program a head: on
+an H100 the split computed the same values and was not faster (:data:`PLANNED_MAX_SPLIT_V`; ``bench/gpu_check.py
+--only kdastep`` times each split).
 
 Registers: at ``num_warps=4`` (the default, 128 threads) an unsplit state tile is 128 fp32 registers per thread
 (``1 / split_v`` of that when split). Compiled for sm_90a by Triton 3.6 (no GPU needed;
@@ -79,14 +80,23 @@ from .launch_resources import INTERPRETER_SMS, arrival_counters, sm_count
 
 DEFAULT_NUM_WARPS = 4
 MAX_SPLIT_V = 8  # programs per head at most (16 value columns each at D = 128)
+# Programs per head the default plan goes up to. 1, from the first GPU run of the split (H100, 2026-12-08,
+# bench/gpu_check.py --only kdastep, the release's 32 heads, graph replays of one state): batch 1 took 6.0 us
+# with one program a head (4 warps) against 6.2 / 6.3 / 6.6 us with 2 / 4 / 8; batch 8, 10.8 against 12.9 /
+# 13.1 / 17.1. The split computes the same values (3e-8 apart) but did not pay there; that run's state stayed in
+# L2 between calls, and the check now steps over copies of it, so the next run says whether it pays when the
+# state comes from memory, as in a decode step.
+PLANNED_MAX_SPLIT_V = 1
 
 
-def split_plan(heads_total: int, dim: int, sms: int) -> int:
-    """Programs per head for ``heads_total = B * H`` heads: doubled (up to :data:`MAX_SPLIT_V`, at least 16 value
-    columns each) while the launch has fewer programs than the device has SMs. A head's state is read and written by
-    one program's SM otherwise, and at batch 1 the release's 32 heads would use 32 of 132 SMs."""
+def split_plan(heads_total: int, dim: int, sms: int, most: int | None = None) -> int:
+    """Programs per head for ``heads_total = B * H`` heads: doubled (up to ``most``, default
+    :data:`PLANNED_MAX_SPLIT_V`; at least 16 value columns each) while the launch has fewer programs than the
+    device has SMs. Unsplit, a head's state is read and written by one program's SM, and at batch 1 the release's
+    32 heads use 32 of 132 SMs."""
+    most = PLANNED_MAX_SPLIT_V if most is None else min(most, MAX_SPLIT_V)
     split = 1
-    while split < MAX_SPLIT_V and heads_total * split < sms and dim // (2 * split) >= 16:
+    while split < most and heads_total * split < sms and dim // (2 * split) >= 16:
         split *= 2
     return split
 

@@ -177,10 +177,14 @@ def test_masked_token_leaves_state_unchanged_and_shifts_a_zero_into_the_tail():
 
 
 def test_split_plan_fills_the_sms_at_small_batches_only():
-    """The release's 32 heads at batch 1 on a 132-SM GPU: 8 programs a head (256); batch 4: 2 (256); from batch 5
-    (160 heads) one program a head; never under 16 value columns a program; a bad split is refused."""
-    assert [kda_decode_triton.split_plan(32 * b, 128, 132) for b in (1, 2, 4, 5, 64)] == [8, 4, 2, 1, 1]
-    assert kda_decode_triton.split_plan(2, 32, 132) == 2  # 16 columns a program at least
+    """Allowed up to 8 programs a head, the release's 32 heads at batch 1 on a 132-SM GPU: 8 programs a head (256);
+    batch 4: 2 (256); from batch 5 (160 heads) one program a head; never under 16 value columns a program; by
+    default one program a head (the split did not pay on an H100); a bad split is refused."""
+    plan = kda_decode_triton.split_plan
+    assert [plan(32 * b, 128, 132, most=8) for b in (1, 2, 4, 5, 64)] == [8, 4, 2, 1, 1]
+    assert plan(2, 32, 132, most=8) == 2  # 16 columns a program at least
+    assert plan(32, 128, 132, most=64) == 8  # never past MAX_SPLIT_V
+    assert [plan(32 * b, 128, 132) for b in (1, 4)] == [kda_decode_triton.PLANNED_MAX_SPLIT_V] * 2 == [1, 1]
     gen = torch.Generator().manual_seed(1)
     params = random_params(2, 16, 4, False, gen)
     with pytest.raises(ValueError, match="split_v"):

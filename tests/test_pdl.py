@@ -1,7 +1,7 @@
 """When this package's Triton decode kernels are launched with programmatic dependent launch
-(:mod:`modeling_kimi_linear.pdl`): with ``KIMI_LINEAR_PDL=1`` (off by default until timed on a GPU), on CUDA devices
-of compute capability >= 9.0 only, never under Triton's interpreter. What the launch does on a GPU (the kernels' PTX waits before any memory
-access) is checked by each kernel's sm_90 compile test; its values by ``bench/gpu_check.py``."""
+(:mod:`modeling_kimi_linear.pdl`): by default (``KIMI_LINEAR_PDL=0`` switches it off), on CUDA devices of compute
+capability >= 9.0 only, never under Triton's interpreter. What the launch does on a GPU (the kernels' PTX waits
+before any memory access) is checked by each kernel's sm_90 compile test; its values by ``bench/gpu_check.py``."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ def hopper(monkeypatch):
     return monkeypatch
 
 
-def test_off_unless_switched_on(hopper):
+def test_on_unless_switched_off(hopper):
     hopper.delenv(pdl.ENV_VAR)
+    assert pdl.enabled(torch.device("cuda", 0))
+    hopper.setenv(pdl.ENV_VAR, "0")
     assert not pdl.enabled(torch.device("cuda", 0))
 
 
