@@ -12,8 +12,9 @@ method through ``from_pretrained(..., quantization_config=...)`` (see ``modeling
 
 Per method: load time, weight bytes (``get_memory_footprint``, which counts quantized storage) and GPU memory
 after loading, a ``--context``-token prefill, ``--steps`` decode steps through CUDA graphs (median TPOT; the
-first step, which captures, apart) and op by op, greedy tokens against bf16's, a short ``generate()``, one PEFT
-LoRA training step on top (QLoRA for ``bnb4``), and a
+first step, which captures, apart) and op by op, greedy tokens against bf16's, a short ``generate()``,
+``save_pretrained`` of the quantized model and ``from_pretrained`` of what it wrote (logits compared; checkpoint mode
+only), one PEFT LoRA training step on top (QLoRA for ``bnb4``), and a
 roofline TPOT = bytes one decode token reads (weights of every layer, 8/256 of the routed experts, one
 embedding row, the MLA cache) / the copy bandwidth measured in the same run. A method that fails is reported
 with its error and the others still run. Also prints the 48B-A3B layout's predicted int8 weight bytes.
@@ -33,6 +34,7 @@ import gc
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -191,7 +193,8 @@ def quantize_piece(prefix: str, piece: torch.nn.Module, quant_type) -> None:  # 
 
 
 @torch.no_grad()
-def measure(method: str, make, context: int, steps: int, bw: float, reference: list[int] | None) -> dict:
+def measure(method: str, make, context: int, steps: int, bw: float, reference: list[int] | None,
+            work: Path | None = None) -> dict:
     """Build or load the model (``make(method)``), then time and check it."""
     row: dict = {"method": method}
     gc.collect()
@@ -241,9 +244,34 @@ def measure(method: str, make, context: int, steps: int, bw: float, reference: l
     row["generate_ok"] = tuple(generated.shape) == (1, short.shape[1] + 8)
     row["peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if DEVICE == "cuda" else None
     del out, o, cache
+    if work is not None:
+        row["reload"] = reload_check(model, short, work.with_name(work.name + f".{method}"))
     row["lora"] = lora_step(model, prompt[:, :256])
     del model
     return row
+
+
+@torch.no_grad()
+def reload_check(model: KimiLinearForCausalLM, prompt: torch.Tensor, path: Path) -> str:
+    """``save_pretrained`` of the quantized model to ``path``, then ``from_pretrained`` of it with no
+    ``quantization_config`` (the saved config carries the method): ``same`` when the reloaded model's logits for
+    ``prompt`` equal the original's bit for bit, else the largest difference, or the error the method raised."""
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        model.save_pretrained(path)
+        again = KimiLinearForCausalLM.from_pretrained(path, device_map=DEVICE).eval()
+        before = model(input_ids=prompt, logits_to_keep=1).logits.float()
+        after = again(input_ids=prompt, logits_to_keep=1).logits.float()
+        del again
+        diff = float((before - after).abs().max())
+        return "same" if diff == 0 else f"max diff {diff:.2e}"
+    except Exception as exc:  # a method that cannot be saved or reloaded: say so, go on
+        return f"fails: {type(exc).__name__}: {str(exc)[:120]}".replace("|", "/")
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
 
 
 def lora_step(model: KimiLinearForCausalLM, batch: torch.Tensor) -> str:
@@ -269,17 +297,17 @@ def lora_step(model: KimiLinearForCausalLM, batch: torch.Tensor) -> str:
 def table(rows: list[dict], header: str) -> str:
     ref = next((r for r in rows if r["method"] == "bf16" and "tpot_graph_ms" in r), None)
     lines = [header, "", "| method | experts stored as | load (s) | weights (GB) | allocated (GB) | TPOT graph (ms) "
-             "| vs bf16 | roofline (ms) | TPOT eager (ms) | greedy = bf16 | generate() | LoRA step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs bf16 | roofline (ms) | TPOT eager (ms) | greedy = bf16 | generate() | save + reload | LoRA step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r or "skipped" in r:
-            lines.append(f"| {r['method']} | {r.get('skipped') or r['error']} | | | | | | | | | | |")
+            lines.append(f"| {r['method']} | {r.get('skipped') or r['error']} | | | | | | | | | | | |")
             continue
         ratio = f"{r['tpot_graph_ms'] / ref['tpot_graph_ms']:.2f}x" if ref else "-"
         lines.append(f"| {r['method']} | {r['experts_stored_as']} | {r['load_s']} | {r['weights_GB']} | "
                      f"{r['allocated_GB']} | {r['tpot_graph_ms']} | {ratio} | {r['roofline_ms']} | "
                      f"{r['tpot_eager_ms']} | {r.get('greedy_same_as_bf16', '-')} | "
-                     f"{'ok' if r['generate_ok'] else 'wrong shape'} | {r['lora']} |")
+                     f"{'ok' if r['generate_ok'] else 'wrong shape'} | {r.get('reload', '-')} | {r['lora']} |")
     return "\n".join(lines)
 
 
@@ -327,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
             log(json.dumps(rows[-1]))
             continue
         try:
-            row = measure(method, make, args.context, args.steps, bw, reference)
+            row = measure(method, make, args.context, args.steps, bw, reference, None if args.in_memory else work)
         except Exception as exc:  # report and go on with the other methods
             traceback.print_exc()
             row = {"method": method, "error": f"{type(exc).__name__}: {str(exc)[:200]}".replace("|", "/")}
