@@ -56,12 +56,8 @@ else:  # run as a script from a checkout (python bench/gpu_quant.py): make its p
 
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.presets import load_preset  # noqa: E402
-from modeling_kimi_linear.quantization import (  # noqa: E402
-    EXPERT_CAPABLE,
-    int8_weight_only_bytes,
-    kept_high_precision,
-    tensor_bytes,
-)
+from modeling_kimi_linear.quantization import int8_weight_only_bytes, tensor_bytes  # noqa: E402
+from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
 KINDS = {"K": "linear_attention", "M": "full_attention"}
@@ -145,51 +141,15 @@ def load(method: str, work: Path) -> KimiLinearForCausalLM:
                                                  quantization_config=quantization_config(method)).eval()
 
 
-@torch.no_grad()
 def build_in_memory(method: str, preset: str) -> KimiLinearForCausalLM:
-    """``preset`` with random weights built piece by piece on the device (embedding, each layer, norm, head), each
-    piece quantized before the next is allocated, so the peak is about the quantized size: the 48B-A3B in int8 on
-    one 80 GB GPU. The same torchao transforms and high-precision defaults as ``from_pretrained`` with
-    ``quantization_config`` (:mod:`modeling_kimi_linear.quantization`), applied directly."""
+    """``preset`` with random weights built piece by piece on the device, each piece quantized with ``method``'s
+    torchao config before the next is allocated (:func:`build_random_model` ``quantization=``: the choices of
+    ``from_pretrained`` with that config), so the peak is about the quantized size: the 48B-A3B in int8 on one
+    80 GB GPU."""
     config = quantization_config(method)
-    quant_type = None if config is None else config.quant_type
-    with torch.device("meta"):
-        model = KimiLinearForCausalLM(load_preset(preset)).to(torch.bfloat16)  # A_log / dt_bias stay float32
     torch.manual_seed(0)  # the same weights for every method
-    pieces = [("model.embed_tokens", model.model.embed_tokens), ("model.norm", model.model.norm),
-              ("lm_head", model.lm_head)]
-    pieces += [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
-    for prefix, piece in pieces:
-        piece.to_empty(device=DEVICE)
-        for p in piece.parameters():
-            p.fill_(float("nan"))  # sentinel: whatever _init_weights does not write stays NaN
-            p._is_hf_initialized = False
-        piece.apply(model._init_weights)
-        missed = [name for name, p in piece.named_parameters() if p.isnan().any()]
-        if missed:
-            raise RuntimeError(f"_init_weights left {prefix}.{missed[0]} uninitialised")
-        if quant_type is None:
-            continue
-        quantize_piece(prefix, piece, quant_type)
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()  # the piece's bf16 weights and quantization temporaries
-    left = [name for name, p in model.named_parameters() if p.is_meta]
-    if left:
-        raise RuntimeError(f"parameters left on the meta device: {left[:3]}")
-    return model.eval()
-
-
-def quantize_piece(prefix: str, piece: torch.nn.Module, quant_type) -> None:  # noqa: ANN001
-    """Quantize one piece's ``nn.Linear`` modules (but those kept in high precision) and its routed experts."""
-    from torchao.quantization import FqnToConfig, quantize_
-
-    for name, module in list(piece.named_modules()):
-        full = f"{prefix}.{name}" if name else prefix
-        if isinstance(module, torch.nn.Linear) and not kept_high_precision(f"{full}.weight"):
-            quantize_(module, quant_type)
-        elif hasattr(module, "gate_up_proj") and type(quant_type).__name__ in EXPERT_CAPABLE:
-            for param in ("gate_up_proj", "down_proj"):
-                quantize_(module, FqnToConfig({param: quant_type}), filter_fn=None)
+    quant_type = None if config is None else config.quant_type
+    return build_random_model(preset, DEVICE, torch.bfloat16, quantization=quant_type)
 
 
 @torch.no_grad()

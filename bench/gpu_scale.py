@@ -13,6 +13,9 @@ tokens short of the nominal context, so that the generated tokens end at it (:fu
   every weight but the unchosen experts (one embedding row), the MLA latents attended over, and each KDA state
   read and written once. The anchor, in the same run: native transformers' ``kimi_linear`` with the same layout
   (random weights of its own), TPOT through ``generate()`` from a real prompt (``--native-contexts``).
+  ``--weights int8`` (or ``float8``) times the same rows with torchao weight-only weights, routed experts included,
+  quantized layer by layer as the model is made (the choices of ``from_pretrained`` with that
+  ``quantization_config``); the roofline counts the bytes they store.
 * **batched**: tokens/s = batch x n / (time for n+1 tokens - time for 1), for each layout, context and batch
   (``max`` = the largest batch whose caches fit beside the weights); batch roofline from the same byte count with
   the experts a step actually touches (counted in one eager step: the distinct experts each MoE layer routes the
@@ -23,6 +26,8 @@ tokens short of the nominal context, so that the generated tokens end at it (:fu
 
     python bench/gpu_scale.py --out $OUT                          # everything (one H200)
     python bench/gpu_scale.py --parts decode --contexts 4096 --out $OUT
+    python bench/gpu_scale.py --parts decode --weights bf16,int8 --out $OUT     # int8 against bf16 (one H200)
+    python bench/gpu_scale.py --parts decode --weights int8 --native-contexts "" --out $OUT   # 48B int8, one H100
     python bench/gpu_scale.py --preset tiny --device cpu --dtype float32 --contexts 512 --batched-contexts 512 \\
         --batches 1,2 --cold-layers 2 --out /tmp/scale                # smoke run on a CPU
 """
@@ -45,11 +50,13 @@ import torch
 if __package__:  # kimi_linear_bench.gpu_scale (installed) or python -m bench.gpu_scale
     from .gpu import copy_bandwidth, log
     from .gpu_long_context import extend_cache, memory_line, sync
+    from .gpu_quant import quantization_config
     from .gpu_report import pdl_settings, programmatic_dependent_launch, save_report, versions_header
 else:  # run as a script from a checkout (python bench/gpu_scale.py): make its package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gpu import copy_bandwidth, log  # type: ignore[no-redef]
     from gpu_long_context import extend_cache, memory_line, sync  # type: ignore[no-redef]
+    from gpu_quant import quantization_config  # type: ignore[no-redef]
     from gpu_report import (  # type: ignore[no-redef]
         pdl_settings, programmatic_dependent_launch, save_report, versions_header,
     )
@@ -58,6 +65,7 @@ from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
 from modeling_kimi_linear.cuda_graph_decode import decode_bucket  # noqa: E402
 from modeling_kimi_linear.presets import available_presets, load_preset  # noqa: E402
+from modeling_kimi_linear.quantization import tensor_bytes  # noqa: E402
 from modeling_kimi_linear.transformers_compat import cache_field, output_cache  # noqa: E402
 
 GB = 1e9
@@ -84,7 +92,7 @@ class Bytes:
         cfg = model.config
         self.experts = self.other = 0
         for name, p in model.named_parameters():
-            size = p.numel() * p.element_size()
+            size = tensor_bytes(p)  # what a quantized weight stores (data and scales)
             if ".experts." in name:
                 self.experts += size
             elif "embed_tokens" in name:
@@ -93,7 +101,7 @@ class Bytes:
                 self.other += size
         self.moe_layers = sum(hasattr(layer, "block_sparse_moe") for layer in model.model.layers)
         self.num_experts, self.top_k = cfg.num_experts or 1, cfg.num_experts_per_token or 1
-        element = next(model.parameters()).element_size()
+        element = model.model.embed_tokens.weight.element_size()  # the activations' (and caches') dtype
         self.latent_per_token = len(cfg.mla_layers) * cfg.mla_latent_dim * element
         self.kda_state = len(cfg.kda_layers) * cfg.kda_num_heads * cfg.kda_head_dim ** 2 * 4 * 2  # read + write
 
@@ -173,15 +181,16 @@ def largest_batch(model, context: int, bytes_: Bytes, reserve_gb: float) -> int:
     return max(1, int((free - reserve_gb * GB) // per_seq))
 
 
-def run_decode(model, args, bw: float | None, bytes_: Bytes) -> list[dict]:  # noqa: ANN001
+def run_decode(model, args, bw: float | None, bytes_: Bytes, weights: str = "bf16") -> list[dict]:  # noqa: ANN001
     rows = []
     for context, pdl in itertools.product(args.contexts, args.pdl):
-        log(f"decode: batch 1 at {context} tokens, programmatic dependent launch {'on' if pdl else 'off'}")
+        log(f"decode: batch 1 at {context} tokens, {weights} weights, programmatic dependent launch "
+            f"{'on' if pdl else 'off'}")
         with programmatic_dependent_launch(model, pdl):
             got = step_time(model, 1, context, args)
         row = {"layers": model.config.num_hidden_layers, "context": context, "batch": 1,
                "tpot_ms": round(1e3 * got["step_s"], 3), "synthetic_context": context > args.prefill,
-               "paper_tpot_ms": PAPER_TPOT_MS.get(context), "pdl": pdl}
+               "paper_tpot_ms": PAPER_TPOT_MS.get(context), "pdl": pdl, "weights": weights}
         if bw:
             row["roofline_ms"] = round(1e3 * bytes_.step(1, context) / bw, 3)
             row["tpot_over_roofline"] = round(row["tpot_ms"] / row["roofline_ms"], 2)
@@ -325,12 +334,17 @@ def run_cold(args, device: torch.device, dtype: torch.dtype) -> dict:
     return result
 
 
-def build_model(config, device: torch.device, dtype: torch.dtype) -> KimiLinearForCausalLM:  # noqa: ANN001
+def build_model(config, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
+                weights: str = "bf16") -> KimiLinearForCausalLM:
+    """The layout with random weights on ``device``; ``weights`` other than ``bf16`` (``int8``, ``float8``: torchao
+    weight-only, experts included) are quantized layer by layer as they are made, the choices ``from_pretrained``
+    makes with that ``quantization_config``."""
     start = time.perf_counter()
-    model = build_random_model(config, device, dtype)
+    config_q = None if weights == "bf16" else quantization_config(weights)
+    model = build_random_model(config, device, dtype, quantization=config_q)
     sync(device)
-    log(f"built {config.num_hidden_layers} layers ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA) in "
-        f"{time.perf_counter() - start:.1f} s; {memory_line(device)}")
+    log(f"built {config.num_hidden_layers} layers ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA), "
+        f"{weights} weights, in {time.perf_counter() - start:.1f} s; {memory_line(device)}")
     return model
 
 
@@ -345,19 +359,26 @@ def report(result: dict) -> str:
              "latents (decode cost does not depend on the values). TPOT through `generate()`: (time for n+1 new "
              "tokens - time for 1) / n.", ""]
     if result.get("decode"):
-        lines += ["| layers | context | batch | PDL | TPOT (ms) | roofline (ms) | TPOT / roofline | paper TPOT (ms) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| layers | weights | context | batch | PDL | TPOT (ms) | roofline (ms) | TPOT / roofline | "
+                  "paper TPOT (ms) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in result["decode"]:
-            lines.append(f"| {r['layers']} | {r['context']} | 1 | {pdl_cell(r)} | {r['tpot_ms']} | "
+            lines.append(f"| {r['layers']} | {r.get('weights', 'bf16')} | {r['context']} | 1 | {pdl_cell(r)} | "
+                         f"{r['tpot_ms']} | "
                          f"{r.get('roofline_ms', '-')} | {r.get('tpot_over_roofline', '-')} | "
                          f"{r.get('paper_tpot_ms') or '-'} |")
-        ours = {}
-        for r in result["decode"]:  # our best TPOT per context, for the comparison with native
-            ours[r["context"]] = min(ours.get(r["context"], float("inf")), r["tpot_ms"])
+        best = {}  # our best TPOT per weights and context (over the PDL settings)
+        for r in result["decode"]:
+            key = (r.get("weights", "bf16"), r["context"])
+            best[key] = min(best.get(key, float("inf")), r["tpot_ms"])
         for r in result.get("native_decode", []):
-            speedup = f"{r['tpot_ms'] / ours[r['context']]:.1f}x" if r["context"] in ours else "-"
-            lines.append(f"| native transformers, {r['layers']} layers | {r['context']} (real prompt) | 1 | - | "
+            ours = best.get(("bf16", r["context"]))
+            speedup = f"{r['tpot_ms'] / ours:.1f}x" if ours else "-"
+            lines.append(f"| native transformers, {r['layers']} layers | bf16 | {r['context']} (real prompt) | 1 | - | "
                          f"{r['tpot_ms']} | - | ours is {speedup} faster | - |")
+        ratios = [f"{w} {c}: {t / best[('bf16', c)]:.2f}x" for (w, c), t in sorted(best.items())
+                  if w != "bf16" and ("bf16", c) in best]
+        if ratios:
+            lines += ["", "TPOT against bf16 weights in the same run: " + ", ".join(ratios)]
         lines.append("")
     if result.get("batched"):
         lines += ["| layout | context | batch | PDL | tokens/s | roofline tokens/s | share of roofline | experts "
@@ -388,6 +409,14 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def weight_kinds(text: str) -> list[str]:
+    """``--weights`` values: a comma-separated list of ``bf16``, ``int8``, ``float8``."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in ("bf16", "int8", "float8") for v in values):
+        raise argparse.ArgumentTypeError(f"--weights takes a comma-separated list of bf16, int8, float8, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> None:
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x]
@@ -407,6 +436,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="decode and batched parts: run each row with this package's Triton kernels launched "
                              "without ('off') and / or with ('on', the default) programmatic dependent launch, e.g. "
                              "off,on")
+    parser.add_argument("--weights", type=weight_kinds, default=["bf16"],
+                        help="decode part: weights to time, comma-separated: bf16 and / or torchao weight-only int8, "
+                             "float8 (routed experts included; built quantized layer by layer, so the 48B in int8 fits "
+                             "an 80 GB GPU)")
     parser.add_argument("--native-tokens", type=int, default=8, help="n in native's TPOT formula")
     parser.add_argument("--prefill", type=int, default=64, help="real prefill tokens per sequence")
     parser.add_argument("--reserve-gb", type=float, default=6.0, help="device memory kept free when sizing batches")
@@ -464,17 +497,23 @@ def main(argv: list[str] | None = None) -> None:
             wants_batched = "batched" in parts and layout in args.layouts.split(",")
             if not (wants_decode or wants_batched):
                 continue
-            model = build_model(layout_config(args.preset, layout, args.layers), device, dtype)
-            bytes_ = Bytes(model)
+            builds = list(args.weights) if wants_decode else []
+            if wants_batched and "bf16" not in builds:
+                builds.append("bf16")  # the batched part runs on bf16 weights
             if wants_decode:
-                result["decode"] = run_decode(model, args, bw, bytes_)
-            if wants_batched:
-                result["batched"] = [r for r in result.get("batched", []) if r["layout"] != layout]
-                result["batched"] += run_batched(model, layout, args, bw, bytes_)
-            del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                result["decode"] = []
+            for weights in builds:
+                model = build_model(layout_config(args.preset, layout, args.layers), device, dtype, weights)
+                bytes_ = Bytes(model)
+                if wants_decode and weights in args.weights:
+                    result["decode"] += run_decode(model, args, bw, bytes_, weights)
+                if wants_batched and weights == "bf16":
+                    result["batched"] = [r for r in result.get("batched", []) if r["layout"] != layout]
+                    result["batched"] += run_batched(model, layout, args, bw, bytes_)
+                del model
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     if args.record_tuning and device.type == "cuda":
         from modeling_kimi_linear import triton_tuning
 

@@ -25,6 +25,8 @@
 ``BitsAndBytesConfig`` gets the same high-precision default; bitsandbytes replaces ``nn.Linear`` modules only, so
 under it the routed experts stay in the load dtype (the 48B-A3B does not fit one 80 GB GPU that way).
 
+:func:`quantize_in_place` applies the same choices to a module already in memory (torchao configs), for models
+built with random weights on the device (:func:`random_weights.build_random_model` ``quantization=``).
 :func:`tensor_bytes` counts what a (possibly quantized) tensor really stores; :func:`int8_weight_only_bytes`
 predicts a model's weight bytes under int8 weight-only quantization from its shapes alone (meta device works).
 """
@@ -171,3 +173,22 @@ def int8_weight_only_bytes(model: nn.Module, skip: list[str] | None = None) -> i
             else:
                 total += param.numel() * param.element_size()
     return total
+
+
+def quantize_in_place(module: nn.Module, quant_type: Any, prefix: str = "") -> None:
+    """Quantize ``module``'s weights in place with the torchao config ``quant_type`` (``Int8WeightOnlyConfig()``,
+    say, or a ``TorchAoConfig`` whose ``quant_type`` is taken), as :func:`prepare_quantization_config` would on
+    loading: every ``nn.Linear`` but :data:`HIGH_PRECISION_MODULES` (matched on ``prefix``-qualified names), and
+    the routed experts when the config takes 3-D weights (:data:`EXPERT_CAPABLE`)."""
+    from torchao.quantization import FqnToConfig, quantize_
+
+    quant_type = getattr(quant_type, "quant_type", quant_type)
+    experts_too = type(quant_type).__name__ in EXPERT_CAPABLE
+    for name, child in list(module.named_modules()):
+        full = ".".join(part for part in (prefix, name) if part)
+        if isinstance(child, nn.Linear) and not kept_high_precision(f"{full}.weight"):
+            quantize_(child, quant_type)
+        elif experts_too and hasattr(child, "gate_up_proj") and hasattr(child, "down_proj") \
+                and isinstance(child.gate_up_proj, nn.Parameter) and child.gate_up_proj.dim() == 3:
+            for param in ("gate_up_proj", "down_proj"):
+                quantize_(child, FqnToConfig({param: quant_type}), filter_fn=None)

@@ -40,3 +40,17 @@ def test_pdl_setting_is_restored_and_bad_values_refused(monkeypatch):
     assert gpu_report.pdl_settings("off, on") == [False, True]
     with pytest.raises(ValueError, match="--pdl"):
         gpu_report.pdl_settings("yes")
+
+
+def test_gpu_scale_int8_rows_beside_bf16(tmp_path):
+    """``--weights bf16,int8``: a decode row per weights kind and the table's int8 / bf16 ratio line; an unknown
+    kind is refused."""
+    pytest.importorskip("torchao")
+    scale.main(["--preset", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--parts", "decode", "--contexts", "256",
+                "--native-contexts", "", "--new-tokens", "2", "--weights", "bf16,int8", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "gpu_scale.json").read_text())
+    rows = {r["weights"]: r for r in result["decode"]}
+    assert set(rows) == {"bf16", "int8"} and all(math.isfinite(r["tpot_ms"]) for r in rows.values())
+    assert "TPOT against bf16 weights in the same run: int8 256:" in (tmp_path / "gpu_scale.md").read_text()
+    with pytest.raises(SystemExit):
+        scale.main(["--weights", "int4", "--out", str(tmp_path)])

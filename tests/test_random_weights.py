@@ -83,3 +83,29 @@ def test_a_parameter_left_unwritten_is_named(monkeypatch):
     monkeypatch.setattr(KimiLinearForCausalLM, "_init_weights", skip_norms)
     with pytest.raises(RuntimeError, match="uninitialised.*norm"):
         build_random_model("tiny", "cpu", torch.float32)
+
+
+def test_quantization_quantizes_each_piece_as_from_pretrained_would():
+    """int8 weight-only while building: every nn.Linear but the high-precision ones and the routed experts are
+    torchao int8 tensors, the rest plain; the model runs and its predicted weight bytes are what it stores."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from modeling_kimi_linear.quantization import int8_weight_only_bytes, is_plain, kept_high_precision, tensor_bytes
+
+    torch.manual_seed(0)
+    model = build_random_model("tiny", "cpu", torch.bfloat16, quantization=Int8WeightOnlyConfig())
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert is_plain(module.weight) == kept_high_precision(f"{name}.weight"), name
+    experts = [p for n, p in model.named_parameters() if ".experts." in n]
+    assert experts and all(type(p).__name__ == "Int8Tensor" for p in experts)
+    torch.set_default_dtype(torch.bfloat16)  # as build_random_model does: A_log / dt_bias stay float32
+    try:
+        with torch.device("meta"):
+            shapes = KimiLinearForCausalLM(load_preset("tiny"))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert sum(tensor_bytes(p) for p in model.parameters()) == int8_weight_only_bytes(shapes)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(3, 500, (1, 9))).logits.float()).all()
