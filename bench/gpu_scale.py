@@ -500,8 +500,8 @@ def main(argv: list[str] | None = None) -> None:
             builds = list(args.weights) if wants_decode else []
             if wants_batched and "bf16" not in builds:
                 builds.append("bf16")  # the batched part runs on bf16 weights
-            if wants_decode:
-                result["decode"] = []
+            if wants_decode:  # with --merge, rows of other weights kinds stay
+                result["decode"] = [r for r in result.get("decode", []) if r.get("weights", "bf16") not in args.weights]
             for weights in builds:
                 model = build_model(layout_config(args.preset, layout, args.layers), device, dtype, weights)
                 bytes_ = Bytes(model)
