@@ -327,3 +327,24 @@ def test_guard_sees_a_quantized_weight_moved():
     torch.utils.swap_tensors(weight, torch.nn.Parameter(weight.detach().clone(), requires_grad=False))
     assert weight is model.model.layers[0].self_attn.q_proj.weight  # same object, new memory inside
     assert guard.changed()
+
+
+def test_guard_sees_an_inner_tensor_of_a_quantized_weight_replaced_or_moved():
+    """The per-step check lists a wrapper's inner tensors once: a new inner object, or an inner tensor given new
+    memory, is a change; values written in place (the same memory) and putting the original back are not."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = tiny_model(MIXES["3:1"])
+    quantize_(model.model.layers[0].self_attn, Int8WeightOnlyConfig())
+    guard = ModelGuard(model)
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    original = weight.qdata
+    weight.qdata = original.clone()
+    assert guard.changed()
+    weight.qdata = original
+    assert not guard.changed()
+    original.add_(1)  # in place: a static step reads the new values from the same memory
+    assert not guard.changed()
+    original.data = original.detach().clone()  # same object, new memory
+    assert guard.changed()
