@@ -53,6 +53,12 @@ def _count_registration(module: nn.Module, *_args: Any) -> None:
         _registrations += 1
 
 
+def registrations() -> int:
+    """How many module / parameter / buffer registrations on guarded models' modules were seen so far (a value that
+    changes whenever a guarded model's structure or tensors may have)."""
+    return _registrations
+
+
 def _install_registration_hooks() -> None:
     """Count every module / parameter / buffer registration on a module of a guarded model (``setattr`` of a
     module or parameter, ``register_buffer``, ``load_state_dict(assign=True)``...). The hooks return None, so

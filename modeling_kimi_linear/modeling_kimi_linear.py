@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from .mla_layer import KimiMLAAttention
 from .transformers_compat import CACHE_FIELD, build_output, cache_field, one_cache, output_cache
 from .moe import KimiExperts, KimiMLP, KimiMoEGate, KimiSparseMoeBlock
 from .norms import KimiGatedRMSNorm, KimiRMSNorm
-from .quantization import default_key_accepted, prepare_quantization_config, tensor_bytes
+from .quantization import default_key_accepted, graph_capture_blocker, prepare_quantization_config, tensor_bytes
 
 
 class KimiDecoderLayer(GradientCheckpointingLayer):
@@ -533,10 +534,26 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             return None
         if not weights_on_one_device(self, "CUDA graphs" if kind == "_graph_decoder" else "compiled CPU decode steps"):
             return None  # device_map over several devices or offloaded weights: op by op, one warning per model
+        if kind == "_graph_decoder" and self._graph_capture_blocker() is not None:
+            return None  # bitsandbytes 8-bit layers: op by op, one warning per model
         decoder = self.__dict__.get(kind)
         if decoder is None:
             decoder = self.__dict__[kind] = runner(self._decode_logits)
         return decoder
+
+    def _graph_capture_blocker(self) -> str | None:
+        """:func:`quantization.graph_capture_blocker` of this model, looked up again only after modules were
+        registered (a global counter the decode guard keeps); the first reason found is warned about once."""
+        from . import decode_guard
+
+        key = decode_guard.registrations()
+        cached = self.__dict__.get("_capture_blocker")
+        if cached is None or cached[0] != key:
+            reason = graph_capture_blocker(self)
+            if reason is not None and (cached is None or cached[1] != reason):
+                warnings.warn(f"{reason}: decoding runs op by op, without CUDA graphs", stacklevel=4)
+            cached = self.__dict__["_capture_blocker"] = (key, reason)
+        return cached[1]
 
     def _mask_source(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The mask that :meth:`_update_model_kwargs_for_generation` grew ``mask`` from by one column of ones, if

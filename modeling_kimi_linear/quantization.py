@@ -192,3 +192,14 @@ def quantize_in_place(module: nn.Module, quant_type: Any, prefix: str = "") -> N
                 and isinstance(child.gate_up_proj, nn.Parameter) and child.gate_up_proj.dim() == 3:
             for param in ("gate_up_proj", "down_proj"):
                 quantize_(child, FqnToConfig({param: quant_type}), filter_fn=None)
+
+
+def graph_capture_blocker(model: nn.Module) -> str | None:
+    """Why a CUDA graph cannot capture ``model``'s decode step, or ``None``. bitsandbytes' 8-bit layers
+    (``Linear8bitLt``, LLM.int8()) failed capture on an H100 (``cudaErrorStreamCaptureInvalidated``,
+    ``bench/gpu_quant.py``, 2026-12-08): their product is not capturable as transformers runs it, so decoding stays
+    op by op for such a model. Its 4-bit layers captured and replayed correctly in the same run."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Linear8bitLt":
+            return f"{name} is a bitsandbytes 8-bit layer, whose LLM.int8() product CUDA graphs cannot capture"
+    return None

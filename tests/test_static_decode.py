@@ -205,3 +205,25 @@ def test_generate_through_the_static_step_equals_eager_generate(monkeypatch):
     assert len(steps) == 7 and steps == [True] * 7  # every decode step's mask was the last one grown
     assert torch.equal(eager.sequences, static.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(eager.scores, static.scores)) <= 1e-5
+
+
+class Linear8bitLt(torch.nn.Linear):
+    """Stands in for bitsandbytes' 8-bit layer (matched by type name; bitsandbytes needs a GPU)."""
+
+
+def test_bitsandbytes_8bit_layers_keep_cuda_graphs_off_with_one_warning(recwarn):
+    model = tiny_model(MIXES["3:1"])
+    assert model._graph_capture_blocker() is None
+    from modeling_kimi_linear.decode_guard import ModelGuard
+
+    ModelGuard(model)  # watches the model's registrations, as a static decoder's guard does
+    proj = model.model.layers[0].self_attn.o_proj
+    replacement = Linear8bitLt(proj.in_features, proj.out_features, bias=False)
+    model.model.layers[0].self_attn.o_proj = replacement  # a registration: the answer is looked up again
+    reason = model._graph_capture_blocker()
+    assert reason is not None and "model.layers.0.self_attn.o_proj" in reason and "8-bit" in reason
+    assert model._graph_capture_blocker() == reason
+    warned = [w for w in recwarn if "without CUDA graphs" in str(w.message)]
+    assert len(warned) == 1, [str(w.message) for w in recwarn]
+    model.model.layers[0].self_attn.o_proj = proj
+    assert model._graph_capture_blocker() is None
