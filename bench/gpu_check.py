@@ -141,9 +141,8 @@ def graph_decode(rows: list[dict]) -> None:
     """CUDA-graph decode vs op-by-op decode of the same model (3 KDA + 1 MLA, 16 experts top-4, bf16, fla path):
     a left-padded batch of 2 decoded for 100 steps from 250 cached tokens (over two bucket boundaries, the cache
     buffers growing), then greedy ``generate()`` both ways. The first two runs launch this package's Triton kernels
-    without programmatic dependent launch (``KIMI_LINEAR_PDL=0``); a third, a copy of the model decoding through
-    graphs with it (the default, ``modeling_kimi_linear/pdl.py``), is compared with op-by-op decoding the same
-    way."""
+    without programmatic dependent launch (``KIMI_LINEAR_PDL=0``, the default); a third, a copy of the model decoding
+    through graphs with it (``modeling_kimi_linear/pdl.py``), is compared with op-by-op decoding the same way."""
     torch.manual_seed(0)
     model = set_backend(KimiLinearForCausalLM(check_config(moe=True)).to("cuda", torch.bfloat16).eval(), "fla")
     models = {"eager": model, "graph": model, "graph, PDL": copy.deepcopy(model)}

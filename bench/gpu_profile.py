@@ -201,8 +201,8 @@ def charge_kernels(events, steps: int) -> tuple[dict[str, float], float]:
 
 
 def pdl_suffix() -> str:
-    """``_pdl`` in the names of files written with programmatic dependent launch on (the default)."""
-    return "_pdl" if os.environ.get("KIMI_LINEAR_PDL", "1") != "0" else ""
+    """``_pdl`` in the names of files written with programmatic dependent launch on."""
+    return "_pdl" if os.environ.get("KIMI_LINEAR_PDL", "0") == "1" else ""
 
 
 @torch.no_grad()
@@ -428,9 +428,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="write the first N profiler events per context and setting (name, device, times, "
                              "correlation ids) to events_<context>_<kernels>.json, to check the charging")
     parser.add_argument("--trace", action="store_true", help="also write a chrome trace per context and setting")
-    parser.add_argument("--pdl", type=pdl_settings, default=[True],
-                        help="profile with this package's Triton kernels launched without ('off') and / or with "
-                             "('on', the default) programmatic dependent launch, e.g. off,on")
+    parser.add_argument("--pdl", type=pdl_settings, default=[False],
+                        help="profile with this package's Triton kernels launched without ('off', the default) and / or "
+                             "with ('on') programmatic dependent launch, e.g. off,on")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
     args.kernels = args.kernels.split(",")

@@ -23,12 +23,15 @@ Kernels not launched with PDL (cuBLAS, PyTorch's own) wait for the previous kern
 kernel after one of them may only start once all its programs have exited. Both instructions are no-ops in a kernel
 launched without the attribute.
 
-Switch: on by default; :data:`ENV_VAR` ``=0`` turns it off. Read at every launch; a CUDA graph captured before
+Switch: off by default; :data:`ENV_VAR` ``=1`` turns it on. Read at every launch; a CUDA graph captured before
 keeps the launches it recorded, which compute the same values either way. On GPUs before compute capability 9.0,
-and under Triton's interpreter, it stays off and the kernels are compiled without the instructions. First GPU run
-(H100, 2026-12-08, ``bench/gpu_check.py --only graph``: 3 KDA + 1 MLA layers of the release's width, 16 experts,
-batch 2, 100 steps): CUDA-graph decode with PDL gave the same logits as op-by-op decoding (difference 0.0) and the
-same greedy tokens through ``generate()``, and a step took 0.68 ms against 0.76 without it.
+and under Triton's interpreter, it stays off and the kernels are compiled without the instructions.
+
+Measured on an H100 (2026-12-08): exact both times (``bench/gpu_check.py --only graph``: CUDA-graph decode with PDL
+gave the same logits as op-by-op decoding, difference 0.0, and the same greedy tokens), and a graph step of that
+4-layer check model took 0.68 ms against 0.76 without it. But through ``generate()`` on the 48B layout cut to 16
+layers (``bench/gpu_scale.py --layers 16 --pdl off,on``) it was not faster: 2.45 ms a token off against 2.50 and
+2.62 on (two runs) at 4K context, 4.31 against 4.42 at 1M. So it stays off until a measurement shows a gain.
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ LINE_BYTES = tl.constexpr(128)  # an L2 cache line: one prefetch asks for one li
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels for tensors on ``device`` are launched with PDL: a CUDA device of compute capability >= 9.0,
-    not Triton's interpreter, and not switched off (``KIMI_LINEAR_PDL=0``)."""
-    if device.type != "cuda" or os.environ.get(ENV_VAR, "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+    not Triton's interpreter, and switched on (``KIMI_LINEAR_PDL=1``)."""
+    if device.type != "cuda" or os.environ.get(ENV_VAR, "0") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -1,6 +1,6 @@
 """When this package's Triton decode kernels are launched with programmatic dependent launch
-(:mod:`modeling_kimi_linear.pdl`): by default (``KIMI_LINEAR_PDL=0`` switches it off), on CUDA devices of compute
-capability >= 9.0 only, never under Triton's interpreter. What the launch does on a GPU (the kernels' PTX waits
+(:mod:`modeling_kimi_linear.pdl`): when switched on (``KIMI_LINEAR_PDL=1``; off by default), on CUDA devices of
+compute capability >= 9.0 only, never under Triton's interpreter. What the launch does on a GPU (the kernels' PTX waits
 before any memory access) is checked by each kernel's sm_90 compile test; its values by ``bench/gpu_check.py``."""
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ def hopper(monkeypatch):
     return monkeypatch
 
 
-def test_on_unless_switched_off(hopper):
+def test_off_unless_switched_on(hopper):
     hopper.delenv(pdl.ENV_VAR)
-    assert pdl.enabled(torch.device("cuda", 0))
-    hopper.setenv(pdl.ENV_VAR, "0")
     assert not pdl.enabled(torch.device("cuda", 0))
+    hopper.setenv(pdl.ENV_VAR, "1")
+    assert pdl.enabled(torch.device("cuda", 0))
 
 
 def test_cuda_devices_of_hopper_and_later_launch_with_it(hopper):
