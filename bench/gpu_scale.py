@@ -250,16 +250,26 @@ def run_batched(model, layout: str, args, bw: float | None, bytes_: Bytes) -> li
     for context in args.batched_contexts:
         cap = largest_batch(model, context, bytes_, args.reserve_gb)
         batches = sorted({min(b, cap) if b != "max" else cap for b in args.batches})
+        smaller, estimate = max((b for b in batches if b < cap), default=0), cap
         for batch, pdl in itertools.product(batches, args.pdl):
-            log(f"batched: {layout} at {context} tokens, batch {batch} (largest that fits: {cap}), programmatic "
-                f"dependent launch {'on' if pdl else 'off'}; {memory_line(model.device)}")
-            try:
-                with programmatic_dependent_launch(model, pdl):
-                    got = step_time(model, batch, context, args)
-            except torch.OutOfMemoryError:
-                log("  out of memory: skipped")
-                gc.collect()
-                torch.cuda.empty_cache()
+            batch = cap if batch == estimate else batch  # the largest batch as found by an earlier back-off
+            got = None
+            while got is None:
+                log(f"batched: {layout} at {context} tokens, batch {batch} (largest that fits: {cap}), programmatic "
+                    f"dependent launch {'on' if pdl else 'off'}; {memory_line(model.device)}")
+                try:
+                    with programmatic_dependent_launch(model, pdl):
+                        got = step_time(model, batch, context, args)
+                except torch.OutOfMemoryError:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    # the estimate of the largest batch leaves out the step's own activations: back off from it
+                    if batch != cap or int(batch * 0.8) <= smaller:
+                        log("  out of memory: skipped")
+                        break
+                    batch = cap = int(batch * 0.8)
+                    log(f"  out of memory: trying batch {batch}")
+            if got is None:
                 continue
             row = {"layout": layout, "context": context, "batch": batch, "largest_batch": cap,
                    "tokens_per_s": round(batch / got["step_s"], 1), "expert_share": round(got["expert_share"], 3),
@@ -272,6 +282,9 @@ def run_batched(model, layout: str, args, bw: float | None, bytes_: Bytes) -> li
             gc.collect()
             if model.device.type == "cuda":
                 torch.cuda.empty_cache()
+        for row in rows:  # the largest batch as it turned out
+            if row["context"] == context:
+                row["largest_batch"] = cap
     return rows
 
 
@@ -432,9 +445,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--native-contexts", type=ints, default=[4096],
                         help="decode part: contexts at which native transformers' hybrid is timed in the same run "
                              "(the anchor; empty: none)")
-    parser.add_argument("--pdl", type=pdl_settings, default=[True],
+    parser.add_argument("--pdl", type=pdl_settings, default=[False],
                         help="decode and batched parts: run each row with this package's Triton kernels launched "
-                             "without ('off') and / or with ('on', the default) programmatic dependent launch, e.g. "
+                             "without ('off', the default) and / or with ('on') programmatic dependent launch, e.g. "
                              "off,on")
     parser.add_argument("--weights", type=weight_kinds, default=["bf16"],
                         help="decode part: weights to time, comma-separated: bf16 and / or torchao weight-only int8, "

@@ -6,6 +6,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from bench import gpu_report
 from bench import gpu_scale as scale
@@ -54,3 +55,26 @@ def test_gpu_scale_int8_rows_beside_bf16(tmp_path):
     assert "TPOT against bf16 weights in the same run: int8 256:" in (tmp_path / "gpu_scale.md").read_text()
     with pytest.raises(SystemExit):
         scale.main(["--weights", "int4", "--out", str(tmp_path)])
+
+
+def test_batched_backs_off_from_an_estimated_largest_batch_that_runs_out_of_memory(monkeypatch):
+    """The largest-batch estimate leaves the step's activations out: on running out of memory there, the batch
+    shrinks by a fifth until it runs (and stays above the next smaller batch asked for); other batches that run
+    out of memory are skipped."""
+    monkeypatch.setattr(scale, "largest_batch", lambda *args: 20)
+    tried = []
+
+    def step_time(model, batch, context, args):
+        tried.append(batch)
+        if batch > 12:
+            raise torch.OutOfMemoryError("pretend")
+        return {"step_s": 0.01, "expert_share": 0.5}
+
+    monkeypatch.setattr(scale, "step_time", step_time)
+    model = type("M", (), {"device": torch.device("cpu")})()
+    args = type("A", (), {"batched_contexts": [256], "batches": [1, 8, "max"], "pdl": [False, True], "prefill": 64,
+                              "reserve_gb": 0.0})()
+    rows = scale.run_batched(model, "hybrid", args, None, None)
+    assert [r["batch"] for r in rows] == [1, 1, 8, 8, 12, 12]
+    assert all(r["largest_batch"] == 12 for r in rows)
+    assert tried == [1, 1, 8, 8, 20, 16, 12, 12]
