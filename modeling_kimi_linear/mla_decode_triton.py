@@ -54,7 +54,10 @@ from . import pdl
 from .launch_resources import INTERPRETER_SMS, sm_count
 
 SPLITS_PER_SM = 2  # thread blocks per SM aimed at over the whole batch (2 full waves, or 1 at 2 blocks per SM)
-MIN_TILES_PER_SPLIT = 4  # a split covers at least this many tiles (short contexts: few splits, a cheap combine)
+# a split covers at least this many tiles. One: at 4K context the kernel (split + combine, in a CUDA graph, latents
+# from memory) took 14.2 us with 64 one-tile splits against 14.8 / 20.8 / 33.3 us for 2 / 4 / 8 tiles a split; at
+# 128K all of 1, 2, 4 gave 100.5 us (H100, bench/gpu_check.py --only mla, 2026-12-08)
+MIN_TILES_PER_SPLIT = 1
 MAX_SPLITS = 1024  # per sequence
 COMBINE_BLOCK = 128  # value columns per combine program (on a GPU; the interpreter takes all in one program)
 COMBINE_SPLITS = 32  # splits loaded at a time by the combine kernel
