@@ -10,9 +10,10 @@ Next to it: the part's bytes (weights it reads at batch 1 plus the cache it read
 bandwidth measured in the same run, and the CUDA-graph step time (what ``generate()`` replays), whose excess over
 the summed kernel times is launch and tail overhead between kernels. ``--kernels torch,triton`` profiles the same
 model with ``config.decode_kernels`` set each way (the PyTorch reference path vs this package's Triton decode
-kernels).
+kernels). ``--weights int8`` profiles torchao weight-only int8 weights (the roofline counts the bytes they store).
 
     python bench/gpu_profile.py --contexts 4096,1048576 --out $OUT
+    python bench/gpu_profile.py --layers 16 --contexts 4096 --kernels triton --weights int8 --out $OUT
 """
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ if __package__:  # kimi_linear_bench.gpu_profile (installed) or python -m bench.
     from .gpu import copy_bandwidth, log
     from .gpu_check_common import set_decode_kernels
     from .gpu_long_context import extend_cache
-    from .gpu_scale import layout_config
+    from .gpu_scale import build_model, layout_config
     from .gpu_report import pdl_settings, programmatic_dependent_launch, save_report, versions_header
 else:  # run as a script from a checkout (python bench/gpu_profile.py): make its package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gpu import copy_bandwidth, log  # type: ignore[no-redef]
     from gpu_check_common import set_decode_kernels  # type: ignore[no-redef]
     from gpu_long_context import extend_cache  # type: ignore[no-redef]
-    from gpu_scale import layout_config  # type: ignore[no-redef]
+    from gpu_scale import build_model, layout_config  # type: ignore[no-redef]
     from gpu_report import (  # type: ignore[no-redef]
         pdl_settings, programmatic_dependent_launch, save_report, versions_header,
     )
@@ -53,7 +54,7 @@ from modeling_kimi_linear.kda_layer import KimiDeltaAttention  # noqa: E402
 from modeling_kimi_linear.mla_layer import KimiMLAAttention  # noqa: E402
 from modeling_kimi_linear.moe import KimiExperts, KimiMoEGate, KimiSparseMoeBlock  # noqa: E402
 from modeling_kimi_linear.presets import available_presets  # noqa: E402
-from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
+from modeling_kimi_linear.quantization import tensor_bytes  # noqa: E402
 from modeling_kimi_linear.transformers_compat import cache_field, output_cache  # noqa: E402
 
 PARTS = ("kda: projections", "kda: short conv", "kda: gate", "kda: delta-rule step", "kda: gated norm",
@@ -135,33 +136,35 @@ def part_bytes(model, context: int) -> dict[str, float]:  # noqa: ANN001
     """Bytes each part must move for one token at batch 1."""
     cfg = model.config
     out: dict[str, float] = defaultdict(float)
-    element = next(model.parameters()).element_size()
+    element = model.model.embed_tokens.weight.element_size()  # activations and caches
+
+    def size(params) -> int:  # noqa: ANN001 - bytes stored (quantized weights: data and scales)
+        return sum(tensor_bytes(p) for p in params)
+
     for module in model.modules():
         if isinstance(module, KimiDeltaAttention):
             for name, p in module.named_parameters():
                 part = ("kda: output projection" if name.startswith("o_proj") else "kda: projections"
                         if name.endswith("proj.weight") else "kda: fused decode step")
-                out[part] += p.numel() * p.element_size()
+                out[part] += tensor_bytes(p)
             out["kda: fused decode step"] += cfg.kda_num_heads * cfg.kda_head_dim ** 2 * 4 * 2  # state read + write
         elif isinstance(module, KimiMLAAttention):
-            out["mla"] += sum(p.numel() * p.element_size() for p in module.parameters())
+            out["mla"] += size(module.parameters())
             out["mla"] += context * cfg.mla_latent_dim * element
         elif isinstance(module, KimiMoEGate):
-            out["router"] += sum(p.numel() * p.element_size() for p in module.parameters())
+            out["router"] += size(module.parameters())
         elif isinstance(module, KimiExperts):
-            out["experts (routed + shared)"] += sum(p.numel() * p.element_size() for p in module.parameters()) \
-                * cfg.num_experts_per_token / cfg.num_experts
+            out["experts (routed + shared)"] += size(module.parameters()) * cfg.num_experts_per_token / cfg.num_experts
         elif isinstance(module, KimiSparseMoeBlock) and module.shared_experts is not None:
-            out["experts (routed + shared)"] += sum(p.numel() * p.element_size() for p in module.shared_experts.parameters())
+            out["experts (routed + shared)"] += size(module.shared_experts.parameters())
     for layer in model.model.layers:
-        out["norms"] += sum(p.numel() * p.element_size() for norm in (layer.input_layernorm,
-                                                                      layer.post_attention_layernorm)
-                            for p in norm.parameters())
+        out["norms"] += size(p for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+                             for p in norm.parameters())
         if hasattr(layer, "mlp"):
-            out["dense MLP"] += sum(p.numel() * p.element_size() for p in layer.mlp.parameters())
+            out["dense MLP"] += size(layer.mlp.parameters())
     out["norms"] += model.model.norm.weight.numel() * element
     out["embedding"] = cfg.hidden_size * element
-    out["lm_head"] = model.lm_head.weight.numel() * element
+    out["lm_head"] = tensor_bytes(model.lm_head.weight)
     return out
 
 
@@ -429,8 +432,11 @@ def main(argv: list[str] | None = None) -> None:
                              "correlation ids) to events_<context>_<kernels>.json, to check the charging")
     parser.add_argument("--trace", action="store_true", help="also write a chrome trace per context and setting")
     parser.add_argument("--pdl", type=pdl_settings, default=[False],
-                        help="profile with this package's Triton kernels launched without ('off', the default) and / or "
-                             "with ('on') programmatic dependent launch, e.g. off,on")
+                        help="profile with this package's Triton kernels launched without ('off', the default) and "
+                             "/ or with ('on') programmatic dependent launch, e.g. off,on")
+    parser.add_argument("--weights", default="bf16", choices=["bf16", "int8", "float8"],
+                        help="torchao weight-only int8 / float8 (routed experts included), quantized layer by layer "
+                             "as the model is made (bench/gpu_scale.py --weights)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
     args.kernels = args.kernels.split(",")
@@ -438,7 +444,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("gpu_profile needs a CUDA GPU")
     bw = copy_bandwidth()
     torch.manual_seed(0)
-    model = build_random_model(layout_config(args.preset, "hybrid", args.layers), torch.device("cuda"), torch.bfloat16)
+    model = build_model(layout_config(args.preset, "hybrid", args.layers), torch.device("cuda"), torch.bfloat16,
+                        args.weights)
     rows = []
     for context, pdl in itertools.product((int(c) for c in args.contexts.split(",")), args.pdl):
         with programmatic_dependent_launch(model, pdl):
@@ -447,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
                 found += generate_anatomy(model, context, args)
         rows += [{**r, "pdl": pdl} for r in found]
     cut = f" cut to {args.layers} layers" if args.layers else ""
-    head = versions_header(f"bf16, batch 1, preset {args.preset}{cut}; copy bandwidth {bw / 1e12:.2f} TB/s")
+    head = versions_header(f"bf16 ({args.weights} weights), batch 1, preset {args.preset}{cut}; copy bandwidth "
+                           f"{bw / 1e12:.2f} TB/s")
     lines = [head, "", "| context | decode_kernels | PDL | part | device time per step (us) | roofline (us) | x "
              "roofline |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -81,3 +81,21 @@ def test_step_clock_splits_a_generate_step_into_device_and_host_parts():
             "host: model check": 10.0, "host: check to launch": 10.0, "host: launch to stop check": 300.0}
     for key, value in want.items():
         assert abs(got[key] - value) < 0.2, (key, got[key], value)
+
+
+def test_part_bytes_count_what_quantized_weights_store():
+    """``--weights int8``: the parts' byte counts are the int8 data and scales, the high-precision router and
+    lm_head unchanged (the same tiny model built both ways)."""
+    import pytest
+
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from bench.gpu_profile import part_bytes
+    from modeling_kimi_linear.random_weights import build_random_model
+
+    bf16 = part_bytes(build_random_model("tiny", "cpu", torch.bfloat16), 256)
+    int8 = part_bytes(build_random_model("tiny", "cpu", torch.bfloat16, quantization=Int8WeightOnlyConfig()), 256)
+    assert int8["router"] == bf16["router"] and int8["lm_head"] == bf16["lm_head"]
+    for part in ("kda: output projection", "experts (routed + shared)", "dense MLP"):
+        assert 0.5 * bf16[part] < int8[part] < 0.6 * bf16[part], (part, int8[part], bf16[part])
