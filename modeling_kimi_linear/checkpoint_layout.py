@@ -23,7 +23,7 @@ _EXPERTS = re.compile(r"^(.*\.block_sparse_moe\.experts)\.(gate_up_proj|down_pro
 
 def load_transforms() -> list:
     """transformers weight transforms: released / native-saved names -> in-memory names."""
-    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
+    from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming
 
     transforms: list = [
         WeightRenaming(source_patterns=rf"block_sparse_moe\.{name}\.", target_patterns=f"mlp.{name}.")
@@ -33,7 +33,7 @@ def load_transforms() -> list:
         WeightConverter(
             source_patterns=["block_sparse_moe.experts.*.w1.weight", "block_sparse_moe.experts.*.w3.weight"],
             target_patterns="block_sparse_moe.experts.gate_up_proj",
-            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+            operations=[_gate_up_op()],
         ),
         WeightConverter(
             source_patterns="block_sparse_moe.experts.*.w2.weight",
@@ -42,6 +42,33 @@ def load_transforms() -> list:
         ),
     ]
     return transforms
+
+
+def _gate_up_op():  # noqa: ANN202 - a transformers ConversionOps
+    """The op that builds ``gate_up_proj [E, 2I, D]`` from the per-expert ``w1`` and ``w3`` (each ``[I, D]``).
+
+    transformers' own ``MergeModulelist`` + ``Concatenate`` stack the w1's and the w3's into two ``[E, I, D]``
+    tensors and then concatenate them: every byte of the largest tensors is copied twice. This op allocates the
+    fused tensor once and copies each expert's two matrices into their rows. Loading a 2-layer checkpoint of the
+    release's width (5.4 GB) on the 2-core VM: the concatenation alone took 4.9 of the 8.5 s of ``from_pretrained``
+    (``python -m cProfile``); on an H100 host the same load took 17 s of a 21.8 s second-process start."""
+    from transformers.core_model_loading import ConversionOps
+
+    class FuseGateUp(ConversionOps):
+        @torch.no_grad()
+        def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str],
+                    **kwargs) -> dict[str, torch.Tensor]:
+            w1, w3 = (input_dict.pop(pattern) for pattern in source_patterns)
+            if len(w1) != len(w3) or any(a.shape != w1[0].shape or b.shape != w1[0].shape for a, b in zip(w1, w3)):
+                raise ValueError(f"{target_patterns[0]}: the experts' w1 and w3 differ in number or shape")
+            inter = w1[0].shape[0]
+            fused = torch.empty(len(w1), 2 * inter, *w1[0].shape[1:], dtype=w1[0].dtype, device=w1[0].device)
+            for e, (gate, up) in enumerate(zip(w1, w3)):
+                fused[e, :inter].copy_(gate)
+                fused[e, inter:].copy_(up)
+            return {target_patterns[0]: fused}
+
+    return FuseGateUp()
 
 
 @contextlib.contextmanager

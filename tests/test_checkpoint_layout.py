@@ -137,3 +137,18 @@ def test_released_state_dict_round_trip(released_dir):
     assert set(ours) == set(model.state_dict())
     back = released_state_dict(ours)
     assert set(back) == set(src) and all(torch.equal(back[k], src[k]) for k in src)
+
+
+def test_gate_up_op_fuses_each_experts_w1_and_w3_in_one_copy():
+    """The loading op gives what stacking the w1's and the w3's and concatenating them gives (transformers' two
+    ops), from independent per-expert tensors, and names the problem when the two lists do not pair up."""
+    from modeling_kimi_linear.checkpoint_layout import _gate_up_op
+
+    gen = torch.Generator().manual_seed(0)
+    w1 = [torch.randn(3, 5, generator=gen) for _ in range(4)]
+    w3 = [torch.randn(3, 5, generator=gen) for _ in range(4)]
+    got = _gate_up_op().convert({"w1": list(w1), "w3": list(w3)}, ["w1", "w3"], ["gate_up_proj"])
+    want = torch.cat([torch.stack(w1), torch.stack(w3)], 1)
+    assert torch.equal(got["gate_up_proj"], want)
+    with pytest.raises(ValueError, match="w1 and w3 differ"):
+        _gate_up_op().convert({"w1": list(w1), "w3": w3[:3]}, ["w1", "w3"], ["gate_up_proj"])
