@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 if __package__:  # kimi_linear_bench.gpu_kernel_totals (installed) or python -m bench.gpu_kernel_totals
-    from .gpu_report import save_report, versions_header
+    from .gpu_report import markdown_table, save_report, versions_header
     from .gpu_scale import build_model, layout_config, weight_kinds
 else:  # run as a script from a checkout: make its package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from gpu_report import save_report, versions_header  # type: ignore[no-redef]
+    from gpu_report import markdown_table, save_report, versions_header  # type: ignore[no-redef]
     from gpu_scale import build_model, layout_config, weight_kinds  # type: ignore[no-redef]
 
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
@@ -90,10 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.empty_cache()
     head = versions_header(f"op-by-op decode, batch 1, preset {args.preset} cut to {args.layers} layers, "
                            f"{args.steps} steps profiled")
-    lines = [head, "", "| weights | kernel | device us per step | launches per step |", "|---|---|---|---|"]
-    lines += [f"| {r['weights']} | `{r['kernel'][:60]}` | {r['us_per_step']} | {r['launches_per_step']} |"
-              for r in rows]
-    save_report(args.out, "gpu_kernel_totals", "\n".join(lines), head, rows)
+    cells = [[r["weights"], f"`{r['kernel'][:60]}`", r["us_per_step"], r["launches_per_step"]] for r in rows]
+    text = markdown_table(head, ["weights", "kernel", "device us per step", "launches per step"], cells)
+    save_report(args.out, "gpu_kernel_totals", text, head, rows)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,12 @@ def save_report(out: str | Path, stem: str, text: str, header: str, rows: list[d
     (out / f"{stem}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
 
 
+def markdown_table(head: str, columns: list[str], cells: list[list]) -> str:
+    """``head``, a blank line and a markdown table of ``columns`` with one row per entry of ``cells``."""
+    lines = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in cells])
+
+
 def pdl_settings(text: str) -> list[bool]:
     """``--pdl`` values: a comma-separated list of ``off`` / ``on`` -> [False, True, ...]."""
     values = [v.strip() for v in text.split(",") if v.strip()]
