@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pdl", type=pdl_settings, default=[False],
                         help="profile with this package's Triton kernels launched without ('off', the default) and "
                              "/ or with ('on') programmatic dependent launch, e.g. off,on")
-    parser.add_argument("--weights", default="bf16", choices=["bf16", "int8", "float8"],
+    parser.add_argument("--weights", default="bf16", choices=["bf16", "int8", "int8-head", "float8"],
                         help="torchao weight-only int8 / float8 (routed experts included), quantized layer by layer "
                              "as the model is made (bench/gpu_scale.py --weights)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))

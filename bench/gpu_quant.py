@@ -6,6 +6,7 @@ method through ``from_pretrained(..., quantization_config=...)`` (see ``modeling
 
 * ``bf16``: unquantized (the reference);
 * ``int8``: ``TorchAoConfig(Int8WeightOnlyConfig())``, routed experts included;
+* ``int8-head``: the same with ``lm_head`` and the embedding in int8 too (``include_input_output_embeddings=True``);
 * ``float8``: ``TorchAoConfig(Float8WeightOnlyConfig())`` (Hopper);
 * ``bnb8`` / ``bnb4``: ``BitsAndBytesConfig`` 8-bit / 4-bit NF4, where bitsandbytes imports (its routed experts
   stay bf16: bitsandbytes only replaces ``nn.Linear``).
@@ -56,7 +57,7 @@ else:  # run as a script from a checkout (python bench/gpu_quant.py): make its p
 
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.presets import load_preset  # noqa: E402
-from modeling_kimi_linear.quantization import int8_weight_only_bytes, tensor_bytes  # noqa: E402
+from modeling_kimi_linear.quantization import HIGH_PRECISION_MODULES, int8_weight_only_bytes, tensor_bytes  # noqa: E402
 from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
@@ -73,10 +74,13 @@ def quantization_config(method: str):
     """``quantization_config`` for ``method`` (``None`` for bf16)."""
     if method == "bf16":
         return None
-    if method in ("int8", "float8"):
+    if method in ("int8", "int8-head", "float8"):
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
         from transformers import TorchAoConfig
 
+        if method == "int8-head":  # the output head and the embedding in int8 too
+            return TorchAoConfig(Int8WeightOnlyConfig(), include_input_output_embeddings=True,
+                                 modules_to_not_convert=[m for m in HIGH_PRECISION_MODULES if m != "lm_head"])
         return TorchAoConfig(Int8WeightOnlyConfig() if method == "int8" else Float8WeightOnlyConfig())
     if method in ("bnb8", "bnb4"):
         from transformers import BitsAndBytesConfig
@@ -84,11 +88,12 @@ def quantization_config(method: str):
         if method == "bnb8":
             return BitsAndBytesConfig(load_in_8bit=True)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    raise ValueError(f"unknown method {method!r}: choose from bf16, int8, float8, bnb8, bnb4")
+    raise ValueError(f"unknown method {method!r}: choose from bf16, int8, int8-head, float8, bnb8, bnb4")
 
 
 def missing_package(method: str) -> str | None:
-    name = {"int8": "torchao", "float8": "torchao", "bnb8": "bitsandbytes", "bnb4": "bitsandbytes"}.get(method)
+    name = {"int8": "torchao", "int8-head": "torchao", "float8": "torchao", "bnb8": "bitsandbytes",
+            "bnb4": "bitsandbytes"}.get(method)
     return name if name and importlib.util.find_spec(name) is None else None
 
 

@@ -423,10 +423,12 @@ def report(result: dict) -> str:
 
 
 def weight_kinds(text: str) -> list[str]:
-    """``--weights`` values: a comma-separated list of ``bf16``, ``int8``, ``float8``."""
+    """``--weights`` values: a comma-separated list of ``bf16``, ``int8``, ``int8-head`` (the output head and the
+    embedding in int8 too), ``float8``."""
+    kinds = ("bf16", "int8", "int8-head", "float8")
     values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values or any(v not in ("bf16", "int8", "float8") for v in values):
-        raise argparse.ArgumentTypeError(f"--weights takes a comma-separated list of bf16, int8, float8, got {text!r}")
+    if not values or any(v not in kinds for v in values):
+        raise argparse.ArgumentTypeError(f"--weights takes a comma-separated list of {', '.join(kinds)}, got {text!r}")
     return values
 
 

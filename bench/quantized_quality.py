@@ -11,6 +11,9 @@ Methods (``--methods``, comma-separated, first = reference):
 
 * ``bf16`` / ``fp32``: unquantized, in that dtype;
 * ``int8``: ``TorchAoConfig(Int8WeightOnlyConfig())`` (routed experts included), activations in ``--dtype``;
+* ``int8-head``: the same with the output head and the embedding in int8 too (``include_input_output_embeddings=
+  True``, ``lm_head`` dropped from the high-precision list): the head is the largest weight a decode step reads
+  after the chosen experts;
 * ``float8``: ``TorchAoConfig(Float8WeightOnlyConfig())`` (runs on a CPU too, slowly);
 * ``int4``: ``TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))``, CPU or GPU;
   torchao's int4 tensors take 2-D weights only, so the routed experts stay in ``--dtype``;
@@ -41,9 +44,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
+from modeling_kimi_linear.quantization import HIGH_PRECISION_MODULES  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-METHODS = ("bf16", "fp32", "int8", "float8", "int4", "bnb8", "bnb4")
+METHODS = ("bf16", "fp32", "int8", "int8-head", "float8", "int4", "bnb8", "bnb4")
 
 
 def _corpus_module():
@@ -73,12 +77,15 @@ def quantization_config(method: str, dtype: torch.dtype):
     """The ``quantization_config`` for ``method`` (``None`` for the unquantized ones)."""
     if method in DTYPES:
         return None
-    if method in ("int8", "float8", "int4"):
+    if method in ("int8", "int8-head", "float8", "int4"):
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
         from transformers import TorchAoConfig
 
         if method == "int4":
             return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+        if method == "int8-head":
+            return TorchAoConfig(Int8WeightOnlyConfig(), include_input_output_embeddings=True,
+                                 modules_to_not_convert=[m for m in HIGH_PRECISION_MODULES if m != "lm_head"])
         return TorchAoConfig(Int8WeightOnlyConfig() if method == "int8" else Float8WeightOnlyConfig())
     if method in ("bnb8", "bnb4"):
         from transformers import BitsAndBytesConfig
@@ -91,7 +98,7 @@ def quantization_config(method: str, dtype: torch.dtype):
 
 def unavailable(method: str, device: str) -> str | None:
     """Why ``method`` cannot run here, or ``None``."""
-    if method in ("int8", "float8", "int4") and importlib.util.find_spec("torchao") is None:
+    if method in ("int8", "int8-head", "float8", "int4") and importlib.util.find_spec("torchao") is None:
         return "torchao is not installed"
     if method in ("bnb8", "bnb4"):
         if device == "cpu":

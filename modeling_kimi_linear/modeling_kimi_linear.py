@@ -30,7 +30,7 @@ from .compiled_decode import CompiledDecoder
 from .cuda_graph_decode import StaticDecoder
 from .device_placement import weights_on_one_device
 from .kda_layer import KimiDeltaAttention
-from .kernels import add_rms_norm
+from .kernels import add_rms_norm, linears
 from .mla_layer import KimiMLAAttention
 from .transformers_compat import CACHE_FIELD, build_output, cache_field, one_cache, output_cache
 from .moe import KimiExperts, KimiMLP, KimiMoEGate, KimiSparseMoeBlock
@@ -566,7 +566,14 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
     def _decode_logits(self, input_ids: torch.Tensor, cache: KimiLinearCache) -> torch.Tensor:
         """Logits ``[B, 1, V]`` of one decode step (the function a CUDA graph captures)."""
         hidden = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state
-        return self.lm_head(hidden)
+        return self._head(hidden)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``lm_head(hidden)``; an int8 weight-only head (``TorchAoConfig(..., include_input_output_embeddings=
+        True)``) of a CUDA decode step is read as int8 by the multi-linear launch (:func:`kernels.linears`), where
+        the module call would first write the whole dequantized weight out in bf16. A bf16 head stays a cuBLAS
+        call."""
+        return linears(getattr(self.config, "decode_kernels", "auto"), [(hidden, self.lm_head)], kinds=("int8",))[0]
 
     def forward(
         self,
@@ -608,7 +615,7 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self._head(hidden_states[:, keep, :])
         loss = aux_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -177,17 +177,31 @@ def int8_weight_only_bytes(model: nn.Module, skip: list[str] | None = None) -> i
 
 def quantize_in_place(module: nn.Module, quant_type: Any, prefix: str = "") -> None:
     """Quantize ``module``'s weights in place with the torchao config ``quant_type`` (``Int8WeightOnlyConfig()``,
-    say, or a ``TorchAoConfig`` whose ``quant_type`` is taken), as :func:`prepare_quantization_config` would on
-    loading: every ``nn.Linear`` but :data:`HIGH_PRECISION_MODULES` (matched on ``prefix``-qualified names), and
-    the routed experts when the config takes 3-D weights (:data:`EXPERT_CAPABLE`)."""
+    say, or a ``TorchAoConfig`` whose ``quant_type``, ``modules_to_not_convert`` and
+    ``include_input_output_embeddings`` are taken), as ``from_pretrained`` would on loading with
+    :func:`prepare_quantization_config`: every ``nn.Linear`` but :data:`HIGH_PRECISION_MODULES` (or the config's
+    own list; names matched with ``prefix`` in front), the routed experts when the config takes 3-D weights
+    (:data:`EXPERT_CAPABLE`), and the embedding and ``lm_head`` only with ``include_input_output_embeddings``."""
     from torchao.quantization import FqnToConfig, quantize_
 
+    skip = getattr(quant_type, "modules_to_not_convert", None)
+    embeddings = bool(getattr(quant_type, "include_input_output_embeddings", False))
     quant_type = getattr(quant_type, "quant_type", quant_type)
+    by_name = getattr(quant_type, "fqn_to_config", None)
+    if by_name is not None:  # what prepare_quantization_config builds: one config for the linears and the experts
+        if set(by_name) - {"_default", EXPERTS_PATTERN} or "_default" not in by_name:
+            raise ValueError("quantize_in_place takes one torchao config (or an FqnToConfig of only '_default' and "
+                             f"the experts' pattern), got an FqnToConfig of {sorted(by_name)}")
+        quant_type = by_name["_default"]
     experts_too = type(quant_type).__name__ in EXPERT_CAPABLE
     for name, child in list(module.named_modules()):
         full = ".".join(part for part in (prefix, name) if part)
-        if isinstance(child, nn.Linear) and not kept_high_precision(f"{full}.weight"):
+        if full == "lm_head" and not embeddings:
+            continue  # the output embedding: quantized only with include_input_output_embeddings, as on loading
+        if isinstance(child, nn.Linear) and not kept_high_precision(f"{full}.weight", skip):
             quantize_(child, quant_type)
+        elif isinstance(child, nn.Embedding) and embeddings:
+            quantize_(child, quant_type, filter_fn=lambda m, _fqn: isinstance(m, nn.Embedding))
         elif experts_too and hasattr(child, "gate_up_proj") and hasattr(child, "down_proj") \
                 and isinstance(child.gate_up_proj, nn.Parameter) and child.gate_up_proj.dim() == 3:
             for param in ("gate_up_proj", "down_proj"):

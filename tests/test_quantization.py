@@ -249,3 +249,27 @@ def test_both_expert_paths_equal_the_plain_experts_on_dequantized_weights(checkp
     with torch.no_grad():
         got, want = run(experts, x, chosen, weights), plain(x, chosen, weights)
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_quantizing_while_building_matches_from_pretrained(checkpoint, head):
+    """``build_random_model(quantization=...)`` (:func:`quantization.quantize_in_place`, the 48B's way onto one
+    GPU) quantizes exactly the tensors ``from_pretrained(quantization_config=...)`` does, with the default
+    high-precision list and with the output head and embedding included (``include_input_output_embeddings``)."""
+    from modeling_kimi_linear.random_weights import build_random_model
+
+    kwargs = {}
+    if head:
+        kwargs = {"include_input_output_embeddings": True,
+                  "modules_to_not_convert": [m for m in HIGH_PRECISION_MODULES if m != "lm_head"]}
+    loaded = quantized(checkpoint, **kwargs)
+    built = build_random_model(load_preset("tiny"), "cpu", torch.float32,
+                               quantization=prepare_quantization_config(TorchAoConfig(INT8(), **kwargs)))
+    kinds = {name: type(p).__name__ for name, p in loaded.named_parameters()}
+    assert kinds == {name: type(p).__name__ for name, p in built.named_parameters()}
+    assert (kinds["lm_head.weight"] == "Int8Tensor") == head
+    assert (kinds["model.embed_tokens.weight"] == "Int8Tensor") == head
+    plain = load(checkpoint)
+    with torch.no_grad():
+        got, want = loaded(ids(1, 12)).logits, plain(ids(1, 12)).logits
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
