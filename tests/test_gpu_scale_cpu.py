@@ -78,3 +78,16 @@ def test_batched_backs_off_from_an_estimated_largest_batch_that_runs_out_of_memo
     assert [r["batch"] for r in rows] == [1, 1, 8, 8, 12, 12]
     assert all(r["largest_batch"] == 12 for r in rows)
     assert tried == [1, 1, 8, 8, 20, 16, 12, 12]
+
+
+@pytest.mark.slow
+def test_gpu_scale_cold_start_splits_each_process_into_imports_loading_and_first_token(tmp_path):
+    """``--parts cold`` on a CPU: three fresh processes load a saved 2-layer checkpoint and generate a token; each
+    row has its total, imports, imports + loading and first-token times, in that order of size."""
+    scale.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--parts", "cold", "--cold-layers", "2",
+                "--cold-prompt", "16", "--out", str(tmp_path)])
+    cold = json.loads((tmp_path / "gpu_scale.json").read_text())["cold_start"]
+    for run in ("fresh_without_tuning", "second_process", "fresh_machine"):
+        imports, load, first, total = (cold[f"{run}_{part}s"] for part in ("imports_", "load_", "first_token_", ""))
+        assert 0 < imports <= load <= total and first >= 0 and abs(load + first - total) < 0.05, (run, cold)
+    assert "first token (s)" in (tmp_path / "gpu_scale.md").read_text()
