@@ -151,10 +151,8 @@ def build_in_memory(method: str, preset: str) -> KimiLinearForCausalLM:
     torchao config before the next is allocated (:func:`build_random_model` ``quantization=``: the choices of
     ``from_pretrained`` with that config), so the peak is about the quantized size: the 48B-A3B in int8 on one
     80 GB GPU."""
-    config = quantization_config(method)
     torch.manual_seed(0)  # the same weights for every method
-    quant_type = None if config is None else config.quant_type
-    return build_random_model(preset, DEVICE, torch.bfloat16, quantization=quant_type)
+    return build_random_model(preset, DEVICE, torch.bfloat16, quantization=quantization_config(method))
 
 
 @torch.no_grad()

@@ -44,7 +44,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
-from modeling_kimi_linear.quantization import HIGH_PRECISION_MODULES  # noqa: E402
+
+if __package__:  # kimi_linear_bench.quantized_quality (installed) or python -m bench.quantized_quality
+    from .gpu_quant import quantization_config as torchao_config
+else:  # run as a script from a checkout (python bench/quantized_quality.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_quant import quantization_config as torchao_config  # type: ignore[no-redef]
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 METHODS = ("bf16", "fp32", "int8", "int8-head", "float8", "int4", "bnb8", "bnb4")
@@ -77,16 +82,13 @@ def quantization_config(method: str, dtype: torch.dtype):
     """The ``quantization_config`` for ``method`` (``None`` for the unquantized ones)."""
     if method in DTYPES:
         return None
-    if method in ("int8", "int8-head", "float8", "int4"):
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
+    if method in ("int8", "int8-head", "float8"):
+        return torchao_config(method)  # what bench/gpu_quant.py times, the same configs
+    if method == "int4":
+        from torchao.quantization import IntxWeightOnlyConfig, PerGroup
         from transformers import TorchAoConfig
 
-        if method == "int4":
-            return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
-        if method == "int8-head":
-            return TorchAoConfig(Int8WeightOnlyConfig(), include_input_output_embeddings=True,
-                                 modules_to_not_convert=[m for m in HIGH_PRECISION_MODULES if m != "lm_head"])
-        return TorchAoConfig(Int8WeightOnlyConfig() if method == "int8" else Float8WeightOnlyConfig())
+        return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
     if method in ("bnb8", "bnb4"):
         from transformers import BitsAndBytesConfig
 

@@ -83,9 +83,9 @@ MAX_SPLIT_V = 8  # programs per head at most (16 value columns each at D = 128)
 # Programs per head the default plan goes up to. 1, from the first GPU run of the split (H100, 2026-12-08,
 # bench/gpu_check.py --only kdastep, the release's 32 heads, graph replays of one state): batch 1 took 6.0 us
 # with one program a head (4 warps) against 6.2 / 6.3 / 6.6 us with 2 / 4 / 8; batch 8, 10.8 against 12.9 /
-# 13.1 / 17.1. The split computes the same values (3e-8 apart) but did not pay there; that run's state stayed in
-# L2 between calls, and the check now steps over copies of it, so the next run says whether it pays when the
-# state comes from memory, as in a decode step.
+# 13.1 / 17.1. The split computes the same values (3e-8 apart) but did not pay there. With the state read from
+# memory, as in a decode step (the check stepping over 48 copies of it; H100, 2026-12-08, later): 7.5 us one
+# program a head against 8.6-9.1 us split in 2, 4 or 8.
 PLANNED_MAX_SPLIT_V = 1
 
 

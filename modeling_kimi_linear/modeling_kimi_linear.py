@@ -27,6 +27,7 @@ from .cache_kimi_linear import KimiLinearCache
 from .checkpoint_layout import conversion_registered, released_state_dict
 from .configuration_kimi_linear import KimiLinearConfig
 from .compiled_decode import CompiledDecoder
+from . import decode_guard
 from .cuda_graph_decode import StaticDecoder
 from .device_placement import weights_on_one_device
 from .kda_layer import KimiDeltaAttention
@@ -544,8 +545,6 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
     def _graph_capture_blocker(self) -> str | None:
         """:func:`quantization.graph_capture_blocker` of this model, looked up again only after modules were
         registered (a global counter the decode guard keeps); the first reason found is warned about once."""
-        from . import decode_guard
-
         key = decode_guard.registrations()
         cached = self.__dict__.get("_capture_blocker")
         if cached is None or cached[0] != key:
