@@ -348,3 +348,40 @@ def test_guard_sees_an_inner_tensor_of_a_quantized_weight_replaced_or_moved():
     assert not guard.changed()
     original.data = original.detach().clone()  # same object, new memory
     assert guard.changed()
+
+
+def test_guard_follows_int8_models_of_one_shape_through_assignments_and_adapters():
+    """Two int8 checkpoints of one shape (every tensor different): the second's weights assigned into the first
+    are a change, and so are a LoRA adapter switched off over the int8 weights and a cast of the model; switched on
+    again, or with nothing changed, the check says none, and after a refresh the model counts as seen. The quantized weights' values are checked
+    to differ, so an assignment that kept the old memory would show."""
+    pytest.importorskip("torchao")
+    peft = pytest.importorskip("peft")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from modeling_kimi_linear.presets import load_preset
+    from modeling_kimi_linear.random_weights import build_random_model
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(build_random_model(load_preset("tiny"), "cpu", torch.float32,
+                                         quantization=Int8WeightOnlyConfig()))
+    first, second = models
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        a, b = (t.dequantize() if hasattr(t, "dequantize") else t for t in (a, b))
+        if a.numel() > 1 and not name.endswith(("layernorm.weight", "norm.weight", "e_score_correction_bias")):
+            assert not torch.equal(a, b), name
+    guard = ModelGuard(first)
+    assert not guard.changed()
+    first.load_state_dict(second.state_dict(), assign=True)
+    assert guard.changed() and guard.signature_changed()
+    guard.refresh()
+    assert not guard.changed() and not guard.signature_changed()
+    wrapped = peft.get_peft_model(first, peft.LoraConfig(r=4, target_modules=["o_proj"]))
+    guard = ModelGuard(wrapped)
+    with wrapped.disable_adapter():
+        assert guard.changed()
+    assert not guard.changed()  # on again: the state the guard recorded
+    wrapped.to(torch.bfloat16)  # the high-precision weights (router, norms, kv_b_proj...) cast: new memory
+    assert guard.changed()
