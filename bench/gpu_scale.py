@@ -470,8 +470,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--record-tuning", default="",
-                        help="add the Triton autotuning choices of the run to this JSON file (see "
-                             "modeling_kimi_linear/triton_tuning.py); default: none")
+                        help="add the Triton autotuning choices of the run to this file: JSON, or a module such as "
+                             "modeling_kimi_linear/triton_tuned_configs.py, the records shipped with the package "
+                             "(see modeling_kimi_linear/triton_tuning.py); default: none")
     parser.add_argument("--merge", action="store_true", help="update gpu_scale.json in --out instead of replacing it")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)

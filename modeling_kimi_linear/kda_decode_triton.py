@@ -76,6 +76,7 @@ except ImportError as err:  # only :func:`kernels.kda_decode_step` imports this 
     raise ImportError("the fused KDA decode kernel needs triton: pip install triton") from err
 
 from . import pdl
+from .pdl import launch_options  # noqa: F401  (this form: transformers copies pdl.py into checkpoints)
 from .launch_resources import INTERPRETER_SMS, arrival_counters, sm_count
 
 DEFAULT_NUM_WARPS = 4

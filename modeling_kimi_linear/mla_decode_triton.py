@@ -51,6 +51,7 @@ except ImportError as err:
     raise ImportError("modeling_kimi_linear.mla_decode_triton needs triton: pip install triton") from err
 
 from . import pdl
+from .pdl import launch_options  # noqa: F401  (this form: transformers copies pdl.py into checkpoints)
 from .launch_resources import INTERPRETER_SMS, sm_count
 
 SPLITS_PER_SM = 2  # thread blocks per SM aimed at over the whole batch (2 full waves, or 1 at 2 blocks per SM)

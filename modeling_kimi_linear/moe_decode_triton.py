@@ -83,6 +83,7 @@ except ImportError as exc:
     raise ImportError("the MoE decode kernels need triton: pip install triton") from exc
 
 from . import pdl
+from .pdl import launch_options  # noqa: F401  (this form: transformers copies pdl.py into checkpoints)
 from .launch_resources import arrival_counters
 
 # activations the kernels implement (names as in ``transformers.activations.ACT2FN``; both are x * sigmoid(x))

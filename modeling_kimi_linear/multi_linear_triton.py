@@ -40,6 +40,7 @@ except ImportError as exc:
     raise ImportError("the multi-linear decode kernel needs triton: pip install triton") from exc
 
 from . import pdl
+from .pdl import launch_options  # noqa: F401  (this form: transformers copies pdl.py into checkpoints)
 from .launch_resources import arrival_counters, sm_count
 from .kernels import MULTI_LINEAR_SLOTS as MAX_SLOTS  # (x, W) pairs one launch takes
 

@@ -25,6 +25,7 @@ except ImportError as exc:
     raise ImportError("the RMSNorm decode kernel needs triton: pip install triton") from exc
 
 from . import pdl
+from .pdl import launch_options  # noqa: F401  (this form: transformers copies pdl.py into checkpoints)
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

@@ -13,13 +13,18 @@ records are keyed on everything a choice depends on: the GPU's name, fla's versi
 different GPU or version finds no record and autotunes as before. A recorded configuration is used only if it is
 one of the kernel's own candidates. Any of them computes the same result; the record only saves the search.
 
-The records live in ``triton_tuned_configs.json`` next to this module (written by ``bench/gpu_scale.py`` on the
-lent GPUs); ``KIMI_LINEAR_TRITON_TUNING_FILE`` names another file, ``KIMI_LINEAR_TRITON_TUNING=0`` switches them
-off.
+The records shipped with the package live in the module ``triton_tuned_configs.py`` next to this one (written
+by ``bench/gpu_scale.py --record-tuning`` on the lent GPUs). A module and not a JSON file: transformers copies a
+remote-code checkpoint's Python modules (those named by ``from .name import ...`` lines) and nothing else, so a
+data file would be missing where ``from_pretrained(..., trust_remote_code=True)`` runs the model. Its records are a
+plain literal, read back with ``ast.literal_eval`` when :func:`dump` adds to it.
+``KIMI_LINEAR_TRITON_TUNING_FILE`` names another record file (JSON, or such a module), ``KIMI_LINEAR_TRITON_TUNING=0``
+switches them off.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
@@ -27,7 +32,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TUNED_FILE = Path(__file__).with_name("triton_tuned_configs.json")
+from .triton_tuned_configs import RECORDS as SHIPPED
+
+TUNED_FILE = Path(__file__).with_name("triton_tuned_configs.py")
 ENV_SWITCH = "KIMI_LINEAR_TRITON_TUNING"
 ENV_FILE = "KIMI_LINEAR_TRITON_TUNING_FILE"
 _FIELDS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
@@ -81,29 +88,50 @@ def _tuple_key(key: list) -> tuple:
 
 
 def read(path: Path = TUNED_FILE) -> dict:
-    """The records in ``path`` (empty if the file is absent)."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The records in ``path`` (empty if the file is absent): a JSON file, or a ``.py`` module as :func:`dump`
+    writes it (its ``RECORDS = {...}`` literal is evaluated as a literal, never run)."""
+    if not path.is_file():
+        return {}
+    if path.suffix != ".py":
+        return json.loads(path.read_text())
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["RECORDS"]:
+            return ast.literal_eval(node.value)
+    raise ValueError(f"{path} has no `RECORDS = {{...}}` literal")
 
 
-def records_file() -> Path:
-    """The records :func:`apply` reads: ``$KIMI_LINEAR_TRITON_TUNING_FILE``, else the file shipped here."""
-    return Path(os.environ.get(ENV_FILE) or TUNED_FILE)
+def _module_text(data: dict) -> str:
+    """``data`` (machine -> kernel -> [key, configuration] entries) as a module: one entry a line."""
+    lines = ["\"\"\"Autotuning choices of fla's Triton kernels recorded on the lent GPUs, by GPU and versions: written by",
+             "``triton_tuning.dump`` (``bench/gpu_scale.py --record-tuning``); read by ``triton_tuning.apply``.\"\"\"", "",
+             "RECORDS = {"]
+    for machine, kernels in sorted(data.items()):
+        lines.append(f"    {machine!r}: {{")
+        for kernel, entries in sorted(kernels.items()):
+            lines += [f"        {kernel!r}: ["] + [f"            {entry!r}," for entry in entries] + ["        ],"]
+        lines.append("    },")
+    return "\n".join(lines + ["}", ""])
+
+
+def records() -> dict:
+    """The records :func:`apply` reads: ``$KIMI_LINEAR_TRITON_TUNING_FILE``, else those shipped here."""
+    path = os.environ.get(ENV_FILE)
+    return read(Path(path)) if path else SHIPPED
 
 
 def apply(path: Path | None = None) -> int:
     """Fill fla's autotuners' caches with the recorded choices for this GPU and these versions (from ``path``,
-    default :func:`records_file`); returns how many entries were filled (0 if none match, or with
+    default :func:`records`); returns how many entries were filled (0 if none match, or with
     ``KIMI_LINEAR_TRITON_TUNING=0``)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return 0
-    path = records_file() if path is None else path
     key = machine_key()
-    records = read(path).get(key, {}) if key else {}
-    if not records:
+    found = (records() if path is None else read(path)).get(key, {}) if key else {}
+    if not found:
         return 0
     filled = 0
     for name, tuner in autotuners().items():
-        for tuning_key, wanted in records.get(name, []):
+        for tuning_key, wanted in found.get(name, []):
             tuning_key = _tuple_key(tuning_key)
             if tuning_key in tuner.cache:
                 continue
@@ -115,13 +143,14 @@ def apply(path: Path | None = None) -> int:
 
 
 def dump(path: Path) -> int:
-    """Add this process's autotuning choices (for this GPU and these versions) to the records in ``path``,
-    written atomically; returns the number of entries recorded."""
+    """Add this process's autotuning choices (for this GPU and these versions) to the records in ``path`` (JSON, or
+    a module like ``triton_tuned_configs.py`` where ``path`` ends in ``.py``), written atomically; returns the
+    number of entries recorded."""
     key = machine_key()
     if key is None:
         raise RuntimeError("recording Triton autotuning results needs a CUDA GPU and fla")
-    records = read(path)
-    mine = records.setdefault(key, {})
+    stored = read(path)
+    mine = stored.setdefault(key, {})
     count = 0
     for name, tuner in autotuners().items():
         entries = {json.dumps(k): v for k, v in mine.get(name, [])}
@@ -131,8 +160,11 @@ def dump(path: Path) -> int:
         if entries:
             mine[name] = [[json.loads(k), v] for k, v in sorted(entries.items())]
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    handle, tmp = tempfile.mkstemp(suffix=path.suffix or ".json", dir=path.parent)
     with os.fdopen(handle, "w") as f:
-        json.dump(records, f, indent=1, sort_keys=True)
+        if path.suffix == ".py":
+            f.write(_module_text(stored))
+        else:
+            json.dump(stored, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
     return count

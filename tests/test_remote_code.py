@@ -3,10 +3,12 @@ auto_map, so AutoModelForCausalLM(trust_remote_code=True) loads it where this pa
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,7 +16,7 @@ from modeling_kimi_linear import KimiLinearForCausalLM
 from modeling_kimi_linear.presets import load_preset
 
 LOADER = r"""
-import json, sys
+import json, os, sys
 sys.modules["modeling_kimi_linear"] = None  # the installed package must not be importable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -25,9 +27,25 @@ with torch.no_grad():
     out = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
 from transformers import AutoModel
 base = AutoModel.from_pretrained(path, trust_remote_code=True)
-print(json.dumps({"module": type(model).__module__, "config": type(config).__module__, "tokens": out[0].tolist(),
+copied = sorted(os.listdir(os.path.dirname(sys.modules[type(model).__module__].__file__)))
+print(json.dumps({"files": copied, "module": type(model).__module__, "config": type(config).__module__, "tokens": out[0].tolist(),
                   "base": type(base).__module__ + "." + type(base).__name__}))
 """
+
+
+def imported_modules(package: Path, roots: tuple[str, ...]) -> set[str]:
+    """The package's modules that ``roots`` import, directly or not, in any form of relative import (``from .x
+    import y``, ``from . import x``, inside functions too): every file a remote-code checkpoint needs."""
+    needed, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in needed or not (package / f"{name}.py").is_file():
+            continue
+        needed.add(name)
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                todo += [node.module.split(".")[0]] if node.module else [alias.name for alias in node.names]
+    return {f"{name}.py" for name in needed}
 
 
 def test_saved_checkpoint_loads_as_remote_code_without_the_package(tmp_path):
@@ -36,6 +54,11 @@ def test_saved_checkpoint_loads_as_remote_code_without_the_package(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     files = set(os.listdir(tmp_path / "ckpt"))
     assert {"modeling_kimi_linear.py", "configuration_kimi_linear.py", "kda_torch.py", "kernels.py"} <= files
+    # the GPU-only modules (Triton kernels, pdl, recorded tuning) too, though this CPU run never imports them
+    package = Path(sys.modules[KimiLinearForCausalLM.__module__].__file__).parent
+    needed = imported_modules(package, ("modeling_kimi_linear", "configuration_kimi_linear"))
+    assert {"moe_decode_triton.py", "pdl.py", "triton_tuning.py", "triton_tuned_configs.py"} <= needed
+    assert needed <= files, f"missing from the checkpoint: {sorted(needed - files)}"
     auto_map = json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_kimi_linear.KimiLinearForCausalLM"
     assert auto_map["AutoModel"] == "modeling_kimi_linear.KimiLinearModel"
@@ -51,6 +74,15 @@ def test_saved_checkpoint_loads_as_remote_code_without_the_package(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert needed <= set(got["files"]), f"not copied by transformers: {sorted(needed - set(got['files']))}"
     assert got["module"].startswith("transformers_modules.") and got["config"].startswith("transformers_modules.")
     assert got["tokens"] == expected[0].tolist()
     assert got["base"].startswith("transformers_modules.") and got["base"].endswith(".KimiLinearModel")
+
+
+def test_shipped_tuning_records_are_a_literal_that_dump_can_extend():
+    from modeling_kimi_linear import triton_tuning
+
+    shipped = triton_tuning.read(triton_tuning.TUNED_FILE)  # ast.literal_eval of the module's RECORDS
+    assert shipped == triton_tuning.SHIPPED and shipped, "triton_tuned_configs.py holds no records"
+    assert all(" | fla " in machine and " | triton " in machine for machine in shipped)

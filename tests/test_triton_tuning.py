@@ -43,19 +43,30 @@ def machine(monkeypatch):
     sys.modules.pop("fla.fake_ops", None)
 
 
-def test_choices_recorded_and_given_back(machine, tmp_path):
+@pytest.mark.parametrize("suffix", [".json", ".py"])
+def test_choices_recorded_and_given_back(machine, tmp_path, suffix):
     module = fake_fla_module()
     sys.modules[module.__name__] = module
     module.scale_kernel.cache[(4096, "torch.float32", "torch.float32")] = CANDIDATES[2]  # "autotuned"
-    path = tmp_path / "tuned.json"
+    path = tmp_path / f"tuned{suffix}"
     assert triton_tuning.dump(path) == 1
-    stored = json.loads(path.read_text())
+    if suffix == ".json":
+        stored = json.loads(path.read_text())
+    else:  # the shipped form: a module whose RECORDS are the same data (imported here as Python would)
+        namespace: dict = {}
+        exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - the file this test just wrote
+        stored = namespace["RECORDS"]
+        assert stored == triton_tuning.read(path)
     assert list(stored) == ["Test GPU | fla 0.0 | triton 0.0"]
+    module.scale_kernel.cache[(8192, "torch.float32", "torch.float32")] = CANDIDATES[0]
+    assert triton_tuning.dump(path) == 2  # added to what the file held
+    assert len(triton_tuning.read(path)["Test GPU | fla 0.0 | triton 0.0"]["fla.fake_ops:scale_kernel"]) == 2
 
     fresh = fake_fla_module()  # a new process: the same kernel, nothing tuned
     sys.modules[fresh.__name__] = fresh
-    assert triton_tuning.apply(path) == 1
-    assert fresh.scale_kernel.cache == {(4096, "torch.float32", "torch.float32"): fresh.scale_kernel.configs[2]}
+    assert triton_tuning.apply(path) == 2
+    assert fresh.scale_kernel.cache == {(4096, "torch.float32", "torch.float32"): fresh.scale_kernel.configs[2],
+                                        (8192, "torch.float32", "torch.float32"): fresh.scale_kernel.configs[0]}
 
 
 def test_other_machines_unknown_configs_and_the_switch_fill_nothing(machine, tmp_path, monkeypatch):
