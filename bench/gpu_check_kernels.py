@@ -346,13 +346,18 @@ def moe_decode(rows: list[dict], batches=(1, 8, 32), reps: int = 8, device: str 
                       renormalize=cfg.moe_renormalize, scaling=cfg.routed_scaling_factor,
                       activation=cfg.moe_router_activation_func, weights_include_bias=cfg.router_weights_include_bias)
         found = []
-        saved = mdt.ROUTER_DECODE_BLOCK_E, mdt.ROUTER_DECODE_BLOCK_D
-        for block_e, block_d in ((8, 256), (2, 1024), (1, 1024), (4, 512), (2, 512), (1, 2048)):
-            with mock.patch.multiple(mdt, ROUTER_DECODE_BLOCK_E=block_e, ROUTER_DECODE_BLOCK_D=block_d):
+        saved = mdt.ROUTER_DECODE_BLOCK_E, mdt.ROUTER_DECODE_BLOCK_D, mdt.ROUTER_DECODE_WARPS
+        want = mdt.route(x1, gate.weight, gate.e_score_correction_bias, **kwargs)
+        for block_e, block_d, warps in ((2, 1024, 4), (2, 1024, 1), (2, 1024, 2), (1, 2048, 4), (1, 2048, 1),
+                                        (4, 512, 1), (8, 256, 1)):
+            with mock.patch.multiple(mdt, ROUTER_DECODE_BLOCK_E=block_e, ROUTER_DECODE_BLOCK_D=block_d,
+                                     ROUTER_DECODE_WARPS=warps):
                 us = graph_time_ms(lambda: mdt.route(x1, gate.weight, gate.e_score_correction_bias, **kwargs)) * 1e3
-            found.append(f"({block_e}, {block_d}) {us:.1f}")
-        rows.append({"check": "  router at batch 1, us per call (experts a program, K block; (8, 256) was the tile "
-                              f"before, default {saved}): " + ", ".join(found), "rel_err": 0.0, "info": True})
+                got = mdt.route(x1, gate.weight, gate.e_score_correction_bias, **kwargs)
+            same = torch.equal(got[0].sort(-1).values, want[0].sort(-1).values)
+            found.append(f"({block_e}, {block_d}, {warps}) {us:.1f}{'' if same else ' (other experts!)'}")
+        rows.append({"check": "  router at batch 1, us per call (experts a program, K block, warps; default "
+                              f"{saved}): " + ", ".join(found), "rel_err": 0.0, "info": True})
     if timing and tiles:  # the tile sweep (minutes on a fresh machine): gpu_check --only moetiles
         moe_tiles(rows, block, gen, expert_bytes, bandwidth)
 
@@ -602,9 +607,12 @@ def int8_tiles(rows: list[dict], xs, routes, quantized: dict, moved: float, band
     from modeling_kimi_linear import moe_decode_triton as mdt
 
     (gq, gs, gz), (dq, ds, dz) = quantized["gate_up"], quantized["down"]
-    tries = [({}, {}), ({"BLOCK_K": 256}, {"BLOCK_K": 256}), ({"BLOCK_K": 256, "num_warps": 8},
-             {"BLOCK_K": 256, "num_warps": 8}), ({"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 3}, {"BLOCK_N": 64}),
-             ({"BLOCK_K": 64}, {})]
+    # deeper pipelines: an int8 stage holds half a bf16 stage's bytes, so 4 stages keep half the bytes in flight
+    # (sm_90 SASS: the same cp.async copies and mma.sync per stage, the int8 -> bf16 widening done by byte permutes
+    # and packed half adds, no conversion-unit instructions: bench/kernel_sass.py --kernels experts)
+    tries = [({}, {}), ({"num_stages": 6}, {"num_stages": 6}), ({"num_stages": 8}, {"num_stages": 8}),
+             ({"BLOCK_K": 256}, {"BLOCK_K": 256}), ({"BLOCK_K": 256, "num_stages": 6}, {"BLOCK_K": 256, "num_stages": 6}),
+             ({"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 3}, {"BLOCK_N": 64}), ({"BLOCK_K": 64}, {})]
     for gt, dt in tries:
         def call(gt=gt, dt=dt):
             return [mdt.experts(x, r[0], r[1], gq, dq, gate_up_tile=gt, down_tile=dt, gate_up_scale=gs,

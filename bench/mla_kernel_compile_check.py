@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SMEM_LIMIT = 227 * 1024  # per block on Hopper
+from kernel_sass import SMEM_LIMIT, ptxas_report  # noqa: E402
 
 
 def split_kernel_signature(dtype: str) -> dict[str, str]:
@@ -38,39 +37,21 @@ def split_kernel_signature(dtype: str) -> dict[str, str]:
 
 
 def compile_config(config, dtype: str, arch: int):  # noqa: ANN001, ANN201
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from kernel_sass import compile_kernel
 
     from modeling_kimi_linear import mla_decode_triton as mdt
 
     sig = split_kernel_signature(dtype)
-    names = list(sig)
-    # pointers and the strides the host passes are multiples of 16, as the launcher's specialisation would note
-    aligned = [names.index(n) for n in ("q_ptr", "qr_ptr", "kv_ptr", "mask_ptr", "limit_ptr", "part_ptr", "lse_ptr",
-                                        "stride_qb", "stride_qh", "stride_rb", "stride_rh", "stride_kb", "stride_ks",
-                                        "stride_pb", "stride_ps", "stride_ph", "stride_lb", "stride_ls")]
     constexprs = {"DV": 512, "DR": 64, "BLOCK_H": 32, "BLOCK_DV": 512, "BLOCK_DR": 64, "BLOCK_S": config.block_s,
                   "HAS_MASK": True, "HAS_LIMIT": True, "KV_MAJOR": config.kv_major,
                   "PRECISION": "ieee" if dtype == "fp32" else "tf32", "PDL": True}
-    src = ASTSource(fn=mdt._mla_decode_split_kernel, signature=sig, constexprs=constexprs,
-                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages,
-                                   "launch_pdl": True})
-
-
-def ptxas_report(ptx: str, arch: int) -> str:
-    import triton
-
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        res = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True, check=True)
-    return "; ".join(line.split(":", 2)[-1].strip() for line in res.stderr.splitlines()
-                     if "registers" in line or "spill" in line)
+    # the strides the host passes are multiples of 16, as the launcher's specialisation would note
+    strides = ("stride_qb", "stride_qh", "stride_rb", "stride_rh", "stride_kb", "stride_ks", "stride_pb", "stride_ps",
+               "stride_ph", "stride_lb", "stride_ls")
+    types = {name: kind for name, kind in sig.items() if kind != "constexpr"}
+    return compile_kernel(mdt._mla_decode_split_kernel, types, constexprs, num_warps=config.num_warps,
+                          num_stages=config.num_stages, arch=arch, ints={name: 16 for name in strides},
+                          launch_pdl=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -100,6 +100,11 @@ ROUTER_BLOCK_E = 8  # experts per program of _router_logits
 # the narrower tile took 9.4 us against 13.7 for the wider one (bench/gpu_check.py --only moe, H100, 2026-12-07).
 ROUTER_DECODE_BLOCK_E = 2
 ROUTER_DECODE_BLOCK_D = 1024
+# Warps a program of the router at one or two tokens (Triton's default, 4, elsewhere). The selection that the last
+# program runs is 8 serial arg-max + sum reductions over the 256 scores: with 4 warps each crosses warps through
+# shared memory, 57 barriers in the sm_90 SASS; with 1 warp they are shuffles (4 barriers), and the logits' loads
+# are 4x wider a thread (``bench/kernel_sass.py --kernels router``). Not yet timed: ``gpu_check --only moe`` sweeps it.
+ROUTER_DECODE_WARPS = 4
 # The expert selection runs in the logits kernel's last program of each block of tokens (an arrival counter) rather
 # than as a second launch: one launch fewer per MoE layer and step. On an H100 (2026-12-07) it chose the same
 # experts as the PyTorch path at batch 1, 8 and 32; its time apart from the logits' is not measured.
@@ -521,7 +526,7 @@ def route(
         counters if counters is not None else ids,
         BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_D=block_d,
         LINES=_pow2(triton.cdiv(hidden * weight.element_size(), pdl.LINE_BYTES.value)), SELECT=counters is not None,
-        **select, **launch,
+        num_warps=ROUTER_DECODE_WARPS if num_tokens <= 2 else 4, **select, **launch,
     )
     if counters is None:  # a CUDA-graph capture that would have to allocate the counters: a second launch
         _router_select[(num_tokens,)](logits, bias, ids, out, num_experts, float(scaling), **select, num_warps=1,
