@@ -50,14 +50,16 @@ import torch  # noqa: E402
 if __package__:  # kimi_linear_bench.gpu_quant (installed) or python -m bench.gpu_quant
     from .gpu import copy_bandwidth, log
     from .gpu_report import save_report, versions_header
+    from .step_bytes import StepBytes
 else:  # run as a script from a checkout (python bench/gpu_quant.py): make its package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gpu import copy_bandwidth, log  # type: ignore[no-redef]
     from gpu_report import save_report, versions_header  # type: ignore[no-redef]
+    from step_bytes import StepBytes  # type: ignore[no-redef]
 
 from modeling_kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.presets import load_preset  # noqa: E402
-from modeling_kimi_linear.quantization import HIGH_PRECISION_MODULES, int8_weight_only_bytes, tensor_bytes  # noqa: E402
+from modeling_kimi_linear.quantization import HIGH_PRECISION_MODULES, int8_weight_only_bytes  # noqa: E402
 from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
 from modeling_kimi_linear.transformers_compat import output_cache  # noqa: E402
 
@@ -125,21 +127,6 @@ def build_checkpoint(work: Path, layers: str, preset: str | None) -> None:
     torch.cuda.empty_cache()
 
 
-def bytes_per_token(model: KimiLinearForCausalLM) -> int:
-    """Weight bytes one batch-1 decode token reads: top_k / E of the routed experts, one embedding row, the rest."""
-    cfg = model.config
-    total = 0
-    for name, p in model.named_parameters():
-        stored = tensor_bytes(p)
-        if ".experts." in name and "shared" not in name:
-            total += stored * cfg.num_experts_per_token // cfg.num_experts
-        elif "embed_tokens" in name:
-            total += stored // p.shape[0]
-        else:
-            total += stored
-    return total
-
-
 def load(method: str, work: Path) -> KimiLinearForCausalLM:
     """``from_pretrained`` of the bf16 checkpoint with ``method``'s quantization config."""
     return KimiLinearForCausalLM.from_pretrained(work, dtype=torch.bfloat16, device_map=DEVICE,
@@ -195,7 +182,7 @@ def measure(method: str, make, context: int, steps: int, bw: float, reference: l
         rest = sorted(times[1:])
         tpots[mode] = (rest[len(rest) // 2], times[0])
     model.cuda_graph_decode = True
-    roof = (bytes_per_token(model) + cache_bytes) / bw
+    roof = (StepBytes(model).weights() + cache_bytes) / bw
     row.update(tpot_graph_ms=round(1e3 * tpots["graph"][0], 3), first_graph_step_ms=round(1e3 * tpots["graph"][1], 1),
                tpot_eager_ms=round(1e3 * tpots["eager"][0], 2), roofline_ms=round(1e3 * roof, 3),
                tokens=tokens)

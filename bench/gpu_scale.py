@@ -51,12 +51,14 @@ if __package__:  # kimi_linear_bench.gpu_scale (installed) or python -m bench.gp
     from .gpu import copy_bandwidth, log
     from .gpu_long_context import extend_cache, memory_line, sync
     from .gpu_quant import quantization_config
+    from .step_bytes import StepBytes
     from .gpu_report import pdl_settings, programmatic_dependent_launch, save_report, versions_header
 else:  # run as a script from a checkout (python bench/gpu_scale.py): make its package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gpu import copy_bandwidth, log  # type: ignore[no-redef]
     from gpu_long_context import extend_cache, memory_line, sync  # type: ignore[no-redef]
     from gpu_quant import quantization_config  # type: ignore[no-redef]
+    from step_bytes import StepBytes  # type: ignore[no-redef]
     from gpu_report import (  # type: ignore[no-redef]
         pdl_settings, programmatic_dependent_launch, save_report, versions_header,
     )
@@ -65,7 +67,6 @@ from modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
 from modeling_kimi_linear.random_weights import build_random_model  # noqa: E402
 from modeling_kimi_linear.cuda_graph_decode import decode_bucket  # noqa: E402
 from modeling_kimi_linear.presets import available_presets, load_preset  # noqa: E402
-from modeling_kimi_linear.quantization import tensor_bytes  # noqa: E402
 from modeling_kimi_linear.transformers_compat import cache_field, output_cache  # noqa: E402
 
 GB = 1e9
@@ -83,32 +84,6 @@ def layout_config(preset: str, layout: str, layers: int | None = None):  # noqa:
         full = [i for i in range(1, n + 1) if i % 4 == 0] or [n]
         lac.update(kda_layers=[i for i in range(1, n + 1) if i not in full], full_attn_layers=full)
     return load_preset(preset, num_hidden_layers=n, linear_attn_config=lac)
-
-
-class Bytes:
-    """What one decode step must move, from the model's parameters and configuration."""
-
-    def __init__(self, model: KimiLinearForCausalLM) -> None:
-        cfg = model.config
-        self.experts = self.other = 0
-        for name, p in model.named_parameters():
-            size = tensor_bytes(p)  # what a quantized weight stores (data and scales)
-            if ".experts." in name:
-                self.experts += size
-            elif "embed_tokens" in name:
-                self.other += p.shape[1] * p.element_size()  # one row per token
-            else:
-                self.other += size
-        self.moe_layers = sum(hasattr(layer, "block_sparse_moe") for layer in model.model.layers)
-        self.num_experts, self.top_k = cfg.num_experts or 1, cfg.num_experts_per_token or 1
-        element = model.model.embed_tokens.weight.element_size()  # the activations' (and caches') dtype
-        self.latent_per_token = len(cfg.mla_layers) * cfg.mla_latent_dim * element
-        self.kda_state = len(cfg.kda_layers) * cfg.kda_num_heads * cfg.kda_head_dim ** 2 * 4 * 2  # read + write
-
-    def step(self, batch: int, context: int, expert_share: float | None = None) -> float:
-        """Bytes of one step: ``expert_share`` of the routed experts (batch 1: top-k of E)."""
-        share = self.top_k / self.num_experts if expert_share is None else expert_share
-        return self.other + share * self.experts + batch * (context * self.latent_per_token + self.kda_state)
 
 
 def fill(model: KimiLinearForCausalLM, batch: int, context: int, prefill: int, spare: int):
@@ -171,7 +146,7 @@ def distinct_experts(model, token: torch.Tensor, cache) -> float:  # noqa: ANN00
     return sum(shares) / max(len(shares), 1)
 
 
-def largest_batch(model, context: int, bytes_: Bytes, reserve_gb: float) -> int:  # noqa: ANN001
+def largest_batch(model, context: int, bytes_: StepBytes, reserve_gb: float) -> int:  # noqa: ANN001
     """The largest batch whose caches (latent buffers of the bucket, KDA states, a prefill's activations) fit in
     the free device memory, keeping ``reserve_gb`` for graphs and workspaces."""
     if model.device.type != "cuda":
@@ -181,7 +156,7 @@ def largest_batch(model, context: int, bytes_: Bytes, reserve_gb: float) -> int:
     return max(1, int((free - reserve_gb * GB) // per_seq))
 
 
-def run_decode(model, args, bw: float | None, bytes_: Bytes, weights: str = "bf16") -> list[dict]:  # noqa: ANN001
+def run_decode(model, args, bw: float | None, bytes_: StepBytes, weights: str = "bf16") -> list[dict]:  # noqa: ANN001
     rows = []
     for context, pdl in itertools.product(args.contexts, args.pdl):
         log(f"decode: batch 1 at {context} tokens, {weights} weights, programmatic dependent launch "
@@ -245,7 +220,7 @@ def run_native(args, device: torch.device, dtype: torch.dtype) -> list[dict]:  #
     return rows
 
 
-def run_batched(model, layout: str, args, bw: float | None, bytes_: Bytes) -> list[dict]:  # noqa: ANN001
+def run_batched(model, layout: str, args, bw: float | None, bytes_: StepBytes) -> list[dict]:  # noqa: ANN001
     rows = []
     for context in args.batched_contexts:
         cap = largest_batch(model, context, bytes_, args.reserve_gb)
@@ -525,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
                 result["decode"] = [r for r in result.get("decode", []) if r.get("weights", "bf16") not in args.weights]
             for weights in builds:
                 model = build_model(layout_config(args.preset, layout, args.layers), device, dtype, weights)
-                bytes_ = Bytes(model)
+                bytes_ = StepBytes(model)
                 if wants_decode and weights in args.weights:
                     result["decode"] += run_decode(model, args, bw, bytes_, weights)
                 if wants_batched and weights == "bf16":
