@@ -254,6 +254,7 @@ def guard_checks(rows: list[dict]) -> None:
         rows.append({"check": f"guard, mid-decode: {what}: graph vs op by op, logits (worst step, fp32)",
                      "rel_err": side_by_side(change, target=lora)})
     lora.base_model.unmerge_adapter()
+    guard_cost(rows)
     model.to(torch.bfloat16)  # between two generate() calls: a cast model
     seqs = {}
     for mode in ("eager", "graph"):
@@ -262,6 +263,38 @@ def guard_checks(rows: list[dict]) -> None:
     rows.append({"check": "guard: model.to(bfloat16) after fp32 decoding, generate(): share of greedy tokens that "
                           "differ, graph vs eager", "rel_err": 1.0 - (seqs["eager"] == seqs["graph"]).float().mean().item(),
                  "info": True})
+
+
+def guard_cost(rows: list[dict]) -> None:
+    """The host's time for the per-step model check on this machine (it sits between transformers' read-back of
+    the stop flag and the next replay), for the 48B layout cut to 16 layers at a tiny width (the same 343 tensors;
+    the check's cost depends on their number, not their size): all of ``ModelGuard.changed`` and its pointer
+    comparison, by torch's C++ helper (CUDA builds) and by a Python pass."""
+    from modeling_kimi_linear import decode_guard
+    from modeling_kimi_linear.presets import load_preset
+
+    base = load_preset("tiny")
+    lac = dict(base.linear_attn_config, kda_layers=[i + 1 for i in range(16) if i % 4 != 3],
+               full_attn_layers=[i + 1 for i in range(16) if i % 4 == 3])
+    model = KimiLinearForCausalLM(load_preset("tiny", num_hidden_layers=16, linear_attn_config=lac)).to("cuda")
+    guard = decode_guard.ModelGuard(model)
+    tensors, addresses, indices = guard._plain, guard._plain_addresses, guard._plain_indices
+
+    def us(fn, n: int = 2000) -> float:  # noqa: ANN001
+        fn()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - start) / n * 1e6
+
+    helper = decode_guard._C_POINTERS_EQUAL
+    c_us = us(lambda: helper(tensors, addresses, indices)) if helper is not None else float("nan")
+    py_us = us(lambda: list(map(decode_guard._DATA_PTR, tensors)) == addresses)
+    changed_us = us(guard.changed)
+    rows.append({"check": f"guard: host us per step for {len(tensors)} tensors (a time): ModelGuard.changed "
+                          f"{changed_us:.1f}; pointer comparison by torch's C++ helper {c_us:.1f} "
+                          f"({'present' if helper is not None else 'absent'}), by a Python pass {py_us:.1f}",
+                 "rel_err": changed_us, "info": True})
 
 
 def bare_op(rows: list[dict]) -> None:

@@ -236,8 +236,9 @@ class ModelGuard:
 
 _DATA_PTR = torch.Tensor.data_ptr
 # torch's C++ comparison of many tensors' data pointers (CUDA builds; what torch.compile's CUDA graphs check their
-# static inputs with): about 0.01 us a tensor where a Python loop takes 0.06-0.15 us, which matters before every
-# decode step of a 577-tensor model
+# static inputs with), used where present in place of a Python pass (0.06-0.15 us a tensor on the 2-core VM). Its
+# own cost per tensor is not known: the H100 host's profile (2026-12-08) still charged 71 us a step to the model
+# check of the 16-layer cut (343 tensors) with it; ``bench/gpu_check.py --only guard`` times both passes.
 _C_POINTERS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 
