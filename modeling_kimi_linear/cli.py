@@ -6,7 +6,7 @@
     kimi-linear info DIR --context 1048576          # layers, parameters, cache bytes per token and at a context
     kimi-linear convert SRC DST                     # released checkpoint -> ours (conversion/ scripts)
     kimi-linear export SRC DST                      # ours -> released layout (native transformers, vLLM)
-    kimi-linear bench cpu -- --quick                # bench/ scripts; arguments after -- go to the script
+    kimi-linear bench cpu -- --no-compiled          # bench/ scripts; arguments after -- go to the script
 
 Every sub-command has ``--help``. This module is not imported by the model code, so it is not copied into
 checkpoints.
@@ -87,7 +87,23 @@ def _device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"kimi-linear: --device {name}: this torch sees no CUDA GPU (torch {torch.__version__})")
+    return device
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model")
+
+
+def _checked_dirs(model_dir: Path, tokenizer_dir: Path) -> None:
+    """One clear line where ``generate`` would otherwise fail deep inside transformers: a model folder without a
+    ``config.json`` (transformers would try the Hub), a tokenizer folder without tokenizer files."""
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"kimi-linear generate: {model_dir} is not a checkpoint directory (no config.json)")
+    if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise SystemExit(f"kimi-linear generate: {tokenizer_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}"
+                         f"); save the tokenizer beside the model or name its folder with --tokenizer DIR")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -102,7 +118,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    _checked_dirs(model_dir, Path(args.tokenizer) if args.tokenizer else model_dir)
     tokenizer = load_tokenizer(args.tokenizer or model_dir)
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise SystemExit(f"kimi-linear generate: --chat needs a tokenizer with a chat template; the one in "
+                         f"{args.tokenizer or model_dir} has none (leave out --chat to continue a plain prompt)")
     model = KimiLinearForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     if args.compile:
         model.compile_cpu_decode = True
@@ -183,6 +203,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if target is None:
         target = str(demo_checkpoint())
     if Path(target).is_dir():
+        if not (Path(target) / "config.json").is_file():
+            raise SystemExit(f"kimi-linear info: {target} is a directory without a config.json")
         config = KimiLinearConfig.from_pretrained(target)
     elif Path(target).is_file():
         config = KimiLinearConfig.from_json_file(target)

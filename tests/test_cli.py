@@ -65,6 +65,30 @@ def test_info_refuses_an_unknown_target():
         main(["info", "no-such-preset"])
 
 
+def test_info_refuses_a_directory_without_a_config(tmp_path):
+    with pytest.raises(SystemExit, match="without a config.json"):  # transformers would describe the 48B's defaults
+        main(["info", str(tmp_path)])
+
+
+def test_generate_names_the_problem_in_one_line(tmp_path):
+    """A missing checkpoint folder, a folder without tokenizer files, --chat without a chat template, and a CUDA
+    device where there is none: one SystemExit naming the problem, not a traceback from inside transformers."""
+    from modeling_kimi_linear.cli import demo_checkpoint
+
+    with pytest.raises(SystemExit, match="not a checkpoint directory"):
+        main(["generate", "--model", str(tmp_path / "nosuch"), "hi"])
+    model_only = tmp_path / "model_only"
+    KimiLinearForCausalLM(load_preset("tiny")).save_pretrained(model_only)
+    with pytest.raises(SystemExit, match="has no tokenizer files.*--tokenizer"):
+        main(["generate", "--model", str(model_only), "hi"])
+    with pytest.raises(SystemExit, match="--chat needs a tokenizer with a chat template"):
+        main(["generate", "--chat", "hi", "--max-new-tokens", "2"])  # the demo's tokenizer has no template
+    assert (demo_checkpoint() / "config.json").is_file()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA GPU"):
+            main(["generate", "--device", "cuda", "hi"])
+
+
 def test_bench_passes_arguments_to_the_script():
     result = subprocess.run([sys.executable, "-m", "modeling_kimi_linear.cli", "bench", "cpu", "--", "--help"],
                             capture_output=True, text=True, timeout=120)
