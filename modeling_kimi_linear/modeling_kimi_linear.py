@@ -167,15 +167,16 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
 
 
 def _complete_auto_map(config_path: Path) -> None:
-    """Point ``AutoModel`` and ``AutoModelForCausalLM`` at our classes whichever of them was saved (the config
-    written by transformers names only the saved class)."""
+    """Point ``AutoConfig``, ``AutoModel`` and ``AutoModelForCausalLM`` at our classes whichever of them was saved:
+    the config transformers writes names only the saved class, and one loaded from a released checkpoint still
+    names Moonshot's modules (``modeling_kimi.KimiLinearModel``) for the others, files the saved folder lacks."""
     if not config_path.is_file():
         return
     data = json.loads(config_path.read_text())
     auto_map = data.setdefault("auto_map", {})
-    auto_map.setdefault("AutoConfig", "configuration_kimi_linear.KimiLinearConfig")
-    auto_map.setdefault("AutoModel", "modeling_kimi_linear.KimiLinearModel")
-    auto_map.setdefault("AutoModelForCausalLM", "modeling_kimi_linear.KimiLinearForCausalLM")
+    auto_map["AutoConfig"] = "configuration_kimi_linear.KimiLinearConfig"
+    auto_map["AutoModel"] = "modeling_kimi_linear.KimiLinearModel"
+    auto_map["AutoModelForCausalLM"] = "modeling_kimi_linear.KimiLinearForCausalLM"
     tmp = config_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, config_path)

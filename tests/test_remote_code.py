@@ -86,3 +86,17 @@ def test_shipped_tuning_records_are_a_literal_that_dump_can_extend():
     shipped = triton_tuning.read(triton_tuning.TUNED_FILE)  # ast.literal_eval of the module's RECORDS
     assert shipped == triton_tuning.SHIPPED and shipped, "triton_tuned_configs.py holds no records"
     assert all(" | fla " in machine and " | triton " in machine for machine in shipped)
+
+
+def test_saving_a_model_loaded_from_a_released_layout_names_only_modules_it_writes(released_dir, tmp_path):
+    """A config loaded from the release keeps Moonshot's auto_map (``modeling_kimi.KimiLinearModel``...); the saved
+    folder must name only the modules written beside it, for ``AutoModel`` as for ``AutoModelForCausalLM``."""
+    model = KimiLinearForCausalLM.from_pretrained(released_dir)
+    model.save_pretrained(tmp_path / "out")
+    auto_map = json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"]
+    assert {"AutoConfig", "AutoModel", "AutoModelForCausalLM"} <= set(auto_map)
+    for key, value in auto_map.items():
+        for reference in value if isinstance(value, list) else [value]:
+            if reference is not None:
+                module = reference.split("--")[-1].rsplit(".", 1)[0]
+                assert (tmp_path / "out" / f"{module}.py").is_file(), f"{key}: {reference}"
