@@ -84,8 +84,26 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def is_plain(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is an ordinary tensor or parameter (not a quantized tensor subclass)."""
-    return type(tensor) in (torch.Tensor, nn.Parameter)
+    """Whether ``tensor`` is an ordinary tensor or parameter (not a quantized tensor subclass). The stand-ins that
+    tracing puts in place of ordinary tensors count as ordinary: ``torch.export`` of the compiled CPU decode step
+    sees a ``FakeTensor`` for each plain weight (a quantized weight stays its own subclass there), and taking it for
+    a quantized one sent the traced experts down the dequantizing path."""
+    kind = type(tensor)
+    return kind in (torch.Tensor, nn.Parameter) or kind in _tracing_types()
+
+
+def _tracing_types() -> tuple[type, ...]:
+    """torch's fake and functional tensor classes (what tracing substitutes for ordinary tensors)."""
+    global _TRACING
+    if _TRACING is None:
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch._subclasses.functional_tensor import FunctionalTensor
+
+        _TRACING = (FakeTensor, FunctionalTensor)
+    return _TRACING
+
+
+_TRACING: tuple[type, ...] | None = None
 
 
 def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

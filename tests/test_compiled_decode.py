@@ -111,6 +111,35 @@ def test_a_failing_compile_falls_back_to_op_by_op_decoding(monkeypatch, tmp_path
     assert out.past_key_values.get_seq_length() == 22 and again.shape == got.shape
 
 
+def test_export_traces_plain_weights_down_the_plain_expert_path(monkeypatch, tmp_path):
+    """torch.export shows each plain weight as a FakeTensor: it must still count as plain, or the traced experts
+    take the quantized path (a dequantize per expert weight in the program, proxy-executor warnings)."""
+    from modeling_kimi_linear import moe
+
+    exported = []
+
+    def stop_after_export(program, **kwargs):  # noqa: ANN001
+        exported.append(program)
+        raise RuntimeError("stop: the export is what this test looks at")
+
+    quantized_calls = []
+    original = moe.quantized_experts_forward
+    monkeypatch.setattr(moe, "quantized_experts_forward",
+                        lambda *a, **k: quantized_calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", stop_after_export)
+    monkeypatch.setenv(compiled_decode.PROGRAM_DIR_ENV, str(tmp_path))
+    model = tiny_model(MIXES["3:1"])
+    x = ids(1, 20)
+    with torch.no_grad():
+        out = model(x)
+        model.compile_cpu_decode = True
+        with pytest.warns(RuntimeWarning, match="stop: the export"):
+            model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
+    assert len(exported) == 1 and not quantized_calls
+    targets = {str(node.target) for node in exported[0].graph.nodes if node.op == "call_function"}
+    assert not [t for t in targets if "dequantize" in t], sorted(targets)
+
+
 @pytest.mark.slow
 def test_compiled_decode_reads_the_models_current_weights():
     """The compiled program holds no weights of its own: a weight changed in place is seen at once, a replaced
