@@ -1,6 +1,6 @@
 """The bytes one decode step must move, counted from a model's parameters and configuration: the numerator of the
-benches' bandwidth rooflines (``gpu_scale.py``, ``gpu_quant.py``; ``../shared/reference/roofline.md`` works the
-numbers by hand)."""
+benches' bandwidth rooflines (``gpu_scale.py``, ``gpu_quant.py``); the roofline is these bytes over the copy
+bandwidth measured in the same run (docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -81,6 +81,11 @@ def load_config(src: Path):
         raise CheckpointError(f"{path}: not a JSON object")
     if data.get("model_type", "kimi_linear") != "kimi_linear":
         raise CheckpointError(f"{path}: model_type is {data['model_type']!r}, not 'kimi_linear'")
+    if data.get("quantization_config"):
+        method = data["quantization_config"].get("quant_method", "?") if isinstance(data["quantization_config"],
+                                                                                   dict) else "?"
+        raise CheckpointError(f"{path}: a quantized checkpoint ({method}); conversion reads unquantized weights: "
+                              "convert the bf16 / fp32 checkpoint, then quantize when loading it")
     data.pop("auto_map", None)  # the source's remote code is not ours; DST gets its own auto_map
     try:
         return KimiLinearConfig(**data)

@@ -1,7 +1,7 @@
 """``python -m modeling_kimi_linear``: build a preset (random weights) or load a checkpoint, and generate.
 
-Until the embedded demo checkpoint exists this shows the machinery on random weights: token ids in, token ids
-out, plus what the hybrid cache holds.
+The machinery without a tokenizer: token ids in, token ids out, plus what the hybrid cache holds. For text, use the
+``kimi-linear generate`` command (the embedded demo model, or ``--model DIR``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from . import KimiLinearForCausalLM
-    from .presets import load_preset
+    from .presets import available_presets, load_preset
     from .transformers_compat import output_cache
+
+    if not args.model and args.preset not in available_presets():
+        parser.error(f"--preset {args.preset!r}: no such preset; available: {', '.join(available_presets())}")
 
     torch.manual_seed(args.seed)
     if args.model:

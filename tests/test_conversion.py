@@ -608,6 +608,19 @@ def bad_dst_exists(src, dst, monkeypatch):
     return [], [str(dst), "already exists", "--overwrite"]
 
 
+def bad_dst_is_a_file(src, dst, monkeypatch):
+    dst.parent.mkdir(parents=True)
+    dst.write_text("a file, not a checkpoint")
+    return ["--overwrite"], [str(dst), "is not a directory"]
+
+
+def bad_quantized(src, dst, monkeypatch):
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "torchao", "quant_type": {"default": "Int8WeightOnlyConfig"}}
+    (src / "config.json").write_text(json.dumps(config))
+    return [], ["config.json", "a quantized checkpoint (torchao)"]
+
+
 def bad_disk_full(src, dst, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
@@ -626,12 +639,15 @@ BAD_CASES = {
     "int_dtype": (1, bad_int_dtype),
     "pickle_bin": (1, bad_pickle),
     "dst_exists": (1, bad_dst_exists),
+    "dst_is_a_file": (1, bad_dst_is_a_file),
+    "quantized": (1, bad_quantized),
     "disk_full": (1, bad_disk_full),
 }
 
 
 # the export shares the source checks with convert: a few cases run through it as well
-EXPORT_CASES = ("missing_shard", "truncated_file", "shape_vs_config", "pickle_bin", "dst_exists", "disk_full")
+EXPORT_CASES = ("missing_shard", "truncated_file", "shape_vs_config", "pickle_bin", "dst_exists", "dst_is_a_file",
+                "quantized", "disk_full")
 
 
 @pytest.mark.parametrize(("script", "case"),
@@ -650,6 +666,8 @@ def test_bad_input(tmp_path, native_source, capsys, monkeypatch, case, script):
         assert fragment in errors[0], (fragment, errors[0])
     if case == "dst_exists":
         assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    elif case == "dst_is_a_file":
+        assert dst.read_text() == "a file, not a checkpoint"
     else:
         assert not dst.exists()
     parent = dst.parent
