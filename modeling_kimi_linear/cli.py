@@ -229,14 +229,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_script(module: str, argv: list[str]) -> int:
+def _run_script(module: str, argv: list[str], prog: str) -> int:
+    """``module.main(argv)``, its usage and errors printed under ``prog`` (the command as the user typed it)."""
     import importlib
 
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
         raise SystemExit(f"kimi-linear: {module} is not installed ({exc}); reinstall the kimi-linear package") from exc
-    result = mod.main(argv)
+    saved, sys.argv[0] = sys.argv[0], prog  # argparse names the program after sys.argv[0]
+    try:
+        result = mod.main(argv)
+    finally:
+        sys.argv[0] = saved
     return int(result or 0)
 
 
@@ -246,15 +251,17 @@ def _script_args(rest: list[str]) -> list[str]:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    return _run_script("kimi_linear_conversion.convert_released_checkpoint", _script_args(args.rest))
+    return _run_script("kimi_linear_conversion.convert_released_checkpoint", _script_args(args.rest),
+                       "kimi-linear convert")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    return _run_script("kimi_linear_conversion.export_released_checkpoint", _script_args(args.rest))
+    return _run_script("kimi_linear_conversion.export_released_checkpoint", _script_args(args.rest),
+                       "kimi-linear export")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    return _run_script(f"kimi_linear_bench.{args.which}", _script_args(args.rest))
+    return _run_script(f"kimi_linear_bench.{args.which}", _script_args(args.rest), f"kimi-linear bench {args.which}")
 
 
 #: sub-commands whose every argument belongs to the script they run: they skip this parser, which would take a
