@@ -511,6 +511,56 @@ def multi_linear_check(rows: list[dict]) -> None:
                               f"stages, SPLIT), against {t_cublas:.1f} for the bf16 cuBLAS call; default "
                               f"{tuple(default.values())}: " + ", ".join(found),
                      "rel_err": t_cublas, "info": True})
+    gemv_forms(rows, kda, mlp, weights["KDA q/k/v/f_a/beta/g_a + f_b/g_b"][:6], cfg, gen, bandwidth)
+
+
+def gemv_forms(rows: list[dict], kda, mlp, six: list, cfg, gen: torch.Generator, bandwidth: float) -> None:  # noqa: ANN001
+    """One token: the multi-linear launch's element-wise form (``GEMV``) against its padded ``tl.dot`` and the bf16
+    cuBLAS calls, int8 and bf16 weights: KDA's six projections from x, a single o_proj, the shared expert's
+    down_proj, and an lm_head of the release's size (int8). Errors against the dot form; times in CUDA graphs."""
+    from modeling_kimi_linear import multi_linear_triton as m
+
+    lm_q = torch.randint(-127, 128, (cfg.vocab_size, cfg.hidden_size), device="cuda", dtype=torch.int8, generator=gen)
+    lm_scale = torch.rand(cfg.vocab_size, device="cuda", generator=gen) * 1e-3
+    cases = {"KDA's six from x": six, "KDA o_proj alone": [kda.o_proj], "shared expert down_proj alone":
+             [mlp.down_proj], "lm_head": None}
+    for name, mods in cases.items():
+        for quant in (True, False):
+            if mods is None and not quant:
+                continue  # the bf16 head stays a cuBLAS call
+            if mods is None:
+                xs = [torch.randn(1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)]
+                ws, kw = [lm_q], {"scales": [lm_scale]}
+                cublas = (lambda w=(lm_q.float() * lm_scale[:, None]).to(torch.bfloat16), x=xs[0]:
+                          torch.nn.functional.linear(x, w))
+            else:
+                xs = [torch.randn(1, mod.in_features, device="cuda", dtype=torch.bfloat16, generator=gen)
+                      for mod in mods]
+                packed = [int8_per_row(mod.weight) for mod in mods] if quant else None
+                ws = [q for q, _ in packed] if quant else [mod.weight for mod in mods]
+                kw = {"scales": [sc for _, sc in packed]} if quant else {}
+                cublas = (lambda mods=mods, xs=xs: [mod(x) for mod, x in zip(mods, xs)])
+            pairs = list(zip(xs, ws))
+            want = m.multi_linear(pairs, **kw)
+            nbytes = sum(w.numel() * w.element_size() for w in ws)
+            found = [f"cuBLAS bf16 {replay_us(cublas):.1f}"]
+            for label, tile in (("dot", {}), ("GEMV", {"GEMV": True}),
+                                *((f"GEMV {n}x{k} {w}w", {"GEMV": True, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w})
+                                  for n, k, w in ((16, 256, 4), (32, 256, 4), (64, 256, 8), (16, 512, 4),
+                                                  (32, 512, 8)))):
+                try:
+                    def call(t=tile):  # noqa: ANN202
+                        return m.multi_linear(pairs, tile=t, **kw)
+
+                    err = max(rel(a, b) for a, b in zip(call(), want))
+                    us = replay_us(call)
+                    found.append(f"{label} {us:.1f} ({nbytes / (us * 1e-6) / bandwidth:.0%})"
+                                 + (f" error {err:.1e}!" if err > 1e-2 else ""))
+                except Exception as exc:  # noqa: BLE001 - a tile that does not fit: report, go on
+                    found.append(f"{label} failed ({type(exc).__name__})")
+            rows.append({"check": f"  one token, {name}, {'int8' if quant else 'bf16'} weights ({nbytes / 1e6:.1f} "
+                                  f"MB), us (share of copy): " + ", ".join(found), "rel_err": 0.0, "info": True})
+    del lm_q
 
 
 @torch.no_grad()

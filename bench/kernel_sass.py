@@ -15,10 +15,12 @@ Kernels (``--kernels``):
   (``ROUTER_DECODE_WARPS``).
 * ``experts``: ``_gate_up`` and ``_down`` on bf16 weights and on int8 weights (torchao's per-row layout), batch-1
   tiles (``GATE_UP_TILE`` / ``DOWN_TILE``).
+* ``mlinear``: the multi-linear launch at batch 1 (KDA's six projections from x; a single o_proj split over K),
+  int8 and bf16 weights, the padded ``tl.dot`` against the one-token element-wise form (``GEMV``).
 
 Needs triton only (no GPU, no CUDA driver)::
 
-    python bench/kernel_sass.py --kernels router,experts
+    python bench/kernel_sass.py --kernels router,experts,mlinear
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def compile_kernel(fn: Any, types: dict[str, str], constexprs: dict[str, Any], *
     from triton.compiler import ASTSource
 
     constexprs = dict(constexprs)
-    fixed = {fn.arg_names[i] for i in getattr(fn, "do_not_specialize", ())}
+    fixed = {fn.arg_names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
     aligned_ints = set()
     for name, value in (ints or {}).items():
         if name in fixed:
@@ -157,7 +159,36 @@ def expert_variants(arch: int) -> list[tuple[str, Any]]:
     return out
 
 
-VARIANTS = {"router": router_variants, "experts": expert_variants}
+def multi_linear_variants(arch: int) -> list[tuple[str, Any]]:
+    """The multi-linear launch at batch 1 with int8 and bf16 weights, padded ``tl.dot`` against the one-token
+    element-wise form (``GEMV``): KDA's six projections from x (K 2304, the default tile) and a single o_proj
+    (K 4096, 16-row tiles, K split in 4)."""
+    from modeling_kimi_linear import multi_linear_triton as m
+
+    out = []
+    for quant in (True, False):
+        for what, k, given in (("six from x", 2304, {}), ("o_proj", 4096, {"BLOCK_N": 16, **m.SPLIT_TILE,
+                                                                         "SPLIT": m.SPLIT_PARTS})):
+            tile = {**(m.INT8_TILE if quant else m.TILE), "SPLIT": 1, **given}
+            for gemv in (False, True):
+                weight = "*i8" if quant else "*bf16"
+                types = {"ws": "*fp32", "cnt": "*i32"}
+                for name in m._multi_linear.arg_names:
+                    if name[0] in "xwysz" and name[1:].isdigit():
+                        types[name] = {"x": "*bf16", "y": "*bf16", "w": weight, "s": "*fp32" if quant else "*bf16",
+                                       "z": "*fp32" if quant else "*bf16"}[name[0]]
+                constexprs = dict(QUANT=quant, HAS_ZERO=False, K_ALL=k, SX_ALL=k, BLOCK_M=1 if gemv else m.BLOCK_M,
+                                  BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], SPLIT=tile["SPLIT"],
+                                  PRECISION="tf32", GEMV=gemv, PREFETCH=m.PREFETCH_LINES, PDL=False)
+                compiled = compile_kernel(m._multi_linear, types, constexprs, num_warps=tile["num_warps"],
+                                          num_stages=tile["num_stages"], arch=arch, ints={"M": 1})
+                out.append((f"multi_linear {what}, {'int8' if quant else 'bf16'} weights, "
+                            f"{'GEMV' if gemv else 'padded dot'} (N {tile['BLOCK_N']}, K {tile['BLOCK_K']}, "
+                            f"{tile['num_warps']} warps, split {tile['SPLIT']})", compiled))
+    return out
+
+
+VARIANTS = {"router": router_variants, "experts": expert_variants, "mlinear": multi_linear_variants}
 
 
 def main(argv: list[str] | None = None) -> None:

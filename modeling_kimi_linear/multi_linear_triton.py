@@ -65,6 +65,13 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SPLIT_MIN_K = 4096
 SPLIT_PARTS = 4
 SPLIT_TILE = {"num_warps": 4}
+# One token at most this many: each program multiplies its weight tile by x element by element in fp32 and sums the
+# rows once after the K loop (``GEMV``), instead of padding x to 16 rows for ``tl.dot``. At batch 1 the padded dot
+# spends 15 of every 16 tensor-core rows on zeros and stages x and the weight tile through shared memory; the
+# element-wise form reads the weight straight into registers. Aimed at the int8 projections that run far from the
+# copy bandwidth through the dot (KDA o_proj alone: 10.5 us for 9.4 MB on an H100 against 8.4 for bf16 cuBLAS over
+# twice the bytes) and an int8 lm_head. Off (0) until timed: ``gpu_check --only mlinear`` compares the two forms.
+GEMV_MAX_TOKENS = 0
 # Launched with programmatic dependent launch (:mod:`pdl`), each program asks L2 for the first PREFETCH_LINES
 # 128-byte lines of each of its weight rows (two K blocks of bf16 weights, four of int8) while the previous kernel
 # finishes; not yet timed.
@@ -85,7 +92,8 @@ def multi_linear(
     (one fp32 ``[N_i]`` or ``[N_i, 1]`` per pair) and optionally ``zeros`` (int8, shaped like the scales):
     ``W = (q - zero) * scale`` per row, torchao's int8 weight-only layout. The int8 values are widened to x's dtype
     in registers (exact) and each row's fp32 sum is multiplied by its scale: one byte read a weight. Returns
-    ``[..., N_i]`` tensors in x's dtype. ``tile`` overrides :data:`TILE` / :data:`INT8_TILE` (benchmarks).
+    ``[..., N_i]`` tensors in x's dtype. ``tile`` overrides :data:`TILE` / :data:`INT8_TILE` (benchmarks); its
+    ``"GEMV"`` key picks the element-wise form for one token (default: :data:`GEMV_MAX_TOKENS`).
     """
     if not 1 <= len(pairs) <= MAX_SLOTS:
         raise ValueError(f"multi_linear takes 1 to {MAX_SLOTS} (x, W) pairs, got {len(pairs)}")
@@ -132,18 +140,20 @@ def multi_linear(
     ends += [total] * (MAX_SLOTS - len(ends))
     precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     ks, strides = {w.shape[1] for _, w, _, _ in flat}, {x2.stride(0) for x2, _, _, _ in flat}
-    m_blocks, split = triton.cdiv(tokens, BLOCK_M), tile.get("SPLIT", 1)
+    gemv = tokens == 1 and bool(tile.get("GEMV", tokens <= GEMV_MAX_TOKENS))
+    block_m = 1 if gemv else BLOCK_M
+    m_blocks, split = triton.cdiv(tokens, block_m), tile.get("SPLIT", 1)
     counters = arrival_counters(device, total * m_blocks) if split > 1 else None
     if counters is None:
         split = 1
-    workspace = (torch.empty(split, m_blocks * BLOCK_M, total * tile["BLOCK_N"], dtype=torch.float32, device=device)
+    workspace = (torch.empty(split, m_blocks * block_m, total * tile["BLOCK_N"], dtype=torch.float32, device=device)
                  if split > 1 else outs[0])
     _multi_linear[(total, m_blocks, split)](
         *args, *ends[:-1], tokens, workspace, counters if counters is not None else outs[0],
         QUANT=quant, HAS_ZERO=zeros is not None,
         K_ALL=ks.pop() if len(ks) == 1 else 0, SX_ALL=strides.pop() if len(strides) == 1 else 0,
-        BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], SPLIT=split, PRECISION=precision,
-        PREFETCH=PREFETCH_LINES, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], SPLIT=split, PRECISION=precision,
+        GEMV=gemv, PREFETCH=PREFETCH_LINES, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
         **pdl.launch_options(device),
     )
     return [y.view(*lead, n) for y, n in zip(outs, dims)]
@@ -175,7 +185,7 @@ def _multi_linear(
     x3, w3, y3, s3, z3, n3, k3, sx3, x4, w4, y4, s4, z4, n4, k4, sx4, x5, w5, y5, s5, z5, n5, k5, sx5,
     e0, e1, e2, e3, e4, M, ws, cnt, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, K_ALL: tl.constexpr,
     SX_ALL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, GEMV: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     """y_s[rows, feats] = x_s[rows] W_s[feats]^T for the slot s whose block range holds program_id(0) (QUANT: W_s
     = (q - z) * s per row, the scale applied to the fp32 sums). ``K_ALL`` / ``SX_ALL`` (non-zero): the K and the x
@@ -190,7 +200,10 @@ def _multi_linear(
     after it). The last to arrive adds the SPLIT planes (read past L1), scales, stores y and resets the counter.
 
     PDL (:mod:`pdl`): the program asks L2 for the first PREFETCH lines of its weight rows, then waits for the
-    previous kernel before it touches anything else."""
+    previous kernel before it touches anything else.
+
+    ``GEMV`` (one token, ``BLOCK_M == 1``): ``products[n, k] += W[n, k] * x[k]`` in fp32 over the K loop (each product
+    exact: an int8 or 16-bit weight times a 16-bit x), rows summed once after it; no ``tl.dot``."""
     pdl.begin(PDL)
     pid = tl.program_id(0)
     x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x0, w0, y0, s0, z0, n0, k0, sx0, e0 * 0
@@ -225,13 +238,19 @@ def _multi_linear(
     if HAS_ZERO:
         zero = tl.load(z_ptr + feats, mask=feat_ok, other=0).to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    products = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # GEMV's running products (unused otherwise)
     for k0_ in range(k_lo, k_hi, BLOCK_K):
         k_ok = (k0_ + kk) < K
         xt = tl.load(x_rows + k0_, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_rows + k0_, mask=feat_ok[:, None] & k_ok[None, :], other=0)
         if HAS_ZERO:
             wt = wt.to(tl.int32) - zero[:, None]
-        acc = tl.dot(xt, tl.trans(wt.to(xt.dtype)), acc, input_precision=PRECISION)
+        if GEMV:
+            products += wt.to(xt.dtype).to(tl.float32) * xt.to(tl.float32)  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
+        else:
+            acc = tl.dot(xt, tl.trans(wt.to(xt.dtype)), acc, input_precision=PRECISION)
+    if GEMV:
+        acc = tl.sum(products, 1)[None, :]
     dest = y_ptr + rows.to(tl.int64)[:, None] * N + feats[None, :]
     if SPLIT == 1:
         if QUANT:

@@ -1,6 +1,7 @@
 """bench/kernel_sass.py compiles our decode kernels for sm_90 without a GPU and reads their SASS: the claims the
 kernel modules make from it hold (the router's 1-warp selection crosses no warps; int8 expert weights are widened
-without conversion-unit instructions in the loop). Needs triton (not its interpreter); skipped where absent."""
+without conversion-unit instructions in the loop; the multi-linear launch's one-token form uses no tensor-core
+instruction and no conversion unit). Needs triton (not its interpreter); skipped where absent."""
 
 from __future__ import annotations
 
@@ -31,3 +32,16 @@ def test_router_and_expert_kernels_compile_and_read_back(monkeypatch, capsys):
         assert found["HMMA"] > 0 and found.get("LDGSTS", 0) > 0, line  # tensor cores, asynchronous copies
         if "int8" in line:
             assert found.get("I2F", 0) <= 1 and found.get("PRMT", 0) > 0, line  # widened by byte permutes
+
+
+def test_one_token_multi_linear_form_reads_weights_without_tensor_cores_or_conversions(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernel_sass.main(["--kernels", "mlinear"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8 and all("0 bytes spill stores" in line for line in lines)
+    for line in lines:
+        found = counts(line)
+        if "GEMV" in line:
+            assert not found.get("HMMA") and not found.get("I2F"), line
+        else:
+            assert found["HMMA"] > 0, line

@@ -122,6 +122,35 @@ def test_split_over_k_matches_float64_and_leaves_the_counters_at_zero(mlt, split
         assert not launch_resources._COUNTERS[x.device].any()
 
 
+@pytest.mark.parametrize("quant", ["plain", "int8", "int8-zero"])
+@pytest.mark.parametrize("split", [1, 3])
+def test_one_token_gemv_form_matches_float64(mlt, monkeypatch, quant, split):
+    """The element-wise form for one token (``GEMV``: no padded ``tl.dot``): several weights, odd N and K, K in
+    several blocks, over K in one range or split in three; chosen by the tile's key and by ``GEMV_MAX_TOKENS``."""
+    gen = torch.Generator().manual_seed(70 + split + len(quant))
+    dims = [(40, 176), (7, 176), (33, 176)]
+    x = torch.randn(1, 176, generator=gen).to(DEVICE)
+    tile = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 2, "num_stages": 2, "SPLIT": split}
+    kwargs, ws = {}, []
+    if quant == "plain":
+        ws = [torch.randn(n, k, generator=gen).to(DEVICE) for n, k in dims]
+        want = [x.double() @ w.double().T for w in ws]
+    else:
+        ws = [torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(DEVICE) for n, k in dims]
+        scales = [(torch.rand(n, generator=gen) * 0.01).to(DEVICE) for n, _ in dims]
+        zeros = [torch.randint(-3, 4, (n,), generator=gen, dtype=torch.int8).to(DEVICE) for n, _ in dims]
+        kwargs = {"scales": scales, **({"zeros": zeros} if quant == "int8-zero" else {})}
+        shift = zeros if quant == "int8-zero" else [torch.zeros(n, device=DEVICE) for n, _ in dims]
+        want = [x.double() @ ((w.double() - z.double()[:, None]) * s.double()[:, None]).T
+                for w, s, z in zip(ws, scales, shift)]
+    for form in ({**tile, "GEMV": True}, tile):
+        monkeypatch.setattr(mlt, "GEMV_MAX_TOKENS", 1)  # the second form: chosen by the default, not the tile
+        for y, ref in zip(mlt.multi_linear([(x, w) for w in ws], tile=form, **kwargs), want):
+            assert y.shape == ref.shape and rel(y, ref) < 1e-6
+        counters = launch_resources._COUNTERS.get(x.device)
+        assert counters is None or not counters.any()
+
+
 def test_tile_narrows_only_where_sms_would_idle(mlt):
     """KDA's six projections (12576 rows: 197 tiles of 64) keep the measured 64-row tile; a single o_proj or
     down_proj (2304 rows: 36 tiles) narrows to 16 rows (144 programs on 132 SMs); a given BLOCK_N is kept."""
@@ -342,11 +371,12 @@ def test_seam_keeps_module_calls_where_they_compute_more(monkeypatch):
 COMPILE_SETUP = r"""
 from modeling_kimi_linear import multi_linear_triton as m
 fn, names = m._multi_linear, m._multi_linear.arg_names
-quant, zero, split = not sys.argv[1].startswith("bf16"), sys.argv[1] == "int8-zero", sys.argv[1].endswith("split")
+quant, zero = not sys.argv[1].startswith("bf16"), sys.argv[1].startswith("int8-zero")
+split, gemv = "split" in sys.argv[1], sys.argv[1].endswith("gemv")
 tile = m.INT8_TILE if quant else m.TILE
-const = {"BLOCK_M": m.BLOCK_M, "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"], "PRECISION": "tf32",
-         "QUANT": quant, "HAS_ZERO": zero, "K_ALL": 2304, "SX_ALL": 2304, "SPLIT": 1,
-         "PREFETCH": m.PREFETCH_LINES}  # KDA's launch from x
+const = {"BLOCK_M": 1 if gemv else m.BLOCK_M, "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"],
+         "PRECISION": "tf32", "QUANT": quant, "HAS_ZERO": zero, "K_ALL": 2304, "SX_ALL": 2304, "SPLIT": 1,
+         "GEMV": gemv, "PREFETCH": m.PREFETCH_LINES}  # KDA's launch from x
 if split:  # a single o_proj (4096 -> 2304): 16-row tiles, K in 4 parts
     const.update(BLOCK_N=16, K_ALL=4096, SX_ALL=4096, SPLIT=4)
 slot_type = {"x": "*bf16", "y": "*bf16", "w": "*i8" if quant else "*bf16",
@@ -359,11 +389,13 @@ options = {"num_warps": m.SPLIT_TILE["num_warps"] if split else tile["num_warps"
 """
 
 
-@pytest.mark.parametrize("weights", ["bf16", "int8", "int8-zero", "bf16-split", "int8-split"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int8-zero", "bf16-split", "int8-split", "bf16-gemv",
+                                     "int8-gemv", "int8-zero-gemv", "int8-split-gemv"])
 def test_kernel_compiles_for_sm90_without_spills(tmp_path, weights):
     """The interpreter runs Python, not the compiler (which must merge the six slots' pointers and sizes chosen at
     run time): compile the kernel for an H100 / H200 (sm_90, no GPU needed) with its default tile, bf16 and int8
-    weights, and the split over K of a single o_proj, and check that ptxas keeps it in registers."""
+    weights, the split over K of a single o_proj, and the one-token element-wise form, and check that ptxas keeps
+    it in registers."""
     assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, weights)
 
 
