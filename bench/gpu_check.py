@@ -233,6 +233,7 @@ def guard_checks(rows: list[dict]) -> None:
     for what, change in changes.items():
         rows.append({"check": f"guard, mid-decode: {what}: graph vs op by op, logits (worst step, fp32)",
                      "rel_err": side_by_side(change)})
+    guard_cost(rows)
     try:
         import peft
     except ImportError:
@@ -254,7 +255,6 @@ def guard_checks(rows: list[dict]) -> None:
         rows.append({"check": f"guard, mid-decode: {what}: graph vs op by op, logits (worst step, fp32)",
                      "rel_err": side_by_side(change, target=lora)})
     lora.base_model.unmerge_adapter()
-    guard_cost(rows)
     model.to(torch.bfloat16)  # between two generate() calls: a cast model
     seqs = {}
     for mode in ("eager", "graph"):

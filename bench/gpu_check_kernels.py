@@ -228,7 +228,9 @@ def mla_decode_check(rows: list[dict]) -> None:
                 with mock.patch.object(mdt, "MIN_TILES_PER_SPLIT", min_tiles):
                     us = replay_us(lambda c=config: one_call(c), repeats=2 * len(lats))
                     splits = mdt.split_plan(rows_n, 1, mdt.sm_count(latent.device), config.block_s)
-                label = f"{min_tiles}" if config == default else f"1, {config.block_s}-row tiles"
+                label = (f"{min_tiles}" if config == default else
+                         f"1, {config.block_s}-row tiles{', kv-major' if config.kv_major else ''}, "
+                         f"{config.num_stages} stages")
                 found.append(f"{label} ({splits} splits): {us:.1f} us ({nbytes / (us * 1e-6) / bw:.0%})")
             rows.append({"check": f"  kernel alone in a CUDA graph, {len(lats)} latent buffers in turn, by "
                                   f"MIN_TILES_PER_SPLIT (default {saved}, {default.block_s}-row tiles): "
@@ -647,6 +649,19 @@ def moe_int8_check(rows: list[dict], batches=(1, 8), reps: int = 8) -> None:
         t_bf16 = graph_time_ms(lambda: [mdt.experts(x, r[0], r[1], deq["gate_up"], deq["down"])
                                         for x, r in zip(xs, routes)]) / reps
         t_torch = graph_time_ms(lambda: [_gathered(view, x, r[0], r[1]) for x, r in zip(xs, routes)]) / reps
+        if batch == 1:  # the one-token element-wise form (GEMV_ONE_TOKEN) against the padded dot, both weights
+            with mock.patch.object(mdt, "GEMV_ONE_TOKEN", True):
+                err_gemv = max(rel(int8_call(xs[0], routes[0]), got),
+                               rel(mdt.experts(xs[0], routes[0][0], routes[0][1], deq["gate_up"], deq["down"]),
+                                   on_bf16))
+                g_int8 = graph_time_ms(lambda: [int8_call(x, r) for x, r in zip(xs, routes)]) / reps
+                g_bf16 = graph_time_ms(lambda: [mdt.experts(x, r[0], r[1], deq["gate_up"], deq["down"])
+                                                for x, r in zip(xs, routes)]) / reps
+            rows.append({"check": "  one token, element-wise form (GEMV) vs padded dot: outputs", "rel_err": err_gemv})
+            rows.append({"check": f"  one token, us per call (a time): int8 GEMV {g_int8 * 1e3:.1f} vs dot "
+                                  f"{t_int8 * 1e3:.1f} ({moved / (g_int8 * 1e-3) / bandwidth:.0%} vs "
+                                  f"{moved / (t_int8 * 1e-3) / bandwidth:.0%} of copy); bf16 GEMV {g_bf16 * 1e3:.1f} "
+                                  f"vs dot {t_bf16 * 1e3:.1f}", "rel_err": g_int8 * 1e3, "info": True})
         if batch == batches[0]:
             int8_tiles(rows, xs, routes, quantized, moved, bandwidth)
         rows.append({"check": f"  us per call (a time): int8 kernels {t_int8 * 1e3:.1f} ({moved / 1e6:.1f} MB at "

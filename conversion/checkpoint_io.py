@@ -428,9 +428,9 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     if Path(dst).exists() or Path(dst).is_symlink():
         if not overwrite:
             raise CheckpointError(f"destination {dst} already exists; pass --overwrite to replace it")
-        if not Path(dst).is_dir() or Path(dst).is_symlink():
-            raise CheckpointError(f"destination {dst} is not a directory; --overwrite replaces a checkpoint "
-                                  "directory only")
+        if Path(dst).is_symlink() or not Path(dst).is_dir():
+            what = "a symbolic link" if Path(dst).is_symlink() else "not a directory"
+            raise CheckpointError(f"destination {dst} is {what}; --overwrite replaces a checkpoint directory only")
 
 
 def check_disk_space(dst: Path, needed: int) -> None:

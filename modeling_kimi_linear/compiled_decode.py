@@ -92,9 +92,12 @@ class StepProgram(nn.Module):
 
 
 def _source_digest() -> str:
-    """Hash of this folder's Python sources (a compiled program is valid only for the code it was traced from)."""
+    """Hash of this folder's Python sources (a compiled program is valid only for the code it was traced from),
+    less the GPU autotuning records (data no CPU step reads: recording new ones must not recompile CPU programs)."""
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
+        if path.name == "triton_tuned_configs.py":
+            continue
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 

@@ -50,9 +50,9 @@ def _apply_tuned_configs() -> None:
     """Give fla's freshly imported autotuners the configurations recorded on this GPU type (see
     :mod:`triton_tuning`): a fresh machine then compiles each kernel once instead of benchmarking every
     candidate."""
-    from .triton_tuning import apply  # (this form: transformers copies triton_tuning.py into checkpoints)
-
     try:
+        from .triton_tuning import apply  # (this form: transformers copies triton_tuning.py into checkpoints)
+
         apply()
     except Exception as error:  # noqa: BLE001 - a damaged record file must not stop the model from running
         import warnings

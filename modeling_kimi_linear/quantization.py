@@ -131,7 +131,10 @@ def prepare_quantization_config(quantization_config: Any) -> Any:
     module docstring); any other value (``None``, a dict, other methods) is returned unchanged."""
     kind = type(quantization_config).__name__
     if kind == "TorchAoConfig":
-        from torchao.quantization import FqnToConfig
+        try:  # (in a try: transformers' remote-code check then does not require torchao of every checkpoint)
+            from torchao.quantization import FqnToConfig
+        except ImportError as exc:
+            raise ImportError("TorchAoConfig needs torchao: pip install torchao") from exc
 
         config = copy.copy(quantization_config)
         kind = type(config.quant_type).__name__
@@ -200,7 +203,10 @@ def quantize_in_place(module: nn.Module, quant_type: Any, prefix: str = "") -> N
     :func:`prepare_quantization_config`: every ``nn.Linear`` but :data:`HIGH_PRECISION_MODULES` (or the config's
     own list; names matched with ``prefix`` in front), the routed experts when the config takes 3-D weights
     (:data:`EXPERT_CAPABLE`), and the embedding and ``lm_head`` only with ``include_input_output_embeddings``."""
-    from torchao.quantization import FqnToConfig, quantize_
+    try:  # (in a try: transformers' remote-code check then does not require torchao of every checkpoint)
+        from torchao.quantization import FqnToConfig, quantize_
+    except ImportError as exc:
+        raise ImportError("quantizing with a torchao config needs torchao: pip install torchao") from exc
 
     skip = getattr(quant_type, "modules_to_not_convert", None)
     embeddings = bool(getattr(quant_type, "include_input_output_embeddings", False))

@@ -100,3 +100,22 @@ def test_saving_a_model_loaded_from_a_released_layout_names_only_modules_it_writ
             if reference is not None:
                 module = reference.split("--")[-1].rsplit(".", 1)[0]
                 assert (tmp_path / "out" / f"{module}.py").is_file(), f"{key}: {reference}"
+
+
+def test_checkpoint_modules_require_only_the_packages_the_package_requires():
+    """transformers refuses a remote-code checkpoint whose copied modules import a package that is not installed
+    (imports inside a ``try`` excepted, wherever they are): every module a checkpoint carries may import only the
+    standard library and what setup.cfg's install_requires brings (tokenizers comes with transformers)."""
+    import configparser
+
+    from transformers.dynamic_module_utils import get_imports
+
+    package = Path(sys.modules[KimiLinearForCausalLM.__module__].__file__).parent
+    setup = configparser.ConfigParser()
+    setup.read(package.parent / "setup.cfg")
+    required = {line.split(">")[0].split("=")[0].split("<")[0].strip()
+                for line in setup["options"]["install_requires"].strip().splitlines()}
+    allowed = set(sys.stdlib_module_names) | required | {"tokenizers"}
+    for module in sorted(imported_modules(package, ("modeling_kimi_linear", "configuration_kimi_linear"))):
+        extra = set(get_imports(str(package / module))) - allowed
+        assert not extra, f"{module} imports {sorted(extra)} outside a try block"
