@@ -14,7 +14,7 @@ Kernels (``--kernels``):
 * ``router``: ``moe_decode_triton._router_logits`` with its selection, one token, at 1, 2 and 4 warps
   (``ROUTER_DECODE_WARPS``).
 * ``experts``: ``_gate_up`` and ``_down`` on bf16 weights and on int8 weights (torchao's per-row layout), batch-1
-  tiles (``GATE_UP_TILE`` / ``DOWN_TILE``).
+  tiles (``GATE_UP_TILE`` / ``DOWN_TILE``), the padded ``tl.dot`` and the one-token element-wise form (``GEMV``).
 * ``mlinear``: the multi-linear launch at batch 1 (KDA's six projections from x; a single o_proj split over K),
   int8 and bf16 weights, the padded ``tl.dot`` against the one-token element-wise form (``GEMV``).
 
@@ -131,31 +131,34 @@ def router_variants(arch: int) -> list[tuple[str, Any]]:
 
 
 def expert_variants(arch: int) -> list[tuple[str, Any]]:
-    """``_gate_up`` and ``_down`` at batch 1 (one token's experts, ``DIRECT``) on bf16 and on int8 weights."""
+    """``_gate_up`` and ``_down`` at batch 1 (one token's experts, ``DIRECT``) on bf16 and on int8 weights, the
+    padded ``tl.dot`` and the one-token element-wise form (``GEMV``)."""
     from modeling_kimi_linear import moe_decode_triton as mdt
 
     out = []
+    hidden, inter = 2304, 1024
     for kernel, tile, act in ((mdt._gate_up, mdt.GATE_UP_TILE, "x_ptr"), (mdt._down, mdt.DOWN_TILE, "h_ptr")):
         for quant in (False, True):
-            weight = "*i8" if quant else "*bf16"
-            types = {name: "*bf16" for name in kernel.arg_names if name.endswith("_ptr")}
-            types.update({name: weight for name in kernel.arg_names if name in ("w_ptr", "sw_gate_ptr", "sw_up_ptr",
-                                                                               "sw_ptr")})
-            types.update({name: "*fp32" for name in kernel.arg_names if "scale" in name or name in ("ys_ptr",
-                                                                                                  "weights_ptr")})
-            types.update({name: "*i8" for name in kernel.arg_names if "zero" in name})
-            types.update({"groups_ptr": "*i32", "ids_ptr": "*i64", "order_ptr": "*i32", act: "*bf16"})
-            constexprs = dict(D=2304, I=1024, QUANT=quant, HAS_ZERO=False, SHARED=False, DIRECT=True,
-                              BLOCK_M=mdt.BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION="tf32",
-                              PDL=False)
-            hidden, inter, experts = 2304, 1024, 256
-            rows = 2 * inter if kernel is mdt._gate_up else hidden
-            width = hidden if kernel is mdt._gate_up else inter
-            ints = {"G": 8, "TOP_K": 8, "C": 8, "N": 1, "stride_x": hidden, "stride_we": rows * width,
-                    "stride_wn": width, "stride_wk": 1}  # batch 1: 8 groups of one copy, contiguous weights
-            compiled = compile_kernel(kernel, types, constexprs, num_warps=tile["num_warps"],
-                                      num_stages=tile["num_stages"], arch=arch, ints=ints)
-            out.append((f"{kernel.fn.__name__} {'int8' if quant else 'bf16'} weights {tile}", compiled))
+            for gemv in (False, True):
+                weight = "*i8" if quant else "*bf16"
+                types = {name: "*bf16" for name in kernel.arg_names if name.endswith("_ptr")}
+                types.update({name: weight for name in kernel.arg_names if name in ("w_ptr", "sw_gate_ptr",
+                                                                                   "sw_up_ptr", "sw_ptr")})
+                types.update({name: "*fp32" for name in kernel.arg_names if "scale" in name or name in (
+                    "ys_ptr", "weights_ptr")})
+                types.update({name: "*i8" for name in kernel.arg_names if "zero" in name})
+                types.update({"groups_ptr": "*i32", "ids_ptr": "*i64", "order_ptr": "*i32", act: "*bf16"})
+                constexprs = dict(D=hidden, I=inter, QUANT=quant, HAS_ZERO=False, SHARED=False, DIRECT=True,
+                                  BLOCK_M=1 if gemv else mdt.BLOCK_M, BLOCK_N=tile["BLOCK_N"],
+                                  BLOCK_K=tile["BLOCK_K"], PRECISION="tf32", GEMV=gemv, PDL=False)
+                rows = 2 * inter if kernel is mdt._gate_up else hidden
+                width = hidden if kernel is mdt._gate_up else inter
+                ints = {"G": 8, "TOP_K": 8, "C": 8, "N": 1, "stride_x": hidden, "stride_we": rows * width,
+                        "stride_wn": width, "stride_wk": 1}  # batch 1: 8 groups of one copy, contiguous weights
+                compiled = compile_kernel(kernel, types, constexprs, num_warps=tile["num_warps"],
+                                          num_stages=tile["num_stages"], arch=arch, ints=ints)
+                out.append((f"{kernel.fn.__name__} {'int8' if quant else 'bf16'} weights, "
+                            f"{'GEMV' if gemv else 'padded dot'} {tile}", compiled))
     return out
 
 

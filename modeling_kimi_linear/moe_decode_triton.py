@@ -93,6 +93,12 @@ BLOCK_M = 16  # copies per row block of the expert GEMVs (tl.dot's smallest M)
 GATE_UP_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 DOWN_TILE = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 SUM_BLOCK = 256  # output features per program of _sum_copies
+# One token (batch-1 decode: every group holds one copy): the expert kernels multiply each weight tile by the copy's
+# row element by element in fp32 and sum the rows after the K loop (``GEMV``), instead of padding the row to
+# BLOCK_M for ``tl.dot``, whose other 15 rows are zeros staged through shared memory with the weights. Aimed at the
+# int8 weights (62% of the copy bandwidth at batch 1 on an H100 against ~80% for bf16); off until timed
+# (``gpu_check --only moeint8`` compares the forms).
+GEMV_ONE_TOKEN = False
 ROUTER_BLOCK_E = 8  # experts per program of _router_logits
 # At one or two tokens: 2 experts a program and K blocks of up to 1024, so 128 programs of 3 steps for the
 # release's 256 x 2304 weight. With 8 experts a program (32 programs of 9 dependent 256-wide steps) the kernel took
@@ -232,6 +238,8 @@ def experts(
             num_warps=1, **launch,
         )
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    gemv = direct and GEMV_ONE_TOKEN  # one token: every group (the shared expert's too) holds one copy
+    block_m = 1 if gemv else BLOCK_M
     tile = {**GATE_UP_TILE, **(gate_up_tile or {})}
     h = torch.empty(rows, inter, dtype=x.dtype, device=device)
     _gate_up[(slots, triton.cdiv(inter, tile["BLOCK_N"]))](
@@ -239,7 +247,7 @@ def experts(
         slots, top_k, copies, num_tokens,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
         QUANT=quant, HAS_ZERO=gate_up_zero is not None, SHARED=has_shared, DIRECT=direct,
-        BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision, GEMV=gemv,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"], **launch,
     )
     tile = {**DOWN_TILE, **(down_tile or {})}
@@ -249,7 +257,7 @@ def experts(
         slots, copies, num_tokens,
         down.stride(0), down.stride(1), down.stride(2),
         QUANT=quant, HAS_ZERO=down_zero is not None, SHARED=has_shared, DIRECT=direct,
-        BLOCK_M=BLOCK_M, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision, GEMV=gemv,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"], **launch,
     )
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
@@ -351,12 +359,14 @@ def _gate_up(
     G, TOP_K, C, N,
     stride_x, stride_we, stride_wn, stride_wk,
     QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr, DIRECT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """h[sorted copy, cols] = silu(W_gate[e] x) * (W_up[e] x) for the copies of one group and BLOCK_N columns
     (QUANT: W = (q - zero) * scale per row, the scale applied to the fp32 sums). SHARED: the last group is the
     shared expert (contiguous ``[I, D]`` gate and up weights of their own, scales and zero points likewise), whose
-    copy ``C + t`` is token t."""
+    copy ``C + t`` is token t. GEMV (one copy a group, ``BLOCK_M == 1``): fp32 element-wise products of each weight
+    tile with the row, summed after the K loop, instead of ``tl.dot``."""
     pdl.begin(PDL)
     pdl.wait(PDL)  # the expert ids are the router's output: nothing to prefetch before them
     expert, start, count = _program_group(groups_ptr, ids_ptr, G, C, N, DIRECT, SHARED)
@@ -391,6 +401,8 @@ def _gate_up(
         x_rows = x_ptr + token.to(tl.int64)[:, None] * stride_x + kk[None, :]
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        prod_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # GEMV's running products (unused otherwise)
+        prod_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             k_ok = (k0 + kk) < D
             xt = tl.load(x_rows + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -400,8 +412,15 @@ def _gate_up(
             if HAS_ZERO:
                 wg = wg.to(tl.int32) - zero_gate[:, None]
                 wu = wu.to(tl.int32) - zero_up[:, None]
-            acc_gate = tl.dot(xt, tl.trans(wg.to(xt.dtype)), acc_gate, input_precision=PRECISION)
-            acc_up = tl.dot(xt, tl.trans(wu.to(xt.dtype)), acc_up, input_precision=PRECISION)
+            if GEMV:  # int8 widened through x's dtype (exact), then fp32
+                prod_gate += wg.to(xt.dtype).to(tl.float32) * xt.to(tl.float32)
+                prod_up += wu.to(xt.dtype).to(tl.float32) * xt.to(tl.float32)
+            else:
+                acc_gate = tl.dot(xt, tl.trans(wg.to(xt.dtype)), acc_gate, input_precision=PRECISION)
+                acc_up = tl.dot(xt, tl.trans(wu.to(xt.dtype)), acc_up, input_precision=PRECISION)
+        if GEMV:
+            acc_gate = tl.sum(prod_gate, 1)[None, :]
+            acc_up = tl.sum(prod_up, 1)[None, :]
         if QUANT:
             acc_gate = acc_gate * scale_gate[None, :]
             acc_up = acc_up * scale_up[None, :]
@@ -418,10 +437,11 @@ def _down(
     G, C, N,
     stride_we, stride_wn, stride_wk,
     QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr, DIRECT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """ys[copy, feats] = weight[copy] * (W_down[e] h[copy])[feats], fp32, for the copies of one group (QUANT: as
-    in _gate_up). SHARED: the last group is the shared expert (its own contiguous ``[D, I]`` weight), routing
+    """ys[copy, feats] = weight[copy] * (W_down[e] h[copy])[feats], fp32, for the copies of one group (QUANT, GEMV:
+    as in _gate_up). SHARED: the last group is the shared expert (its own contiguous ``[D, I]`` weight), routing
     weight 1."""
     pdl.begin(PDL)
     pdl.wait(PDL)
@@ -447,13 +467,19 @@ def _down(
         row_ok = rows < count
         h_rows = h_ptr + (start + rows).to(tl.int64)[:, None] * I + kk[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        products = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # GEMV's running products (unused otherwise)
         for k0 in range(0, I, BLOCK_K):
             k_ok = (k0 + kk) < I
             ht = tl.load(h_rows + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_rows + k0 * stride_wk, mask=feat_ok[:, None] & k_ok[None, :], other=0)
             if HAS_ZERO:
                 w = w.to(tl.int32) - zero[:, None]
-            acc = tl.dot(ht, tl.trans(w.to(ht.dtype)), acc, input_precision=PRECISION)
+            if GEMV:
+                products += w.to(ht.dtype).to(tl.float32) * ht.to(tl.float32)
+            else:
+                acc = tl.dot(ht, tl.trans(w.to(ht.dtype)), acc, input_precision=PRECISION)
+        if GEMV:
+            acc = tl.sum(products, 1)[None, :]
         if QUANT:
             acc = acc * scale[None, :]
         copy = _copy_index(order_ptr, start, rows, row_ok, DIRECT)

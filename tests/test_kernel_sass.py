@@ -24,11 +24,14 @@ def test_router_and_expert_kernels_compile_and_read_back(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     kernel_sass.main(["--kernels", "router,experts"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 + 4 and all("registers" in line and "0 bytes spill stores" in line for line in lines)
+    assert len(lines) == 3 + 8 and all("registers" in line and "0 bytes spill stores" in line for line in lines)
     router = {int(re.match(r"router, (\d)", line).group(1)): counts(line) for line in lines[:3]}
     assert router[1].get("BAR", 0) < 10 < router[4]["BAR"]  # shuffles only, against shared-memory round trips
     for line in lines[3:]:
         found = counts(line)
+        if "GEMV" in line:  # no tensor cores, no conversion unit in the loop (one I2F outside it, as in the dot form)
+            assert not found.get("HMMA") and found.get("I2F", 0) <= 1, line
+            continue
         assert found["HMMA"] > 0 and found.get("LDGSTS", 0) > 0, line  # tensor cores, asynchronous copies
         if "int8" in line:
             assert found.get("I2F", 0) <= 1 and found.get("PRMT", 0) > 0, line  # widened by byte permutes
@@ -42,6 +45,6 @@ def test_one_token_multi_linear_form_reads_weights_without_tensor_cores_or_conve
     for line in lines:
         found = counts(line)
         if "GEMV" in line:
-            assert not found.get("HMMA") and not found.get("I2F"), line
+            assert not found.get("HMMA") and found.get("I2F", 0) <= 1, line
         else:
             assert found["HMMA"] > 0, line

@@ -87,6 +87,46 @@ def test_experts_match_float64_and_per_copy(mdt, num_tokens, top_k, num_experts,
         assert (got - per_copy).abs().max().item() <= 2e-6 * scale
 
 
+@pytest.mark.parametrize("weights", ["plain", "int8", "int8-zero"])
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_one_token_gemv_form_matches_float64(mdt, monkeypatch, weights, with_shared):
+    """One token (every group one copy) through the element-wise form (``GEMV_ONE_TOKEN``): plain and int8 weights
+    (zero points too), with and without the shared expert in the same launches, small tiles (several K blocks,
+    several column / feature blocks) and the default ones, against float64."""
+    monkeypatch.setattr(mdt, "GEMV_ONE_TOKEN", True)
+    gen = torch.Generator().manual_seed(61 + 2 * with_shared + len(weights))
+    num_experts, hidden, inter, top_k = 16, 100, 72, 4
+    experts = make_experts(num_experts, hidden, inter, seed=61)
+    x = torch.randn(1, hidden, generator=gen).to(DEVICE)
+    ids = routing(1, top_k, num_experts, num_experts, gen).to(DEVICE)
+    routing_weights = torch.rand(1, top_k, generator=gen).to(DEVICE)
+    shared_ws = [torch.randn(1, inter, hidden, generator=gen) * hidden**-0.5 for _ in range(2)]
+    shared_ws.append(torch.randn(1, hidden, inter, generator=gen) * inter**-0.5)
+    if weights == "plain":
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        kwargs, exact_gu, exact_dn = {}, gate_up, down
+        shared = mdt.SharedExpert(*(w[0].to(DEVICE) for w in shared_ws))
+        shared_exact = [w[0] for w in shared_ws]
+    else:
+        zero = weights == "int8-zero"
+        gu, dn = (int8_per_row(w.detach().cpu(), gen, zero) for w in (experts.gate_up_proj, experts.down_proj))
+        gate_up, down = gu[0], dn[0]
+        kwargs = dict(gate_up_scale=gu[1], down_scale=dn[1], gate_up_zero=gu[2], down_zero=dn[2])
+        exact_gu, exact_dn = dequantized(*gu), dequantized(*dn)
+        parts = [int8_per_row(w, gen, zero) for w in shared_ws]
+        shared = mdt.SharedExpert(*(q[0] for q, _, _ in parts), scales=tuple(sc[0] for _, sc, _ in parts),
+                                  zeros=tuple(z[0] for _, _, z in parts) if zero else None)
+        shared_exact = [dequantized(*part)[0] for part in parts]
+    exact = experts_float64(x, ids, routing_weights, exact_gu, exact_dn)
+    if with_shared:
+        exact = exact + shared_float64(x, *shared_exact)
+    for tiles in ({}, {"gate_up_tile": {"BLOCK_N": 16, "BLOCK_K": 32}, "down_tile": {"BLOCK_N": 16, "BLOCK_K": 16}}):
+        with torch.no_grad():
+            got = mdt.experts(x, ids, routing_weights, gate_up, down, "silu", shared=shared if with_shared else None,
+                              **kwargs, **tiles)
+        assert (got.double() - exact).abs().max().item() <= 2e-6 * exact.abs().max().item()
+
+
 def test_experts_small_tiles_loop_over_k(mdt):
     """Tiles smaller than the widths: several K blocks in both GEMVs, several column / feature blocks."""
     gen = torch.Generator().manual_seed(5)
@@ -548,14 +588,14 @@ def test_checkpoints_carry_the_kernel_module_without_requiring_triton():
 
 COMPILE_SETUP = r"""
 from modeling_kimi_linear import moe_decode_triton as m
-kernel, quant, zero, shared = sys.argv[1], sys.argv[2] == "int8", sys.argv[3] == "zero", sys.argv[4] != "routed"
-direct = sys.argv[4] == "shared-direct"
+kernel, quant, zero = sys.argv[1], sys.argv[2] == "int8", sys.argv[3] == "zero"
+shared, direct, gemv = sys.argv[4].startswith("shared"), sys.argv[4].endswith("direct"), sys.argv[5:] == ["gemv"]
 fn = getattr(m, kernel)
 names = fn.arg_names
 tile = m.GATE_UP_TILE if kernel == "_gate_up" else m.DOWN_TILE
-const = {"D": 2304, "I": 1024, "QUANT": quant, "HAS_ZERO": zero, "BLOCK_M": m.BLOCK_M, "BLOCK_N": tile["BLOCK_N"],
-         "BLOCK_K": tile["BLOCK_K"], "PRECISION": "tf32", "stride_wk": 1, "SHARED": shared,
-         "DIRECT": direct}
+const = {"D": 2304, "I": 1024, "QUANT": quant, "HAS_ZERO": zero, "BLOCK_M": 1 if gemv else m.BLOCK_M,
+         "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"], "PRECISION": "tf32", "stride_wk": 1, "SHARED": shared,
+         "DIRECT": direct, "GEMV": gemv}
 weight, scale = "*i8" if quant else "*bf16", "*fp32" if quant else "*bf16"
 zero = "*i8" if zero else scale
 types = {"w_ptr": weight, "scale_ptr": scale, "zero_ptr": zero, "groups_ptr": "*i32", "order_ptr": "*i32",
@@ -582,6 +622,17 @@ def test_expert_kernels_compile_for_sm90_without_spills(tmp_path, kernel, weight
     quant = "int8" if weights.startswith("int8") else "bf16"
     assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, kernel, quant,
                                             "zero" if weights.endswith("-zero") else "none", shared)
+
+
+@pytest.mark.parametrize("kernel", ["_gate_up", "_down"])
+@pytest.mark.parametrize("weights", ["bf16", "int8-nozero", "int8-zero"])
+@pytest.mark.parametrize("shared", ["shared-direct", "routed-direct"])
+def test_one_token_expert_kernels_compile_for_sm90_without_spills(tmp_path, kernel, weights, shared):
+    """The one-token element-wise form (``GEMV_ONE_TOKEN``) of both expert kernels, with and without the shared
+    expert, bf16 and int8 weights: compiles for sm_90 and stays in registers."""
+    quant = "int8" if weights.startswith("int8") else "bf16"
+    assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, kernel, quant,
+                                            "zero" if weights.endswith("-zero") else "none", shared, "gemv")
 
 
 ROUTER_COMPILE_SETUP = r"""
