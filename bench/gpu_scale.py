@@ -35,6 +35,7 @@ tokens short of the nominal context, so that the generated tokens end at it (:fu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -43,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -156,16 +158,44 @@ def largest_batch(model, context: int, bytes_: StepBytes, reserve_gb: float) -> 
     return max(1, int((free - reserve_gb * GB) // per_seq))
 
 
+# Kernel choices not yet on by default, timed through generate() beside the defaults (--kernel-variants): module
+# constants of the Triton kernel modules, set for the variant's rows only (each generate() call captures new graphs)
+KERNEL_VARIANTS = {
+    "default": {},
+    "gemv": {("multi_linear_triton", "GEMV_MAX_TOKENS"): 1, ("moe_decode_triton", "GEMV_ONE_TOKEN"): True},
+    "router1": {("moe_decode_triton", "ROUTER_DECODE_WARPS"): 1},
+    "gemv+router1": {("multi_linear_triton", "GEMV_MAX_TOKENS"): 1, ("moe_decode_triton", "GEMV_ONE_TOKEN"): True,
+                     ("moe_decode_triton", "ROUTER_DECODE_WARPS"): 1},
+}
+
+
+@contextlib.contextmanager
+def kernel_variant(name: str) -> Iterator[None]:
+    """The module constants of :data:`KERNEL_VARIANTS` ``[name]`` set, and restored after."""
+    import importlib
+
+    saved = []
+    try:
+        for (module_name, attr), value in KERNEL_VARIANTS[name].items():
+            module = importlib.import_module(f"modeling_kimi_linear.{module_name}")
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, value)
+        yield
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
+
+
 def run_decode(model, args, bw: float | None, bytes_: StepBytes, weights: str = "bf16") -> list[dict]:  # noqa: ANN001
     rows = []
-    for context, pdl in itertools.product(args.contexts, args.pdl):
+    for context, pdl, variant in itertools.product(args.contexts, args.pdl, args.kernel_variants):
         log(f"decode: batch 1 at {context} tokens, {weights} weights, programmatic dependent launch "
-            f"{'on' if pdl else 'off'}")
-        with programmatic_dependent_launch(model, pdl):
+            f"{'on' if pdl else 'off'}, kernels {variant}")
+        with programmatic_dependent_launch(model, pdl), kernel_variant(variant):
             got = step_time(model, 1, context, args)
         row = {"layers": model.config.num_hidden_layers, "context": context, "batch": 1,
                "tpot_ms": round(1e3 * got["step_s"], 3), "synthetic_context": context > args.prefill,
-               "paper_tpot_ms": PAPER_TPOT_MS.get(context), "pdl": pdl, "weights": weights}
+               "paper_tpot_ms": PAPER_TPOT_MS.get(context), "pdl": pdl, "weights": weights, "kernels": variant}
         if bw:
             row["roofline_ms"] = round(1e3 * bytes_.step(1, context) / bw, 3)
             row["tpot_over_roofline"] = round(row["tpot_ms"] / row["roofline_ms"], 2)
@@ -351,14 +381,14 @@ def report(result: dict) -> str:
              "latents (decode cost does not depend on the values). TPOT through `generate()`: (time for n+1 new "
              "tokens - time for 1) / n.", ""]
     if result.get("decode"):
-        lines += ["| layers | weights | context | batch | PDL | TPOT (ms) | roofline (ms) | TPOT / roofline | "
-                  "paper TPOT (ms) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| layers | weights | kernels | context | batch | PDL | TPOT (ms) | roofline (ms) | TPOT / roofline | "
+                  "paper TPOT (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["decode"]:
-            lines.append(f"| {r['layers']} | {r.get('weights', 'bf16')} | {r['context']} | 1 | {pdl_cell(r)} | "
-                         f"{r['tpot_ms']} | "
+            lines.append(f"| {r['layers']} | {r.get('weights', 'bf16')} | {r.get('kernels', 'default')} | "
+                         f"{r['context']} | 1 | {pdl_cell(r)} | {r['tpot_ms']} | "
                          f"{r.get('roofline_ms', '-')} | {r.get('tpot_over_roofline', '-')} | "
                          f"{r.get('paper_tpot_ms') or '-'} |")
-        best = {}  # our best TPOT per weights and context (over the PDL settings)
+        best = {}  # our best TPOT per weights and context (over the PDL settings and kernel variants)
         for r in result["decode"]:
             key = (r.get("weights", "bf16"), r["context"])
             best[key] = min(best.get(key, float("inf")), r["tpot_ms"])
@@ -435,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="decode part: weights to time, comma-separated: bf16 and / or torchao weight-only int8, "
                              "float8 (routed experts included; built quantized layer by layer, so the 48B in int8 fits "
                              "an 80 GB GPU)")
+    parser.add_argument("--kernel-variants", type=lambda text: [v for v in text.split(",") if v], default=["default"],
+                        help="decode part: kernel choices to time, comma-separated, of "
+                             f"{', '.join(KERNEL_VARIANTS)} (variants not yet on by default; see KERNEL_VARIANTS)")
     parser.add_argument("--native-tokens", type=int, default=8, help="n in native's TPOT formula")
     parser.add_argument("--prefill", type=int, default=64, help="real prefill tokens per sequence")
     parser.add_argument("--reserve-gb", type=float, default=6.0, help="device memory kept free when sizing batches")
@@ -453,6 +486,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.batches = [b if b == "max" else int(b) for b in args.batches.split(",")]
     parts = set(args.parts.split(","))
+    if set(args.kernel_variants) - set(KERNEL_VARIANTS):
+        parser.error(f"unknown --kernel-variants {sorted(set(args.kernel_variants) - set(KERNEL_VARIANTS))}; "
+                     f"choose from {', '.join(KERNEL_VARIANTS)}")
     if parts - {"cold", "decode", "batched"}:
         parser.error(f"unknown parts {sorted(parts - {'cold', 'decode', 'batched'})}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -91,3 +91,25 @@ def test_gpu_scale_cold_start_splits_each_process_into_imports_loading_and_first
         imports, load, first, total = (cold[f"{run}_{part}s"] for part in ("imports_", "load_", "first_token_", ""))
         assert 0 < imports <= load <= total and first >= 0 and abs(load + first - total) < 0.05, (run, cold)
     assert "first token (s)" in (tmp_path / "gpu_scale.md").read_text()
+
+
+def test_kernel_variants_set_module_constants_for_their_rows_only(tmp_path, monkeypatch):
+    """--kernel-variants: each variant's module constants hold inside its rows and are restored after (here a
+    constant of a module that imports without triton); an unknown variant is refused by name."""
+    from modeling_kimi_linear import kernels
+
+    before = kernels.MULTI_LINEAR_SLOTS
+    monkeypatch.setitem(scale.KERNEL_VARIANTS, "test", {("kernels", "MULTI_LINEAR_SLOTS"): before + 1})
+    with scale.kernel_variant("test"):
+        assert kernels.MULTI_LINEAR_SLOTS == before + 1
+    assert kernels.MULTI_LINEAR_SLOTS == before
+    with pytest.raises(RuntimeError), scale.kernel_variant("test"):
+        raise RuntimeError("a failing row")
+    assert kernels.MULTI_LINEAR_SLOTS == before
+    scale.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--parts", "decode", "--contexts", "256",
+                "--native-contexts", "", "--new-tokens", "2", "--kernel-variants", "default,test",
+                "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "gpu_scale.json").read_text())["decode"]
+    assert [r["kernels"] for r in rows] == ["default", "test"]
+    with pytest.raises(SystemExit):
+        scale.main(["--device", "cpu", "--kernel-variants", "nosuch", "--out", str(tmp_path)])
