@@ -96,8 +96,9 @@ SUM_BLOCK = 256  # output features per program of _sum_copies
 # One token (batch-1 decode: every group holds one copy): the expert kernels multiply each weight tile by the copy's
 # row element by element in fp32 and sum the rows after the K loop (``GEMV``), instead of padding the row to
 # BLOCK_M for ``tl.dot``, whose other 15 rows are zeros staged through shared memory with the weights. Aimed at the
-# int8 weights (62% of the copy bandwidth at batch 1 on an H100 against ~80% for bf16); off until timed
-# (``gpu_check --only moeint8`` compares the forms).
+# int8 weights (62% of the copy bandwidth at batch 1 on an H100 against ~80% for bf16). Its loop is not
+# software-pipelined (plain loads into registers) and holds more registers (sm_90: 119 against 80 for int8
+# ``_gate_up``); off until timed (``gpu_check --only moeint8`` compares the forms).
 GEMV_ONE_TOKEN = False
 ROUTER_BLOCK_E = 8  # experts per program of _router_logits
 # At one or two tokens: 2 experts a program and K blocks of up to 1024, so 128 programs of 3 steps for the

@@ -65,13 +65,15 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SPLIT_MIN_K = 4096
 SPLIT_PARTS = 4
 SPLIT_TILE = {"num_warps": 4}
-# One token at most this many: each program multiplies its weight tile by x element by element in fp32 and sums the
-# rows once after the K loop (``GEMV``), instead of padding x to 16 rows for ``tl.dot``. At batch 1 the padded dot
+# One token: each program multiplies its weight tile by x element by element in fp32 and sums the rows once after the
+# K loop (``GEMV``), instead of padding x to 16 rows for ``tl.dot``. At batch 1 the padded dot
 # spends 15 of every 16 tensor-core rows on zeros and stages x and the weight tile through shared memory; the
 # element-wise form reads the weight straight into registers. Aimed at the int8 projections that run far from the
 # copy bandwidth through the dot (KDA o_proj alone: 10.5 us for 9.4 MB on an H100 against 8.4 for bf16 cuBLAS over
-# twice the bytes) and an int8 lm_head. Off (0) until timed: ``gpu_check --only mlinear`` compares the two forms.
-GEMV_MAX_TOKENS = 0
+# twice the bytes) and an int8 lm_head. Its loop is not software-pipelined (sm_90 SASS: plain loads into registers,
+# one K block in flight a warp) and holds more registers than the dot form, so its bytes in flight come from the
+# programs an SM holds. Off until timed: ``gpu_check --only mlinear`` compares the two forms.
+GEMV_ONE_TOKEN = False
 # Launched with programmatic dependent launch (:mod:`pdl`), each program asks L2 for the first PREFETCH_LINES
 # 128-byte lines of each of its weight rows (two K blocks of bf16 weights, four of int8) while the previous kernel
 # finishes; not yet timed.
@@ -93,7 +95,7 @@ def multi_linear(
     ``W = (q - zero) * scale`` per row, torchao's int8 weight-only layout. The int8 values are widened to x's dtype
     in registers (exact) and each row's fp32 sum is multiplied by its scale: one byte read a weight. Returns
     ``[..., N_i]`` tensors in x's dtype. ``tile`` overrides :data:`TILE` / :data:`INT8_TILE` (benchmarks); its
-    ``"GEMV"`` key picks the element-wise form for one token (default: :data:`GEMV_MAX_TOKENS`).
+    ``"GEMV"`` key picks the element-wise form for one token (default: :data:`GEMV_ONE_TOKEN`).
     """
     if not 1 <= len(pairs) <= MAX_SLOTS:
         raise ValueError(f"multi_linear takes 1 to {MAX_SLOTS} (x, W) pairs, got {len(pairs)}")
@@ -140,7 +142,7 @@ def multi_linear(
     ends += [total] * (MAX_SLOTS - len(ends))
     precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     ks, strides = {w.shape[1] for _, w, _, _ in flat}, {x2.stride(0) for x2, _, _, _ in flat}
-    gemv = tokens == 1 and bool(tile.get("GEMV", tokens <= GEMV_MAX_TOKENS))
+    gemv = tokens == 1 and bool(tile.get("GEMV", GEMV_ONE_TOKEN))
     block_m = 1 if gemv else BLOCK_M
     m_blocks, split = triton.cdiv(tokens, block_m), tile.get("SPLIT", 1)
     counters = arrival_counters(device, total * m_blocks) if split > 1 else None

@@ -55,6 +55,20 @@ def interpreter_loops_with_numpy_2_4():
     interpreter._patch_lang_tensor = original
 
 
+class LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's compile-time choices, then launches it."""
+
+    def __init__(self, kernel, *keys: str) -> None:  # noqa: ANN001
+        self.kernel, self.keys, self.seen = kernel, keys, []
+
+    def __getitem__(self, grid):  # noqa: ANN001, ANN204
+        def launch(*args, **kwargs):  # noqa: ANN202
+            self.seen.append(tuple(kwargs[k] for k in self.keys))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
 SM90_COMPILE = r"""
 import json, subprocess, sys
 from pathlib import Path

@@ -30,6 +30,10 @@ def test_gpu_scale_smoke_writes_the_issue_shape(tmp_path):
     assert all(math.isfinite(r["tokens_per_s"]) for r in result["batched"])
     table = (tmp_path / "gpu_scale.md").read_text()
     assert "native transformers" in table and "hybrid / all-MLA" in table
+    decode = [line for line in table.splitlines() if line.startswith("| ") and "TPOT" not in line
+              and ("native transformers" in line or line.split("|")[1].strip().isdigit())]
+    header = next(line for line in table.splitlines() if line.startswith("| layers |"))
+    assert decode and all(line.count("|") == header.count("|") for line in decode), (header, decode)
 
 
 def test_pdl_setting_is_restored_and_bad_values_refused(monkeypatch):

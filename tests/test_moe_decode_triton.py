@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, assert_compiles_for_sm90_without_spills, kernel_module
+from conftest import KERNEL_DEVICE, LaunchSpy, assert_compiles_for_sm90_without_spills, kernel_module
 from modeling_kimi_linear import kernels, launch_resources
 from modeling_kimi_linear.moe import KimiExperts, KimiMoEGate, KimiSparseMoeBlock
 
@@ -90,10 +90,14 @@ def test_experts_match_float64_and_per_copy(mdt, num_tokens, top_k, num_experts,
 @pytest.mark.parametrize("weights", ["plain", "int8", "int8-zero"])
 @pytest.mark.parametrize("with_shared", [False, True])
 def test_one_token_gemv_form_matches_float64(mdt, monkeypatch, weights, with_shared):
-    """One token (every group one copy) through the element-wise form (``GEMV_ONE_TOKEN``): plain and int8 weights
-    (zero points too), with and without the shared expert in the same launches, small tiles (several K blocks,
-    several column / feature blocks) and the default ones, against float64."""
+    """One token (every group one copy) through the element-wise form (``GEMV_ONE_TOKEN``; both kernels launched
+    with it, as a spy sees): plain and int8 weights (zero points too), with and without the shared expert in the
+    same launches, small tiles (several K blocks, several column / feature blocks) and the default ones, against
+    float64; then fp16 x against the padded dot."""
     monkeypatch.setattr(mdt, "GEMV_ONE_TOKEN", True)
+    spies = {name: LaunchSpy(getattr(mdt, name), "GEMV", "BLOCK_M") for name in ("_gate_up", "_down")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(mdt, name, spy)
     gen = torch.Generator().manual_seed(61 + 2 * with_shared + len(weights))
     num_experts, hidden, inter, top_k = 16, 100, 72, 4
     experts = make_experts(num_experts, hidden, inter, seed=61)
@@ -125,6 +129,19 @@ def test_one_token_gemv_form_matches_float64(mdt, monkeypatch, weights, with_sha
             got = mdt.experts(x, ids, routing_weights, gate_up, down, "silu", shared=shared if with_shared else None,
                               **kwargs, **tiles)
         assert (got.double() - exact).abs().max().item() <= 2e-6 * exact.abs().max().item()
+    assert all(spy.seen == [(True, 1), (True, 1)] for spy in spies.values())
+    if weights == "plain":  # fp16 x and weights (the interpreter's bf16 products are wrong): as the padded dot does
+        half = {"x": x.half(), "gate_up": gate_up.detach().half(), "down": down.detach().half()}
+        shared_half = mdt.SharedExpert(*(w.half() for w in shared[:3])) if with_shared else None
+        outs = []
+        for gemv in (True, False):
+            monkeypatch.setattr(mdt, "GEMV_ONE_TOKEN", gemv)
+            with torch.no_grad():
+                outs.append(mdt.experts(half["x"], ids, routing_weights, half["gate_up"], half["down"], "silu",
+                                        shared=shared_half))
+        assert outs[0].dtype == torch.float16
+        assert (outs[0].double() - outs[1].double()).abs().max().item() <= 2e-3 * outs[1].abs().max().item()
+        assert all(spy.seen[2:] == [(True, 1), (False, mdt.BLOCK_M)] for spy in spies.values())
 
 
 def test_experts_small_tiles_loop_over_k(mdt):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import KERNEL_DEVICE, assert_compiles_for_sm90_without_spills, kernel_module
+from conftest import KERNEL_DEVICE, LaunchSpy, assert_compiles_for_sm90_without_spills, kernel_module
 from modeling_kimi_linear import KimiLinearCache, kernels, launch_resources
 from modeling_kimi_linear.kda_layer import KimiDeltaAttention
 from modeling_kimi_linear.mla_layer import KimiMLAAttention
@@ -124,16 +124,19 @@ def test_split_over_k_matches_float64_and_leaves_the_counters_at_zero(mlt, split
 
 @pytest.mark.parametrize("quant", ["plain", "int8", "int8-zero"])
 @pytest.mark.parametrize("split", [1, 3])
-def test_one_token_gemv_form_matches_float64(mlt, monkeypatch, quant, split):
-    """The element-wise form for one token (``GEMV``: no padded ``tl.dot``): several weights, odd N and K, K in
-    several blocks, over K in one range or split in three; chosen by the tile's key and by ``GEMV_MAX_TOKENS``."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_token_gemv_form_matches_float64(mlt, monkeypatch, quant, split, dtype):
+    """The element-wise form for one token (``GEMV``: no padded ``tl.dot``), as launched (a spy sees GEMV with
+    one-row blocks): several weights, odd N and K, K in several blocks, over K in one range or split in three;
+    fp32 and fp16 x (the interpreter's bf16 products are wrong); chosen by the tile's key and by
+    ``GEMV_ONE_TOKEN``."""
     gen = torch.Generator().manual_seed(70 + split + len(quant))
     dims = [(40, 176), (7, 176), (33, 176)]
-    x = torch.randn(1, 176, generator=gen).to(DEVICE)
+    x = torch.randn(1, 176, generator=gen).to(DEVICE, dtype)
     tile = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 2, "num_stages": 2, "SPLIT": split}
     kwargs, ws = {}, []
     if quant == "plain":
-        ws = [torch.randn(n, k, generator=gen).to(DEVICE) for n, k in dims]
+        ws = [torch.randn(n, k, generator=gen).to(DEVICE, dtype) for n, k in dims]
         want = [x.double() @ w.double().T for w in ws]
     else:
         ws = [torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(DEVICE) for n, k in dims]
@@ -143,12 +146,19 @@ def test_one_token_gemv_form_matches_float64(mlt, monkeypatch, quant, split):
         shift = zeros if quant == "int8-zero" else [torch.zeros(n, device=DEVICE) for n, _ in dims]
         want = [x.double() @ ((w.double() - z.double()[:, None]) * s.double()[:, None]).T
                 for w, s, z in zip(ws, scales, shift)]
+    spy = LaunchSpy(mlt._multi_linear, "GEMV", "BLOCK_M")
+    monkeypatch.setattr(mlt, "_multi_linear", spy)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-3  # fp16 output rounding
     for form in ({**tile, "GEMV": True}, tile):
-        monkeypatch.setattr(mlt, "GEMV_MAX_TOKENS", 1)  # the second form: chosen by the default, not the tile
+        monkeypatch.setattr(mlt, "GEMV_ONE_TOKEN", True)  # the second form: chosen by the default, not the tile
         for y, ref in zip(mlt.multi_linear([(x, w) for w in ws], tile=form, **kwargs), want):
-            assert y.shape == ref.shape and rel(y, ref) < 1e-6
+            assert y.shape == ref.shape and y.dtype == dtype and rel(y, ref) < tolerance
         counters = launch_resources._COUNTERS.get(x.device)
         assert counters is None or not counters.any()
+    assert spy.seen == [(True, 1), (True, 1)]
+    mlt.multi_linear([(x, w) for w in ws], tile={**tile, "GEMV": False}, **kwargs)
+    mlt.multi_linear([(x.expand(2, -1), w) for w in ws], tile=tile, **kwargs)  # two tokens: never GEMV
+    assert spy.seen[2:] == [(False, mlt.BLOCK_M), (False, mlt.BLOCK_M)]
 
 
 def test_tile_narrows_only_where_sms_would_idle(mlt):
