@@ -547,6 +547,7 @@ def gemv_forms(rows: list[dict], kda, mlp, six: list, cfg, gen: torch.Generator,
             nbytes = sum(w.numel() * w.element_size() for w in ws)
             found = [f"cuBLAS bf16 {replay_us(cublas):.1f}"]
             for label, tile in (("dot", {"GEMV": False}), ("GEMV", {"GEMV": True}),
+                                ("GEMV pipelined 3", {"GEMV": True, "GEMV_STAGES": 3}),
                                 *((f"GEMV {n}x{k} {w}w", {"GEMV": True, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w})
                                   for n, k, w in ((16, 256, 4), (32, 256, 4), (64, 256, 8), (16, 512, 4),
                                                   (32, 512, 8)))):

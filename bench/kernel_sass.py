@@ -182,7 +182,8 @@ def multi_linear_variants(arch: int) -> list[tuple[str, Any]]:
                                        "z": "*fp32" if quant else "*bf16"}[name[0]]
                 constexprs = dict(QUANT=quant, HAS_ZERO=False, K_ALL=k, SX_ALL=k, BLOCK_M=1 if gemv else m.BLOCK_M,
                                   BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], SPLIT=tile["SPLIT"],
-                                  PRECISION="tf32", GEMV=gemv, PREFETCH=m.PREFETCH_LINES, PDL=False)
+                                  PRECISION="tf32", GEMV=gemv, LOOP_STAGES=1 if gemv else tile["num_stages"],
+                                  PREFETCH=m.PREFETCH_LINES, PDL=False)
                 compiled = compile_kernel(m._multi_linear, types, constexprs, num_warps=tile["num_warps"],
                                           num_stages=tile["num_stages"], arch=arch, ints={"M": 1})
                 out.append((f"multi_linear {what}, {'int8' if quant else 'bf16'} weights, "

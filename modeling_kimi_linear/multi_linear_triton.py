@@ -70,9 +70,10 @@ SPLIT_TILE = {"num_warps": 4}
 # spends 15 of every 16 tensor-core rows on zeros and stages x and the weight tile through shared memory; the
 # element-wise form reads the weight straight into registers. Aimed at the int8 projections that run far from the
 # copy bandwidth through the dot (KDA o_proj alone: 10.5 us for 9.4 MB on an H100 against 8.4 for bf16 cuBLAS over
-# twice the bytes) and an int8 lm_head. Its loop is not software-pipelined (sm_90 SASS: plain loads into registers,
-# one K block in flight a warp) and holds more registers than the dot form, so its bytes in flight come from the
-# programs an SM holds. Off until timed: ``gpu_check --only mlinear`` compares the two forms.
+# twice the bytes) and an int8 lm_head. Its loop is not software-pipelined by default (sm_90 SASS: plain loads into
+# registers, one K block in flight a warp) and holds more registers than the dot form, so its bytes in flight come
+# from the programs an SM holds; a tile's ``GEMV_STAGES`` pipelines its loads (cp.async, at the cost of layout
+# shuffles in the SASS). Off until timed: ``gpu_check --only mlinear`` compares the forms.
 GEMV_ONE_TOKEN = False
 # Launched with programmatic dependent launch (:mod:`pdl`), each program asks L2 for the first PREFETCH_LINES
 # 128-byte lines of each of its weight rows (two K blocks of bf16 weights, four of int8) while the previous kernel
@@ -155,7 +156,7 @@ def multi_linear(
         QUANT=quant, HAS_ZERO=zeros is not None,
         K_ALL=ks.pop() if len(ks) == 1 else 0, SX_ALL=strides.pop() if len(strides) == 1 else 0,
         BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], SPLIT=split, PRECISION=precision,
-        GEMV=gemv, PREFETCH=PREFETCH_LINES, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        GEMV=gemv, LOOP_STAGES=tile.get("GEMV_STAGES", 1) if gemv else tile["num_stages"], PREFETCH=PREFETCH_LINES, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
         **pdl.launch_options(device),
     )
     return [y.view(*lead, n) for y, n in zip(outs, dims)]
@@ -187,7 +188,8 @@ def _multi_linear(
     x3, w3, y3, s3, z3, n3, k3, sx3, x4, w4, y4, s4, z4, n4, k4, sx4, x5, w5, y5, s5, z5, n5, k5, sx5,
     e0, e1, e2, e3, e4, M, ws, cnt, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, K_ALL: tl.constexpr,
     SX_ALL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr, GEMV: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, GEMV: tl.constexpr, LOOP_STAGES: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """y_s[rows, feats] = x_s[rows] W_s[feats]^T for the slot s whose block range holds program_id(0) (QUANT: W_s
     = (q - z) * s per row, the scale applied to the fp32 sums). ``K_ALL`` / ``SX_ALL`` (non-zero): the K and the x
@@ -205,7 +207,9 @@ def _multi_linear(
     previous kernel before it touches anything else.
 
     ``GEMV`` (one token, ``BLOCK_M == 1``): ``products[n, k] += W[n, k] * x[k]`` in fp32 over the K loop (each product
-    exact: an int8 or 16-bit weight times a 16-bit x), rows summed once after it; no ``tl.dot``."""
+    exact: an int8 or 16-bit weight times a 16-bit x), rows summed once after it; no ``tl.dot``. ``LOOP_STAGES``: the
+    K loop's software-pipelining depth, the launch's ``num_stages`` for the dot form (what a plain ``range`` gets);
+    for GEMV the tile's ``GEMV_STAGES`` (default 1: its loads are not pipelined, as a plain ``range`` leaves them)."""
     pdl.begin(PDL)
     pid = tl.program_id(0)
     x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x0, w0, y0, s0, z0, n0, k0, sx0, e0 * 0
@@ -241,7 +245,7 @@ def _multi_linear(
         zero = tl.load(z_ptr + feats, mask=feat_ok, other=0).to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     products = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # GEMV's running products (unused otherwise)
-    for k0_ in range(k_lo, k_hi, BLOCK_K):
+    for k0_ in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
         k_ok = (k0_ + kk) < K
         xt = tl.load(x_rows + k0_, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_rows + k0_, mask=feat_ok[:, None] & k_ok[None, :], other=0)

@@ -149,7 +149,7 @@ def test_one_token_gemv_form_matches_float64(mlt, monkeypatch, quant, split, dty
     spy = LaunchSpy(mlt._multi_linear, "GEMV", "BLOCK_M")
     monkeypatch.setattr(mlt, "_multi_linear", spy)
     tolerance = 1e-6 if dtype == torch.float32 else 2e-3  # fp16 output rounding
-    for form in ({**tile, "GEMV": True}, tile):
+    for form in ({**tile, "GEMV": True, "GEMV_STAGES": 3}, tile):  # loads pipelined 3 deep; then the default 1
         monkeypatch.setattr(mlt, "GEMV_ONE_TOKEN", True)  # the second form: chosen by the default, not the tile
         for y, ref in zip(mlt.multi_linear([(x, w) for w in ws], tile=form, **kwargs), want):
             assert y.shape == ref.shape and y.dtype == dtype and rel(y, ref) < tolerance
@@ -382,11 +382,12 @@ COMPILE_SETUP = r"""
 from modeling_kimi_linear import multi_linear_triton as m
 fn, names = m._multi_linear, m._multi_linear.arg_names
 quant, zero = not sys.argv[1].startswith("bf16"), sys.argv[1].startswith("int8-zero")
-split, gemv = "split" in sys.argv[1], sys.argv[1].endswith("gemv")
+split, gemv, piped = "split" in sys.argv[1], "gemv" in sys.argv[1], sys.argv[1].endswith("gemv3")
 tile = m.INT8_TILE if quant else m.TILE
 const = {"BLOCK_M": 1 if gemv else m.BLOCK_M, "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"],
          "PRECISION": "tf32", "QUANT": quant, "HAS_ZERO": zero, "K_ALL": 2304, "SX_ALL": 2304, "SPLIT": 1,
-         "GEMV": gemv, "PREFETCH": m.PREFETCH_LINES}  # KDA's launch from x
+         "GEMV": gemv, "LOOP_STAGES": (3 if piped else 1) if gemv else tile["num_stages"],
+         "PREFETCH": m.PREFETCH_LINES}  # KDA's launch from x
 if split:  # a single o_proj (4096 -> 2304): 16-row tiles, K in 4 parts
     const.update(BLOCK_N=16, K_ALL=4096, SX_ALL=4096, SPLIT=4)
 slot_type = {"x": "*bf16", "y": "*bf16", "w": "*i8" if quant else "*bf16",
@@ -400,7 +401,7 @@ options = {"num_warps": m.SPLIT_TILE["num_warps"] if split else tile["num_warps"
 
 
 @pytest.mark.parametrize("weights", ["bf16", "int8", "int8-zero", "bf16-split", "int8-split", "bf16-gemv",
-                                     "int8-gemv", "int8-zero-gemv", "int8-split-gemv"])
+                                     "int8-gemv", "int8-zero-gemv", "int8-split-gemv", "int8-split-gemv3"])
 def test_kernel_compiles_for_sm90_without_spills(tmp_path, weights):
     """The interpreter runs Python, not the compiler (which must merge the six slots' pointers and sizes chosen at
     run time): compile the kernel for an H100 / H200 (sm_90, no GPU needed) with its default tile, bf16 and int8
