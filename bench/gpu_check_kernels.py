@@ -653,18 +653,22 @@ def moe_int8_check(rows: list[dict], batches=(1, 8), reps: int = 8) -> None:
                                             for x, r in zip(xs, routes)]) / reps
         t_torch = graph_time_ms(lambda: [_gathered(view, x, r[0], r[1]) for x, r in zip(xs, routes)]) / reps
         if batch == 1:  # the one-token element-wise form (GEMV_ONE_TOKEN) against the padded dot, both weights
-            with mock.patch.object(mdt, "GEMV_ONE_TOKEN", True):
-                err_gemv = max(rel(int8_call(xs[0], routes[0]), got),
-                               rel(mdt.experts(xs[0], routes[0][0], routes[0][1], deq["gate_up"], deq["down"]),
-                                   on_bf16))
-                g_int8 = graph_time_ms(lambda: [int8_call(x, r) for x, r in zip(xs, routes)]) / reps
-                g_bf16 = graph_time_ms(lambda: [mdt.experts(x, r[0], r[1], deq["gate_up"], deq["down"])
-                                                for x, r in zip(xs, routes)]) / reps
-            rows.append({"check": "  one token, element-wise form (GEMV) vs padded dot: outputs", "rel_err": err_gemv})
-            rows.append({"check": f"  one token, us per call (a time): int8 GEMV {g_int8 * 1e3:.1f} vs dot "
-                                  f"{t_int8 * 1e3:.1f} ({moved / (g_int8 * 1e-3) / bandwidth:.0%} vs "
-                                  f"{moved / (t_int8 * 1e-3) / bandwidth:.0%} of copy); bf16 GEMV {g_bf16 * 1e3:.1f} "
-                                  f"vs dot {t_bf16 * 1e3:.1f}", "rel_err": g_int8 * 1e3, "info": True})
+            for stages in (1, 3):  # GEMV_STAGES: its loads unpipelined, then pipelined 3 deep
+                with mock.patch.multiple(mdt, GEMV_ONE_TOKEN=True, GEMV_STAGES=stages):
+                    err_gemv = max(rel(int8_call(xs[0], routes[0]), got),
+                                   rel(mdt.experts(xs[0], routes[0][0], routes[0][1], deq["gate_up"], deq["down"]),
+                                       on_bf16))
+                    g_int8 = graph_time_ms(lambda: [int8_call(x, r) for x, r in zip(xs, routes)]) / reps
+                    g_bf16 = graph_time_ms(lambda: [mdt.experts(x, r[0], r[1], deq["gate_up"], deq["down"])
+                                                    for x, r in zip(xs, routes)]) / reps
+                rows.append({"check": f"  one token, element-wise form (GEMV, {stages} stages) vs padded dot: outputs",
+                             "rel_err": err_gemv})
+                rows.append({"check": f"  one token, us per call (a time): int8 GEMV ({stages} stages) "
+                                      f"{g_int8 * 1e3:.1f} vs dot {t_int8 * 1e3:.1f} "
+                                      f"({moved / (g_int8 * 1e-3) / bandwidth:.0%} vs "
+                                      f"{moved / (t_int8 * 1e-3) / bandwidth:.0%} of copy); bf16 GEMV "
+                                      f"{g_bf16 * 1e3:.1f} vs dot {t_bf16 * 1e3:.1f}", "rel_err": g_int8 * 1e3,
+                             "info": True})
         if batch == batches[0]:
             int8_tiles(rows, xs, routes, quantized, moved, bandwidth)
         rows.append({"check": f"  us per call (a time): int8 kernels {t_int8 * 1e3:.1f} ({moved / 1e6:.1f} MB at "

@@ -164,6 +164,8 @@ def largest_batch(model, context: int, bytes_: StepBytes, reserve_gb: float) -> 
 KERNEL_VARIANTS = {
     "default": {},
     "gemv": {("multi_linear_triton", "GEMV_ONE_TOKEN"): True, ("moe_decode_triton", "GEMV_ONE_TOKEN"): True},
+    "gemv3": {("multi_linear_triton", "GEMV_ONE_TOKEN"): True, ("moe_decode_triton", "GEMV_ONE_TOKEN"): True,
+              ("multi_linear_triton", "GEMV_STAGES"): 3, ("moe_decode_triton", "GEMV_STAGES"): 3},
     "router1": {("moe_decode_triton", "ROUTER_DECODE_WARPS"): 1},
     "gemv+router1": {("multi_linear_triton", "GEMV_ONE_TOKEN"): True, ("moe_decode_triton", "GEMV_ONE_TOKEN"): True,
                      ("moe_decode_triton", "ROUTER_DECODE_WARPS"): 1},

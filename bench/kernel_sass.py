@@ -150,7 +150,8 @@ def expert_variants(arch: int) -> list[tuple[str, Any]]:
                 types.update({"groups_ptr": "*i32", "ids_ptr": "*i64", "order_ptr": "*i32", act: "*bf16"})
                 constexprs = dict(D=hidden, I=inter, QUANT=quant, HAS_ZERO=False, SHARED=False, DIRECT=True,
                                   BLOCK_M=1 if gemv else mdt.BLOCK_M, BLOCK_N=tile["BLOCK_N"],
-                                  BLOCK_K=tile["BLOCK_K"], PRECISION="tf32", GEMV=gemv, PDL=False)
+                                  BLOCK_K=tile["BLOCK_K"], PRECISION="tf32", GEMV=gemv,
+                                  LOOP_STAGES=mdt.GEMV_STAGES if gemv else tile["num_stages"], PDL=False)
                 rows = 2 * inter if kernel is mdt._gate_up else hidden
                 width = hidden if kernel is mdt._gate_up else inter
                 ints = {"G": 8, "TOP_K": 8, "C": 8, "N": 1, "stride_x": hidden, "stride_we": rows * width,

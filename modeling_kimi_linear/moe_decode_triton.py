@@ -100,6 +100,10 @@ SUM_BLOCK = 256  # output features per program of _sum_copies
 # software-pipelined (plain loads into registers) and holds more registers (sm_90: 119 against 80 for int8
 # ``_gate_up``); off until timed (``gpu_check --only moeint8`` compares the forms).
 GEMV_ONE_TOKEN = False
+# The K loops' software-pipelining depth in the GEMV form (the dot form takes the tile's ``num_stages``, what a plain
+# ``range`` gets): 1 leaves its loads unpipelined, as a plain ``range`` does; deeper pipelines them (cp.async) at the
+# cost of layout shuffles. Swept by ``gpu_check --only moeint8``.
+GEMV_STAGES = 1
 ROUTER_BLOCK_E = 8  # experts per program of _router_logits
 # At one or two tokens: 2 experts a program and K blocks of up to 1024, so 128 programs of 3 steps for the
 # release's 256 x 2304 weight. With 8 experts a program (32 programs of 9 dependent 256-wide steps) the kernel took
@@ -249,6 +253,7 @@ def experts(
         x.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
         QUANT=quant, HAS_ZERO=gate_up_zero is not None, SHARED=has_shared, DIRECT=direct,
         BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision, GEMV=gemv,
+        LOOP_STAGES=GEMV_STAGES if gemv else tile["num_stages"],
         num_warps=tile["num_warps"], num_stages=tile["num_stages"], **launch,
     )
     tile = {**DOWN_TILE, **(down_tile or {})}
@@ -259,6 +264,7 @@ def experts(
         down.stride(0), down.stride(1), down.stride(2),
         QUANT=quant, HAS_ZERO=down_zero is not None, SHARED=has_shared, DIRECT=direct,
         BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], PRECISION=precision, GEMV=gemv,
+        LOOP_STAGES=GEMV_STAGES if gemv else tile["num_stages"],
         num_warps=tile["num_warps"], num_stages=tile["num_stages"], **launch,
     )
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
@@ -361,7 +367,7 @@ def _gate_up(
     stride_x, stride_we, stride_wn, stride_wk,
     QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr,
-    PDL: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     """h[sorted copy, cols] = silu(W_gate[e] x) * (W_up[e] x) for the copies of one group and BLOCK_N columns
     (QUANT: W = (q - zero) * scale per row, the scale applied to the fp32 sums). SHARED: the last group is the
@@ -404,7 +410,7 @@ def _gate_up(
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         prod_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # GEMV's running products (unused otherwise)
         prod_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
+        for k0 in tl.range(0, D, BLOCK_K, num_stages=LOOP_STAGES):
             k_ok = (k0 + kk) < D
             xt = tl.load(x_rows + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w_ok = col_ok[:, None] & k_ok[None, :]
@@ -439,7 +445,7 @@ def _down(
     stride_we, stride_wn, stride_wk,
     QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SHARED: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr,
-    PDL: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     """ys[copy, feats] = weight[copy] * (W_down[e] h[copy])[feats], fp32, for the copies of one group (QUANT, GEMV:
     as in _gate_up). SHARED: the last group is the shared expert (its own contiguous ``[D, I]`` weight), routing
@@ -469,7 +475,7 @@ def _down(
         h_rows = h_ptr + (start + rows).to(tl.int64)[:, None] * I + kk[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         products = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # GEMV's running products (unused otherwise)
-        for k0 in range(0, I, BLOCK_K):
+        for k0 in tl.range(0, I, BLOCK_K, num_stages=LOOP_STAGES):
             k_ok = (k0 + kk) < I
             ht = tl.load(h_rows + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_rows + k0 * stride_wk, mask=feat_ok[:, None] & k_ok[None, :], other=0)

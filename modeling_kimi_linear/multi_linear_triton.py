@@ -75,6 +75,7 @@ SPLIT_TILE = {"num_warps": 4}
 # from the programs an SM holds; a tile's ``GEMV_STAGES`` pipelines its loads (cp.async, at the cost of layout
 # shuffles in the SASS). Off until timed: ``gpu_check --only mlinear`` compares the forms.
 GEMV_ONE_TOKEN = False
+GEMV_STAGES = 1  # the GEMV form's pipelining depth unless the tile gives ``GEMV_STAGES`` (1: its loads unpipelined)
 # Launched with programmatic dependent launch (:mod:`pdl`), each program asks L2 for the first PREFETCH_LINES
 # 128-byte lines of each of its weight rows (two K blocks of bf16 weights, four of int8) while the previous kernel
 # finishes; not yet timed.
@@ -156,7 +157,7 @@ def multi_linear(
         QUANT=quant, HAS_ZERO=zeros is not None,
         K_ALL=ks.pop() if len(ks) == 1 else 0, SX_ALL=strides.pop() if len(strides) == 1 else 0,
         BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], SPLIT=split, PRECISION=precision,
-        GEMV=gemv, LOOP_STAGES=tile.get("GEMV_STAGES", 1) if gemv else tile["num_stages"], PREFETCH=PREFETCH_LINES, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        GEMV=gemv, LOOP_STAGES=tile.get("GEMV_STAGES", GEMV_STAGES) if gemv else tile["num_stages"], PREFETCH=PREFETCH_LINES, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
         **pdl.launch_options(device),
     )
     return [y.view(*lead, n) for y, n in zip(outs, dims)]
@@ -209,7 +210,8 @@ def _multi_linear(
     ``GEMV`` (one token, ``BLOCK_M == 1``): ``products[n, k] += W[n, k] * x[k]`` in fp32 over the K loop (each product
     exact: an int8 or 16-bit weight times a 16-bit x), rows summed once after it; no ``tl.dot``. ``LOOP_STAGES``: the
     K loop's software-pipelining depth, the launch's ``num_stages`` for the dot form (what a plain ``range`` gets);
-    for GEMV the tile's ``GEMV_STAGES`` (default 1: its loads are not pipelined, as a plain ``range`` leaves them)."""
+    for GEMV the tile's ``GEMV_STAGES`` (default :data:`GEMV_STAGES`, 1: loads not pipelined, as a plain ``range``
+    leaves them)."""
     pdl.begin(PDL)
     pid = tl.program_id(0)
     x_ptr, w_ptr, y_ptr, s_ptr, z_ptr, N, K, sx, first = x0, w0, y0, s0, z0, n0, k0, sx0, e0 * 0

@@ -124,11 +124,14 @@ def test_one_token_gemv_form_matches_float64(mdt, monkeypatch, weights, with_sha
     exact = experts_float64(x, ids, routing_weights, exact_gu, exact_dn)
     if with_shared:
         exact = exact + shared_float64(x, *shared_exact)
-    for tiles in ({}, {"gate_up_tile": {"BLOCK_N": 16, "BLOCK_K": 32}, "down_tile": {"BLOCK_N": 16, "BLOCK_K": 16}}):
+    for stages, tiles in ((1, {}), (3, {"gate_up_tile": {"BLOCK_N": 16, "BLOCK_K": 32},
+                                        "down_tile": {"BLOCK_N": 16, "BLOCK_K": 16}})):
+        monkeypatch.setattr(mdt, "GEMV_STAGES", stages)  # loads unpipelined, then pipelined 3 deep
         with torch.no_grad():
             got = mdt.experts(x, ids, routing_weights, gate_up, down, "silu", shared=shared if with_shared else None,
                               **kwargs, **tiles)
         assert (got.double() - exact).abs().max().item() <= 2e-6 * exact.abs().max().item()
+    monkeypatch.setattr(mdt, "GEMV_STAGES", 1)
     assert all(spy.seen == [(True, 1), (True, 1)] for spy in spies.values())
     if weights == "plain":  # fp16 x and weights (the interpreter's bf16 products are wrong): as the padded dot does
         half = {"x": x.half(), "gate_up": gate_up.detach().half(), "down": down.detach().half()}
@@ -606,13 +609,14 @@ def test_checkpoints_carry_the_kernel_module_without_requiring_triton():
 COMPILE_SETUP = r"""
 from modeling_kimi_linear import moe_decode_triton as m
 kernel, quant, zero = sys.argv[1], sys.argv[2] == "int8", sys.argv[3] == "zero"
-shared, direct, gemv = sys.argv[4].startswith("shared"), sys.argv[4].endswith("direct"), sys.argv[5:] == ["gemv"]
+shared, direct = sys.argv[4].startswith("shared"), sys.argv[4].endswith("direct")
+gemv, piped = sys.argv[5:6] in (["gemv"], ["gemv3"]), sys.argv[5:6] == ["gemv3"]
 fn = getattr(m, kernel)
 names = fn.arg_names
 tile = m.GATE_UP_TILE if kernel == "_gate_up" else m.DOWN_TILE
 const = {"D": 2304, "I": 1024, "QUANT": quant, "HAS_ZERO": zero, "BLOCK_M": 1 if gemv else m.BLOCK_M,
          "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"], "PRECISION": "tf32", "stride_wk": 1, "SHARED": shared,
-         "DIRECT": direct, "GEMV": gemv}
+         "DIRECT": direct, "GEMV": gemv, "LOOP_STAGES": (3 if piped else m.GEMV_STAGES) if gemv else tile["num_stages"]}
 weight, scale = "*i8" if quant else "*bf16", "*fp32" if quant else "*bf16"
 zero = "*i8" if zero else scale
 types = {"w_ptr": weight, "scale_ptr": scale, "zero_ptr": zero, "groups_ptr": "*i32", "order_ptr": "*i32",
@@ -643,13 +647,16 @@ def test_expert_kernels_compile_for_sm90_without_spills(tmp_path, kernel, weight
 
 @pytest.mark.parametrize("kernel", ["_gate_up", "_down"])
 @pytest.mark.parametrize("weights", ["bf16", "int8-nozero", "int8-zero"])
-@pytest.mark.parametrize("shared", ["shared-direct", "routed-direct"])
+@pytest.mark.parametrize("shared", ["shared-direct", "routed-direct", "shared-direct-piped"])
 def test_one_token_expert_kernels_compile_for_sm90_without_spills(tmp_path, kernel, weights, shared):
     """The one-token element-wise form (``GEMV_ONE_TOKEN``) of both expert kernels, with and without the shared
-    expert, bf16 and int8 weights: compiles for sm_90 and stays in registers."""
+    expert, bf16 and int8 weights, its loads unpipelined and pipelined 3 deep: compiles for sm_90 and stays in
+    registers."""
     quant = "int8" if weights.startswith("int8") else "bf16"
+    piped = shared.endswith("-piped")
     assert_compiles_for_sm90_without_spills(tmp_path, COMPILE_SETUP, kernel, quant,
-                                            "zero" if weights.endswith("-zero") else "none", shared, "gemv")
+                                            "zero" if weights.endswith("-zero") else "none",
+                                            shared.removesuffix("-piped"), "gemv3" if piped else "gemv")
 
 
 ROUTER_COMPILE_SETUP = r"""
