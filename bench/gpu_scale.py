@@ -176,17 +176,13 @@ KERNEL_VARIANTS = {
 def kernel_variant(name: str) -> Iterator[None]:
     """The module constants of :data:`KERNEL_VARIANTS` ``[name]`` set, and restored after."""
     import importlib
+    from unittest import mock
 
-    saved = []
-    try:
+    with contextlib.ExitStack() as stack:
         for (module_name, attr), value in KERNEL_VARIANTS[name].items():
             module = importlib.import_module(f"modeling_kimi_linear.{module_name}")
-            saved.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, value)
+            stack.enter_context(mock.patch.object(module, attr, value))
         yield
-    finally:
-        for module, attr, value in reversed(saved):
-            setattr(module, attr, value)
 
 
 def run_decode(model, args, bw: float | None, bytes_: StepBytes, weights: str = "bf16") -> list[dict]:  # noqa: ANN001

@@ -23,6 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
+from .atomic_write import write_atomically
 from .cache_kimi_linear import KimiLinearCache
 from .checkpoint_layout import conversion_registered, released_state_dict
 from .configuration_kimi_linear import KimiLinearConfig
@@ -177,9 +178,7 @@ def _complete_auto_map(config_path: Path) -> None:
     auto_map["AutoConfig"] = "configuration_kimi_linear.KimiLinearConfig"
     auto_map["AutoModel"] = "modeling_kimi_linear.KimiLinearModel"
     auto_map["AutoModelForCausalLM"] = "modeling_kimi_linear.KimiLinearForCausalLM"
-    tmp = config_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, config_path)
+    write_atomically(config_path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 class KimiLinearModel(KimiLinearPreTrainedModel):

@@ -157,7 +157,8 @@ def multi_linear(
         QUANT=quant, HAS_ZERO=zeros is not None,
         K_ALL=ks.pop() if len(ks) == 1 else 0, SX_ALL=strides.pop() if len(strides) == 1 else 0,
         BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], SPLIT=split, PRECISION=precision,
-        GEMV=gemv, LOOP_STAGES=tile.get("GEMV_STAGES", GEMV_STAGES) if gemv else tile["num_stages"], PREFETCH=PREFETCH_LINES, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        GEMV=gemv, LOOP_STAGES=tile.get("GEMV_STAGES", GEMV_STAGES) if gemv else tile["num_stages"],
+        PREFETCH=PREFETCH_LINES, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
         **pdl.launch_options(device),
     )
     return [y.view(*lead, n) for y, n in zip(outs, dims)]

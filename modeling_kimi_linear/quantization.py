@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import re
 import warnings
 from collections.abc import Iterator
@@ -92,18 +93,13 @@ def is_plain(tensor: torch.Tensor) -> bool:
     return kind in (torch.Tensor, nn.Parameter) or kind in _tracing_types()
 
 
+@functools.cache
 def _tracing_types() -> tuple[type, ...]:
     """torch's fake and functional tensor classes (what tracing substitutes for ordinary tensors)."""
-    global _TRACING
-    if _TRACING is None:
-        from torch._subclasses.fake_tensor import FakeTensor
-        from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
 
-        _TRACING = (FakeTensor, FunctionalTensor)
-    return _TRACING
-
-
-_TRACING: tuple[type, ...] | None = None
+    return (FakeTensor, FunctionalTensor)
 
 
 def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

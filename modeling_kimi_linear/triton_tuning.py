@@ -28,10 +28,10 @@ import ast
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .atomic_write import write_atomically
 from .triton_tuned_configs import RECORDS as SHIPPED
 
 TUNED_FILE = Path(__file__).with_name("triton_tuned_configs.py")
@@ -159,12 +159,6 @@ def dump(path: Path) -> int:
             count += 1
         if entries:
             mine[name] = [[json.loads(k), v] for k, v in sorted(entries.items())]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(suffix=path.suffix or ".json", dir=path.parent)
-    with os.fdopen(handle, "w") as f:
-        if path.suffix == ".py":
-            f.write(_module_text(stored))
-        else:
-            json.dump(stored, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    text = _module_text(stored) if path.suffix == ".py" else json.dumps(stored, indent=1, sort_keys=True)
+    write_atomically(path, text.encode())
     return count
